@@ -1,0 +1,32 @@
+"""Detection data: COCO-format datasets, transforms, NEON tree crowns and synthetic scenes."""
+
+from .coco import CocoDetection, collate_fn, load_image
+from .neon import convert_voc_to_coco, fetch_deepforest_data, neon_trees
+from .synthetic import SyntheticScenes, write_synthetic_coco
+from .transforms import (
+    ColorJitter,
+    Compose,
+    RandomHorizontalFlip,
+    RandomRot90,
+    RandomVerticalFlip,
+    Resize,
+    build_transforms,
+)
+
+__all__ = [
+    "CocoDetection",
+    "collate_fn",
+    "load_image",
+    "neon_trees",
+    "fetch_deepforest_data",
+    "convert_voc_to_coco",
+    "SyntheticScenes",
+    "write_synthetic_coco",
+    "Compose",
+    "Resize",
+    "RandomHorizontalFlip",
+    "RandomVerticalFlip",
+    "RandomRot90",
+    "ColorJitter",
+    "build_transforms",
+]

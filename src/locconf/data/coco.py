@@ -1,0 +1,266 @@
+"""COCO-format detection dataset and batch collation.
+
+The annotation file is validated eagerly at construction (structure, references, finiteness,
+existence of the image files), so a broken data set fails before training starts with an error
+that names the file and the record. Per-box problems are repaired or skipped and counted instead:
+boxes reaching outside the image are clipped to it (``dataset.clipped``), boxes with zero or
+negative area after clipping are dropped (``dataset.skipped``), and both are logged once.
+
+Boxes: COCO ``bbox = [x, y, w, h]`` becomes ``(x, y, x + w, y + h)``, absolute continuous pixel
+coordinates, area ``w * h`` (no ``+1``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CocoDetection", "collate_fn", "load_image"]
+
+
+def load_image(path: str | os.PathLike) -> Tensor:
+    """Read an image file as an RGB float tensor ``(3, H, W)`` in ``[0, 1]``."""
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def collate_fn(batch: list[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:
+    """Detection batches keep images of different sizes apart: ``(list of images, list of targets)``."""
+    images = [b[0] for b in batch]
+    targets = [b[1] for b in batch]
+    return images, targets
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO-format detection data set: an annotation JSON file and a folder of images.
+
+    Args:
+        root: folder the image records' ``file_name`` entries are relative to.
+        ann_file: COCO JSON with ``images``, ``annotations`` and ``categories`` lists.
+        transforms: callable ``(image, target) -> (image, target)`` (see ``data.transforms``).
+        check_files: check at construction that every image file exists (one ``stat`` each).
+
+    Item ``i`` is ``(image, target)``: ``image`` float ``(3, H, W)`` in ``[0, 1]``; ``target`` has
+    ``boxes`` float32 ``(N, 4)`` xyxy, ``labels`` int64 ``(N,)`` in ``1..num_classes`` (0 is the
+    background, torchvision's convention: a torchvision model needs ``num_classes + 1`` outputs),
+    ``area`` float32 ``(N,)``, ``iscrowd`` int64 ``(N,)``, ``image_id`` (int, the COCO id) and
+    ``site`` (str) when the image record has one. Images without objects give ``boxes`` ``(0, 4)``.
+
+    Category mapping: labels are the categories sorted by COCO id, numbered from 1.
+    ``label_to_cat_id`` / ``cat_id_to_label`` map between them, ``class_names[label]`` names them
+    (``class_names[0] == "__background__"``) and :meth:`category_ids` maps a label tensor.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        ann_file: str | os.PathLike,
+        transforms: Callable | None = None,
+        check_files: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.ann_file = Path(ann_file)
+        self.transforms = transforms
+        if not self.ann_file.is_file():
+            raise FileNotFoundError(f"annotation file not found: {self.ann_file}")
+        try:
+            with open(self.ann_file, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.ann_file}: not valid JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.ann_file}: top level must be a JSON object, got {type(data).__name__}")
+        for key in ("images", "annotations", "categories"):
+            if key not in data:
+                raise ValueError(f"{self.ann_file}: missing top-level key '{key}'")
+            if not isinstance(data[key], list):
+                raise ValueError(f"{self.ann_file}: '{key}' must be a list, got {type(data[key]).__name__}")
+
+        self._parse_categories(data["categories"])
+        self._parse_images(data["images"], check_files)
+        self._parse_annotations(data["annotations"])
+
+    # -- construction ------------------------------------------------------------------------
+
+    def _error(self, what: str, index: int, record: Any, problem: str) -> ValueError:
+        text = json.dumps(record)[:200] if isinstance(record, (dict, list)) else repr(record)
+        return ValueError(f"{self.ann_file}: {what}[{index}] {problem}: {text}")
+
+    def _parse_categories(self, cats: list) -> None:
+        ids: dict[int, str] = {}
+        for i, c in enumerate(cats):
+            if not isinstance(c, dict):
+                raise self._error("categories", i, c, "is not an object")
+            if not _is_int(c.get("id")):
+                raise self._error("categories", i, c, "needs an integer 'id'")
+            if not isinstance(c.get("name"), str):
+                raise self._error("categories", i, c, "needs a string 'name'")
+            if c["id"] in ids:
+                raise self._error("categories", i, c, f"repeats category id {c['id']}")
+            ids[c["id"]] = c["name"]
+        if not ids:
+            raise ValueError(f"{self.ann_file}: 'categories' is empty")
+        self.label_to_cat_id: dict[int, int] = {k + 1: cid for k, cid in enumerate(sorted(ids))}
+        self.cat_id_to_label: dict[int, int] = {cid: k for k, cid in self.label_to_cat_id.items()}
+        self.class_names: list[str] = ["__background__"] + [ids[c] for c in sorted(ids)]
+        self.num_classes: int = len(ids)
+        self._cat_ids = torch.tensor([0] + sorted(ids), dtype=torch.int64)
+
+    def _parse_images(self, images: list, check_files: bool) -> None:
+        self.images: list[dict] = []
+        self._index: dict[int, int] = {}
+        for i, im in enumerate(images):
+            if not isinstance(im, dict):
+                raise self._error("images", i, im, "is not an object")
+            if not _is_int(im.get("id")):
+                raise self._error("images", i, im, "needs an integer 'id'")
+            if not isinstance(im.get("file_name"), str) or not im["file_name"]:
+                raise self._error("images", i, im, "needs a string 'file_name'")
+            for key in ("width", "height"):
+                if not _is_int(im.get(key)) or im[key] <= 0:
+                    raise self._error("images", i, im, f"needs a positive integer '{key}'")
+            if "site" in im and not isinstance(im["site"], str):
+                raise self._error("images", i, im, "has a non-string 'site'")
+            if im["id"] in self._index:
+                raise self._error("images", i, im, f"repeats image id {im['id']}")
+            if check_files:
+                path = self.root / im["file_name"]
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"{self.ann_file}: images[{i}] (id {im['id']}) points at a missing file: {path}"
+                    )
+            self._index[im["id"]] = len(self.images)
+            self.images.append(im)
+
+    def _parse_annotations(self, anns: list) -> None:
+        boxes: list[list[list[float]]] = [[] for _ in self.images]
+        labels: list[list[int]] = [[] for _ in self.images]
+        areas: list[list[float]] = [[] for _ in self.images]
+        crowd: list[list[int]] = [[] for _ in self.images]
+        self.skipped: Counter = Counter()
+        self.clipped = 0
+        for i, a in enumerate(anns):
+            if not isinstance(a, dict):
+                raise self._error("annotations", i, a, "is not an object")
+            if not _is_int(a.get("image_id")):
+                raise self._error("annotations", i, a, "needs an integer 'image_id'")
+            if a["image_id"] not in self._index:
+                raise self._error("annotations", i, a, f"refers to unknown image id {a['image_id']}")
+            if not _is_int(a.get("category_id")):
+                raise self._error("annotations", i, a, "needs an integer 'category_id'")
+            if a["category_id"] not in self.cat_id_to_label:
+                raise self._error("annotations", i, a, f"refers to unknown category id {a['category_id']}")
+            bbox = a.get("bbox")
+            if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
+                raise self._error("annotations", i, a, "needs 'bbox' as a list of 4 finite numbers")
+            iscrowd = a.get("iscrowd", 0)
+            if iscrowd not in (0, 1) or isinstance(iscrowd, bool):
+                raise self._error("annotations", i, a, "has 'iscrowd' other than 0 or 1")
+            if "area" in a and not _is_num(a["area"]):
+                raise self._error("annotations", i, a, "has a non-numeric 'area'")
+
+            k = self._index[a["image_id"]]
+            im = self.images[k]
+            x, y, w, h = (float(v) for v in bbox)
+            if w <= 0 or h <= 0:
+                self.skipped["zero_or_negative_size"] += 1
+                continue
+            x1, y1 = min(max(x, 0.0), im["width"]), min(max(y, 0.0), im["height"])
+            x2, y2 = min(max(x + w, 0.0), im["width"]), min(max(y + h, 0.0), im["height"])
+            area = float(a.get("area", w * h))
+            if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+                if x2 <= x1 or y2 <= y1:
+                    self.skipped["outside_image"] += 1
+                    continue
+                self.clipped += 1
+                area = (x2 - x1) * (y2 - y1)
+            boxes[k].append([x1, y1, x2, y2])
+            labels[k].append(self.cat_id_to_label[a["category_id"]])
+            areas[k].append(area)
+            crowd[k].append(int(iscrowd))
+        if self.clipped or self.skipped:
+            logger.warning(
+                "%s: clipped %d boxes to their image, skipped %s", self.ann_file, self.clipped, dict(self.skipped)
+            )
+        self._targets = [
+            {
+                "boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.tensor(lab, dtype=torch.int64),
+                "area": torch.tensor(ar, dtype=torch.float32),
+                "iscrowd": torch.tensor(c, dtype=torch.int64),
+            }
+            for b, lab, ar, c in zip(boxes, labels, areas, crowd)
+        ]
+
+    # -- access ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_ids(self) -> list[int]:
+        """COCO image ids in dataset order."""
+        return [im["id"] for im in self.images]
+
+    def num_boxes(self) -> int:
+        """Total number of (kept) boxes."""
+        return sum(len(t["boxes"]) for t in self._targets)
+
+    def category_ids(self, labels: Tensor) -> Tensor:
+        """Map contiguous labels ``(N,)`` (1..num_classes) to COCO category ids ``(N,)``."""
+        if labels.numel() and (labels.min() < 1 or labels.max() > self.num_classes):
+            raise ValueError(f"labels must be in 1..{self.num_classes}, got range "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        return self._cat_ids.to(labels.device)[labels.long()]
+
+    def target(self, index: int) -> dict:
+        """The untransformed target of item ``index`` without loading the image."""
+        im = self.images[index]
+        t = {k: v.clone() for k, v in self._targets[index].items()}
+        t["image_id"] = im["id"]
+        if "site" in im:
+            t["site"] = im["site"]
+        return t
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict]:
+        im = self.images[index]
+        path = self.root / im["file_name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.ann_file}: image id {im['id']} points at a missing file: {path}")
+        image = load_image(path)
+        if tuple(image.shape[-2:]) != (im["height"], im["width"]):
+            raise ValueError(
+                f"{path}: image is {image.shape[-1]}x{image.shape[-2]} (WxH) but its record "
+                f"(id {im['id']}) in {self.ann_file} says {im['width']}x{im['height']}"
+            )
+        target = self.target(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        return (
+            f"CocoDetection({self.ann_file}, images={len(self)}, boxes={self.num_boxes()}, "
+            f"num_classes={self.num_classes})"
+        )
