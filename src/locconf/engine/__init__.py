@@ -1,0 +1,3 @@
+"""Training, evaluation and checkpoints."""
+
+from .evaluate import METRICS, REQUIRED_SIGNALS, collect_candidates, evaluate_methods, format_table
