@@ -17,3 +17,49 @@ def test_parser_requires_a_command():
 
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
+
+
+def test_train_eval_predict_end_to_end(tmp_path, capsys):
+    """A tiny torchvision detector through `locconf train`, `eval` and `predict` on synthetic data."""
+    import yaml
+
+    cfg = {
+        "model": dict(arch="torchvision_frcnn", backbone="resnet18", fpn_channels=16, representation_size=64,
+                      min_size=96, max_size=96, box_batch_size_per_image=32, rpn_batch_size_per_image=64,
+                      candidates_per_image=200),
+        "data": dict(source="synthetic", root=str(tmp_path / "data"),
+                     synthetic=dict(num_train=4, num_val=2, image_size=96, num_classes=2)),
+        "train": dict(iterations=3, batch_size=2, lr=0.01, warmup_iters=1, out_dir=str(tmp_path / "run"),
+                      checkpoint_every=2, log_every=1, progress=False),
+        "eval": dict(methods=["nms", "soft-gaussian"]),
+    }
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(config)]) == 0
+    assert (tmp_path / "run" / "config.yaml").exists()
+    ckpts = sorted((tmp_path / "run").glob("checkpoint_*.pth"))
+    assert ckpts, "training wrote no checkpoint"
+    ckpt = ckpts[-1]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len([l for l in lines if '"train"' in l]) == 3
+    assert main(["eval", str(config), "--checkpoint", str(ckpt), "--methods", "nms,soft-linear",
+                 "--out", str(tmp_path / "ev")]) == 0
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert set(results["methods"]) == {"nms", "soft-linear"}
+    assert all(0 <= results["methods"][m]["AP"] <= 1 for m in results["methods"])
+    assert (tmp_path / "ev" / "confidence.png").stat().st_size > 0
+    image = tmp_path / "data" / "val" / "000000.png"
+    assert main(["predict", str(image), "--checkpoint", str(ckpt), "--out", str(tmp_path / "vis.png")]) == 0
+    assert (tmp_path / "vis.png").stat().st_size > 0
+    assert "drawn in" in capsys.readouterr().out
+
+
+def test_config_errors_name_the_key(tmp_path):
+    import pytest
+
+    from locconf.experiment import build_model, check_config
+
+    with pytest.raises(ValueError, match="unknown section"):
+        check_config({"modle": {}})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['backbon'\] in section 'model'"):
+        build_model(backbon="resnet18")

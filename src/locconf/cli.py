@@ -30,6 +30,76 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .experiment import load_config, run_train
+
+    summary = run_train(load_config(args.config), resume=args.resume)
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in (summary.get("losses") or {}).items())
+    print(f"step {summary['step']} in {summary['seconds']:.0f} s; last losses: {losses}")
+    print(f"checkpoint: {summary['checkpoint']}; metrics: {summary['metrics_file']}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .experiment import load_config, load_trained, run_eval
+
+    cfg = load_config(args.config)
+    model, _ = load_trained(args.checkpoint, cfg, device=args.device)
+    methods = args.methods.split(",") if args.methods else None
+    out_dir = args.out or Path(args.checkpoint).parent / "eval"
+    report = run_eval(model, cfg, out_dir, methods=methods, device=args.device)
+    _print_report(report)
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    print(report["table"])
+    corr = report["correlation"]
+    if corr:
+        print("\ncorrelation with the true IoU (candidates with IoU > 0.5):")
+        for signal, c in corr.items():
+            print(f"  {signal:9s} pearson {c['pearson']:+.3f}  spearman {c['spearman']:+.3f}  n={c['n']}")
+    print(f"\nresults, table and plots in {report['out_dir']}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .experiment import load_config, load_trained, predict
+
+    cfg = load_config(args.config) if args.config else None
+    model, _ = load_trained(args.checkpoint, cfg, device=args.device)
+    dets = predict(model, args.image, args.out, method=args.method, score_threshold=args.score_threshold,
+                   device=args.device)
+    shown = int((dets["scores"] >= args.score_threshold).sum())
+    print(f"{len(dets['scores'])} detections ({shown} with score >= {args.score_threshold}) drawn in {args.out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .experiment import check_config, load_trained, run_eval, run_train
+
+    out = Path(args.out)
+    cfg = check_config({
+        "model": dict(arch="torchvision_frcnn", backbone="resnet18", fpn_channels=128, returned_layers=[2, 3, 4],
+                      box_batch_size_per_image=128, min_size=400, max_size=400, channels_last=True),
+        "data": dict(source="neon-trees", root=str(args.data)),
+        "train": dict(iterations=args.iterations, batch_size=2, lr=0.02, warmup_iters=min(100, args.iterations // 4),
+                      out_dir=str(out), checkpoint_every=max(1, args.iterations // 4), log_every=10, seed=0),
+        "eval": dict(methods=["nms", "soft-linear", "soft-gaussian"]),
+    }, source="demo")
+    if args.checkpoint:
+        checkpoint = Path(args.checkpoint)
+    else:
+        print(f"training a Faster R-CNN R18-FPN from scratch on NEON tree crowns for {args.iterations} iterations")
+        from .engine.checkpoint import latest_checkpoint
+
+        summary = run_train(cfg, resume=True)  # a finished run in --out is reused, a killed one continued
+        checkpoint = Path(summary["checkpoint"] or latest_checkpoint(out))
+    model, _ = load_trained(checkpoint, cfg)
+    print("evaluating the same candidates under several post-processing methods (val split)")
+    _print_report(run_eval(model, cfg, out / "eval"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="locconf", description="Localization-confidence-aware object detection.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +120,36 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--num-classes", type=int, default=3)
     syn.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=_cmd_data)
+
+    train = sub.add_parser("train", help="train a detector from a YAML config")
+    train.add_argument("config", type=Path)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint under several post-processing methods")
+    ev.add_argument("config", type=Path)
+    ev.add_argument("--checkpoint", type=Path, required=True)
+    ev.add_argument("--methods", default=None, help="comma-separated, e.g. nms,soft-gaussian,quality")
+    ev.add_argument("--out", type=Path, default=None, help="folder for results.json, table.md and plots")
+    ev.add_argument("--device", default=None)
+    ev.set_defaults(func=_cmd_eval)
+
+    pr = sub.add_parser("predict", help="draw a checkpoint's detections on an image")
+    pr.add_argument("image", type=Path)
+    pr.add_argument("--checkpoint", type=Path, required=True)
+    pr.add_argument("--config", type=Path, default=None, help="default: config.yaml beside the checkpoint")
+    pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("--method", default="nms")
+    pr.add_argument("--score-threshold", type=float, default=0.3)
+    pr.add_argument("--device", default=None)
+    pr.set_defaults(func=_cmd_predict)
+
+    demo = sub.add_parser("demo", help="the whole idea in a few CPU minutes on NEON tree crowns")
+    demo.add_argument("--iterations", type=int, default=240)
+    demo.add_argument("--data", type=Path, default=Path("data/neon"))
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--checkpoint", type=Path, default=None, help="evaluate this checkpoint instead of training")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 
