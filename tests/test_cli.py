@@ -63,3 +63,17 @@ def test_config_errors_name_the_key(tmp_path):
         check_config({"modle": {}})
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['backbon'\] in section 'model'"):
         build_model(backbon="resnet18")
+
+
+def test_shipped_configs_build(tmp_path):
+    """Every config in configs/ has known sections and keys, and its model builds."""
+    from pathlib import Path
+
+    from locconf.experiment import build_model, load_config
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = load_config(path)
+        model = build_model(num_classes=1, **cfg["model"])
+        assert sum(p.numel() for p in model.parameters()) > 0
