@@ -1,0 +1,595 @@
+"""The training loop shared by every locconf detector.
+
+One iteration-based loop: SGD with momentum, linear warm-up then step or cosine decay, optional
+gradient clipping, AMP on CUDA, periodic evaluation, a JSONL metrics log, atomic checkpoints and
+exact resumption. The model follows torchvision's detection API: in training mode
+``model(images, targets)`` returns a dict of named scalar losses, which are summed.
+
+Determinism and exact resumption. The data order and the augmentation of every sample are pure
+functions of ``(seed, epoch, position)``, never of the global RNG state:
+
+- :class:`InfiniteBatchSampler` draws epoch ``e``'s permutation from a generator seeded with
+  ``(seed, e)`` and hands out global batches of ``batch_size * world_size`` consecutive entries,
+  rank ``r`` taking the ``r``-th slice of each (so the union over ranks of one step's batches is
+  the batch a single process would draw with ``batch_size * world_size``);
+- every entry carries a per-sample seed derived from ``(seed, epoch, index)``, and
+  :class:`SeededDataset` seeds torch/NumPy/Python RNGs with it while the sample is loaded and
+  transformed (the caller's RNG states are restored afterwards). Transforms that draw from the
+  global RNG (``generator=None``, the default of ``locconf.data``) are thereby reproducible in any
+  worker, in any process and after a restart.
+
+The loop itself uses the global RNGs (e.g. the RPN and RoI samplers of torchvision); their states
+are seeded with ``seed + rank`` and saved per rank in every checkpoint together with the model,
+optimizer, scheduler, GradScaler, step and sampler position. ``resume=True`` restores all of them,
+so the losses after resuming are those of an uninterrupted run (on the same hardware and thread
+count; on CUDA also set ``torch.use_deterministic_algorithms`` for bitwise equality).
+
+Distributed: run the same script under ``torchrun --nproc_per_node N``; :func:`train` joins the
+process group (NCCL on CUDA, gloo on CPU), wraps the model in DistributedDataParallel, shards the
+batches, averages the logged losses over ranks and lets only rank 0 write logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from locconf.data import collate_fn
+from locconf.engine import distributed as du
+from locconf.engine.checkpoint import (
+    checkpoint_path,
+    get_rng_state,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "NonFiniteLossError",
+    "lr_factor",
+    "build_lr_scheduler",
+    "sample_seed",
+    "InfiniteBatchSampler",
+    "SeededDataset",
+    "seed_everything",
+    "train",
+    "METRICS_FILE",
+]
+
+METRICS_FILE = "metrics.jsonl"
+_SCHEDULES = ("step", "cosine")
+
+
+class NonFiniteLossError(ValueError):
+    """A loss term became NaN or infinite; the message names the step and the terms."""
+
+
+# -- learning-rate schedule -------------------------------------------------------------------
+
+
+def lr_factor(
+    iteration: int,
+    *,
+    iterations: int,
+    warmup_iters: int = 0,
+    warmup_factor: float = 0.001,
+    schedule: str = "step",
+    steps: Sequence[float] = (0.7, 0.9),
+    gamma: float = 0.1,
+) -> float:
+    """Multiplier of the base learning rate for (0-based) ``iteration``.
+
+    ``factor = warmup(i) * decay(i)`` where
+
+    - ``warmup(i) = warmup_factor + (1 - warmup_factor) * i / warmup_iters`` for
+      ``i < warmup_iters``, else 1 (linear ramp from ``warmup_factor`` to 1);
+    - step decay: ``gamma ** k``, ``k`` the number of milestones ``floor(s * iterations)``
+      (``s`` in ``steps``) that are ``<= i``;
+    - cosine decay: ``0.5 * (1 + cos(pi * i / iterations))`` (1 at the start, 0 at the end).
+    """
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
+    if schedule == "step":
+        decay = gamma ** sum(1 for s in steps if iteration >= math.floor(s * iterations))
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * min(iteration, iterations) / iterations))
+    if iteration < warmup_iters:
+        alpha = iteration / warmup_iters
+        return (warmup_factor * (1.0 - alpha) + alpha) * decay
+    return decay
+
+
+def _check_schedule(
+    iterations: int, warmup_iters: int, warmup_factor: float, schedule: str, steps: Sequence[float], gamma: float
+) -> None:
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    if warmup_iters < 0:
+        raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
+    if not 0.0 < warmup_factor <= 1.0:
+        raise ValueError(f"warmup_factor must be in (0, 1], got {warmup_factor}")
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
+    if any(not 0.0 < s < 1.0 for s in steps) or list(steps) != sorted(steps):
+        raise ValueError(f"steps must be increasing fractions of iterations in (0, 1), got {tuple(steps)}")
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    iterations: int,
+    warmup_iters: int = 0,
+    warmup_factor: float = 0.001,
+    schedule: str = "step",
+    steps: Sequence[float] = (0.7, 0.9),
+    gamma: float = 0.1,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-iteration ``LambdaLR`` of :func:`lr_factor` (call ``scheduler.step()`` after every update)."""
+    _check_schedule(iterations, warmup_iters, warmup_factor, schedule, steps, gamma)
+    fn = partial(
+        lr_factor, iterations=iterations, warmup_iters=warmup_iters, warmup_factor=warmup_factor,
+        schedule=schedule, steps=tuple(steps), gamma=gamma,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+# -- deterministic data pipeline ---------------------------------------------------------------
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for sample ``index`` in ``epoch`` of a run seeded with ``seed``."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class InfiniteBatchSampler:
+    """Endless per-rank batches of ``(index, sample_seed)`` keys, reshuffled every epoch.
+
+    Epoch ``e`` is a permutation of ``range(num_samples)`` drawn from a generator seeded with
+    ``(seed, e)`` (or the identity with ``shuffle=False``). It is cut into
+    ``num_samples // (batch_size * world_size)`` global batches (the remainder is dropped); rank
+    ``r`` yields the ``r``-th ``batch_size`` slice of each. Iteration starts at batch ``position``
+    of ``epoch``, which is how a resumed run continues where its checkpoint left off.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        epoch: int = 0,
+        position: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if num_samples < batch_size * world_size:
+            raise ValueError(
+                f"the dataset has {num_samples} samples, fewer than one global batch "
+                f"(batch_size={batch_size} x world_size={world_size})"
+            )
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.batches_per_epoch = num_samples // (batch_size * world_size)
+        if epoch < 0 or not 0 <= position < self.batches_per_epoch:
+            raise ValueError(
+                f"need epoch >= 0 and 0 <= position < {self.batches_per_epoch}, got epoch={epoch}, position={position}"
+            )
+        self.epoch, self.position = epoch, position
+
+    def permutation(self, epoch: int) -> Tensor:
+        """The sample order of ``epoch``."""
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        g = torch.Generator()
+        g.manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1))
+        return torch.randperm(self.num_samples, generator=g)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        global_batch = self.batch_size * self.world_size
+        while True:
+            order = self.permutation(self.epoch).tolist()
+            while self.position < self.batches_per_epoch:
+                start = self.position * global_batch + self.rank * self.batch_size
+                indices = order[start:start + self.batch_size]
+                self.position += 1
+                yield [(i, sample_seed(self.seed, self.epoch, i)) for i in indices]
+            self.epoch, self.position = self.epoch + 1, 0
+
+
+@contextlib.contextmanager
+def _isolated_rng(seed: int | None = None, cuda: bool = False) -> Iterator[None]:
+    """Run a block with its own RNG states (seeded with ``seed`` when given), then restore the caller's."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if cuda and torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class SeededDataset(Dataset):
+    """Index ``dataset`` with ``(index, sample_seed)`` keys; load each sample under its own seed.
+
+    Torch's CPU RNG, NumPy's and Python's global RNGs are seeded with ``sample_seed`` while
+    ``dataset[index]`` runs and restored afterwards, so random transforms depend only on the key.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with _isolated_rng(seed):
+            return self.dataset[index]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _targets_to(targets: list[dict], device: torch.device) -> list[dict]:
+    """Move the tensors of every target to ``device``; other values (image_id, site) stay as they are."""
+    return [{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop the records of steps after ``last_step`` (written by a run that was killed later)."""
+    if not path.is_file():
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if record.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def _check_losses(losses: Any) -> None:
+    if not isinstance(losses, dict) or not losses:
+        raise ValueError(
+            "in training mode the model must return a non-empty dict of named losses, "
+            f"got {type(losses).__name__}"
+        )
+    for k, v in losses.items():
+        if not isinstance(v, Tensor) or v.numel() != 1:
+            raise ValueError(f"loss {k!r} must be a scalar tensor, got {type(v).__name__}")
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    iterations: int,
+    batch_size: int = 2,
+    lr: float = 0.02,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    warmup_iters: int = 100,
+    warmup_factor: float = 0.001,
+    schedule: str = "step",
+    steps: Sequence[float] = (0.7, 0.9),
+    gamma: float = 0.1,
+    clip_grad_norm: float | None = None,
+    amp: bool | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+    out_dir: str | os.PathLike,
+    checkpoint_every: int = 1000,
+    keep_checkpoints: int | None = 3,
+    eval_every: int | None = None,
+    eval_fn: Callable[[nn.Module, int], dict] | None = None,
+    log_every: int = 20,
+    resume: bool | str | os.PathLike = False,
+    device: str | torch.device | None = None,
+    find_unused_parameters: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``model`` on ``dataset`` for ``iterations`` SGD updates; return a summary dict.
+
+    Args:
+        model: a detector; ``model(images, targets)`` returns a dict of scalar losses in training.
+        dataset: items ``(image, target)`` as in ``locconf.data``; random transforms should draw
+            from the global RNG (``generator=None``) to be reproducible (see the module docstring).
+        iterations: total number of updates (including those done before a resume).
+        batch_size: images per process and step (the global batch is ``batch_size * world_size``).
+        lr, momentum, weight_decay: SGD settings (``lr`` is the base rate of the global batch).
+        warmup_iters, warmup_factor, schedule, steps, gamma: the schedule of :func:`lr_factor`.
+        clip_grad_norm: clip the total gradient norm to this value (logged as ``grad_norm``).
+        amp: mixed precision (autocast + GradScaler); ``None`` means on for CUDA, off on CPU.
+        seed: seeds the data order, the augmentations and the global RNGs (``seed + rank``).
+        num_workers: DataLoader worker processes (results do not depend on it).
+        out_dir: folder of ``metrics.jsonl`` and ``checkpoint_<step>.pth``.
+        checkpoint_every: save every this many steps (and at the end); 0 saves only at the end.
+        keep_checkpoints: keep only the newest this many checkpoints (``None`` keeps all).
+        eval_every, eval_fn: call ``eval_fn(model, step)`` every ``eval_every`` steps and at the end
+            with the unwrapped model in eval mode; it runs on every process (so it may shard its
+            work) with the training RNG states preserved, and rank 0's dict is logged.
+        log_every: write a JSONL record every this many steps (and at the last step).
+        resume: ``True`` continues from the latest checkpoint in ``out_dir`` (starting afresh when
+            there is none); a path continues from that checkpoint.
+        device: default ``cuda:<local_rank>`` when CUDA is available, else ``cpu``.
+        find_unused_parameters: passed to DistributedDataParallel.
+        progress: show a tqdm bar (rank 0 only).
+
+    Each training record of ``metrics.jsonl`` has ``type="train"``, ``step`` (1-based, updates
+    done), ``epoch``, ``lr`` (the rate of that update), every loss term, ``total``, ``time``
+    (seconds of the iteration), ``data_time`` and, with clipping, ``grad_norm``; loss values are
+    averaged over processes. Evaluation records have ``type="eval"``, ``step`` and the metrics.
+
+    Raises:
+        NonFiniteLossError: a loss term is NaN or infinite (on any process).
+    """
+    _check_schedule(iterations, warmup_iters, warmup_factor, schedule, steps, gamma)
+    for name, value in (("batch_size", batch_size), ("log_every", log_every)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, value in (("checkpoint_every", checkpoint_every), ("num_workers", num_workers)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if lr <= 0 or momentum < 0 or weight_decay < 0:
+        raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0, got {lr}, {momentum}, {weight_decay}")
+    if clip_grad_norm is not None and clip_grad_norm <= 0:
+        raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm}")
+    if keep_checkpoints is not None and keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints must be >= 1 or None, got {keep_checkpoints}")
+    if eval_every is not None and (eval_every < 1 or eval_fn is None):
+        raise ValueError(f"eval_every must be >= 1 and needs an eval_fn, got eval_every={eval_every}, eval_fn={eval_fn}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+
+    if not resume and list_checkpoints(out_dir):
+        raise ValueError(f"out_dir {out_dir} already holds checkpoints; pass resume=True or use another out_dir")
+
+    created_group = not du.is_distributed()
+    rank, world_size, local_rank = du.init_distributed()
+    created_group = created_group and du.is_distributed()
+    main = rank == 0
+    if device is None:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if amp is None:
+        amp = device.type == "cuda"
+    if amp and device.type != "cuda":
+        raise ValueError(f"amp=True needs a CUDA device, got device={device}")
+    out_dir = Path(out_dir)
+    log_path = out_dir / METRICS_FILE
+
+    # -- model, optimizer, schedule; state from a checkpoint ---------------------------------
+    seed_everything(seed + rank)
+    model.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = build_lr_scheduler(
+        optimizer, iterations=iterations, warmup_iters=warmup_iters, warmup_factor=warmup_factor,
+        schedule=schedule, steps=steps, gamma=gamma,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    loader_generator = torch.Generator()
+    loader_generator.manual_seed(seed)
+
+    start_step, epoch, position, ckpt = 0, 0, 0, None
+    if resume:
+        ckpt_file = latest_checkpoint(out_dir) if resume is True else Path(resume)
+        if ckpt_file is not None:
+            ckpt = load_checkpoint(ckpt_file, map_location="cpu")
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            loader_generator.set_state(ckpt["loader_generator"])
+            start_step, epoch, position = ckpt["step"], ckpt["sampler"]["epoch"], ckpt["sampler"]["position"]
+            if main:
+                logger.info("resuming from %s (step %d)", ckpt_file, start_step)
+        elif main:
+            logger.info("resume=True but %s holds no checkpoint: starting afresh", out_dir)
+    if start_step > iterations:
+        raise ValueError(f"the checkpoint is at step {start_step}, beyond iterations={iterations}")
+
+    ddp_model = du.wrap_model(model, device=device, find_unused_parameters=find_unused_parameters)
+    sampler = InfiniteBatchSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size)
+    position_max = sampler.batches_per_epoch
+    if position >= position_max:  # resumed with a larger batch: the old epoch is finished
+        epoch, position = epoch + 1, 0
+    sampler.epoch, sampler.position = epoch, position
+    loader = DataLoader(
+        SeededDataset(dataset), batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
+        pin_memory=device.type == "cuda", generator=loader_generator, persistent_workers=num_workers > 0,
+    )
+    if ckpt is not None:
+        states = ckpt["rng"]
+        if len(states) == world_size:
+            set_rng_state(states[rank])
+        else:
+            warnings.warn(
+                f"checkpoint has RNG states of {len(states)} processes, this run has {world_size}: "
+                "reseeding; the run continues but not exactly as it would have"
+            )
+            seed_everything(seed + rank + 1_000_003 * start_step)
+
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt is not None:
+            _truncate_log(log_path, start_step)
+        elif log_path.exists():
+            log_path.unlink()
+    log_file = open(log_path, "a", encoding="utf-8") if main else None
+
+    def log(record: dict) -> None:
+        if log_file is not None:
+            log_file.write(json.dumps(record, default=_jsonable) + "\n")
+            log_file.flush()
+
+    def evaluate(step: int) -> dict:
+        model.eval()
+        try:
+            with _isolated_rng(cuda=True):
+                metrics = eval_fn(model, step) or {}
+        finally:
+            model.train()
+        log({"type": "eval", "step": step, **metrics})
+        return metrics
+
+    # -- iterate ------------------------------------------------------------------------------
+    bar = tqdm(total=iterations, initial=start_step, desc="train", disable=not (progress and main), dynamic_ncols=True)
+    losses_logged: dict[str, float] = {}
+    last_eval: dict | None = None
+    last_ckpt: Path | None = None
+    t_start = time.perf_counter()
+    data_iter = iter(loader)
+    step = start_step
+    try:
+        for step in range(start_step + 1, iterations + 1):
+            t0 = time.perf_counter()
+            images, targets = next(data_iter)
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = _targets_to(targets, device)
+            t_data = time.perf_counter() - t0
+
+            with torch.autocast(device.type, enabled=amp):
+                losses = ddp_model(images, targets)
+            _check_losses(losses)
+            total = sum(losses.values())
+            reduced = du.reduce_dict({**{k: v.float() for k, v in losses.items()}, "total": total.float()})
+            values = dict(zip(reduced, torch.stack(list(reduced.values())).tolist()))
+            bad = [k for k, v in values.items() if k != "total" and not math.isfinite(v)]
+            if bad or not math.isfinite(values["total"]):
+                terms = ", ".join(f"{k}={values[k]}" for k in (bad or ["total"]))
+                raise NonFiniteLossError(f"non-finite loss at step {step}: {terms}")
+
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            grad_norm = None
+            if clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm))
+            step_lr = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            position += 1
+            if position == position_max:
+                epoch, position = epoch + 1, 0
+
+            losses_logged = values
+            if step % log_every == 0 or step == iterations:
+                record = {"type": "train", "step": step, "epoch": epoch, "lr": step_lr, **values}
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                record.update(time=time.perf_counter() - t0, data_time=t_data)
+                log(record)
+                bar.set_postfix(loss=f"{values['total']:.4f}", lr=f"{step_lr:.2e}")
+            bar.update(1)
+
+            if eval_fn is not None and ((eval_every and step % eval_every == 0) or step == iterations):
+                last_eval = evaluate(step)
+
+            if (checkpoint_every and step % checkpoint_every == 0) or step == iterations:
+                rng_states = du.all_gather_object(get_rng_state())
+                if main:
+                    state = {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "step": step,
+                        "sampler": {"epoch": epoch, "position": position},
+                        "rng": rng_states,
+                        "loader_generator": loader_generator.get_state(),
+                        "world_size": world_size,
+                        "config": {
+                            "iterations": iterations, "batch_size": batch_size, "lr": lr, "momentum": momentum,
+                            "weight_decay": weight_decay, "warmup_iters": warmup_iters, "schedule": schedule,
+                            "steps": tuple(steps), "gamma": gamma, "seed": seed,
+                        },
+                    }
+                    last_ckpt = save_checkpoint(state, checkpoint_path(out_dir, step))
+                    if keep_checkpoints is not None:
+                        for _, old in list_checkpoints(out_dir)[:-keep_checkpoints]:
+                            old.unlink(missing_ok=True)
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+        del data_iter
+        if created_group:
+            du.cleanup_distributed()
+
+    return {
+        "step": step,
+        "start_step": start_step,
+        "epoch": epoch,
+        "losses": losses_logged,
+        "lr": optimizer.param_groups[0]["lr"],
+        "eval": last_eval,
+        "checkpoint": str(last_ckpt) if last_ckpt is not None else None,
+        "metrics_file": str(log_path),
+        "seconds": time.perf_counter() - t_start,
+        "world_size": world_size,
+    }
