@@ -211,7 +211,7 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
     first = methods[0] if methods[0] in results else next(iter(results))
     image, target = val_ds[0]
     dets = postprocess(candidates[0], first, **(eval_cfg.get("method_params") or {}).get(first, {}))
-    draw_detections(image, dets, out_dir / "detections.png", gt=target)
+    draw_detections(image, dets, out_dir / "detections.png", gt=target, class_names=val_ds.class_names)
     table = format_table(results, per_site=True)
     (out_dir / "results.json").write_text(json.dumps({"methods": results, "correlation": correlation}, indent=1))
     (out_dir / "table.md").write_text(table + "\n")
