@@ -7,7 +7,6 @@ Prints a Markdown table and writes it to benchmarks/results/pooling.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from common import cpu_name  # benchmarks/common.py
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from locconf.prroi_pool import MultiScalePrRoIPool, prroi_pool
@@ -58,14 +58,6 @@ def forward_backward(run: Callable[..., torch.Tensor], *tensors: torch.Tensor) -
     return fn
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -124,7 +116,7 @@ def main() -> None:
         "# PrRoIPool vs RoIAlign",
         "",
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ",
-        f"Device: {device}; CPU: {cpu_model()}; torch.get_num_threads() = {torch.get_num_threads()}; "
+        f"Device: {device}; CPU: {cpu_name()}; torch.get_num_threads() = {torch.get_num_threads()}; "
         f"torch {torch.__version__}  ",
         f"C = {CHANNELS}, output {OUTPUT}x{OUTPUT}, boxes 16-300 px (log-uniform sides, aspect 1:2-2:1) in an "
         f"{IMAGE}x{IMAGE} image, one image; median of {args.repeats} runs after a warm-up, ms. "
