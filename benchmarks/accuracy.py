@@ -9,11 +9,12 @@ Run (from the repository root):
 
     python benchmarks/accuracy.py --setting synthetic --seeds 0 1              # controlled setting
     python benchmarks/accuracy.py --setting neon --seeds 0 1                   # NEON tree crowns
-    python benchmarks/accuracy.py --setting neon --variants baseline dir --iterations 500 --threads 2
+    python benchmarks/accuracy.py --setting neon --variants baseline dir --iterations 300 --threads 2
 
 Writes ``<out>/results.json`` (every run's metrics and the aggregates), ``<out>/table.md`` (overall
 and per site, Pearson correlations, the issue's targets, wall times) and ``<out>/plots/*.png`` (each
-run's confidence-vs-IoU scatter plot, DIR Figure 4). ``<out>`` defaults to
+run's confidence-vs-IoU scatter plot, DIR Figure 4, and ``summary.png``: AP/AP75/AP90 and Pearson
+of every variant in one figure). ``<out>`` defaults to
 ``benchmarks/results/accuracy_<setting>``; training runs live in ``runs/accuracy_<setting>/<variant>/
 it<iterations>_seed<seed>/`` (checkpoints are not results).
 
@@ -141,15 +142,19 @@ ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS}
 BASELINE = "baseline"
 
 
-def _setting(name: str, description: str, iterations: int, batch_size: int, model: dict, data: dict) -> Setting:
-    """A setting with the schedule and per-family keys that NEON and synthetic share."""
+def _setting(name: str, description: str, iterations: int, batch_size: int, model: dict, data: dict,
+             two_stage: dict | None = None) -> Setting:
+    """A setting with the schedule and per-family keys that NEON and synthetic share.
+
+    ``model`` holds the keys of every detector (backbone, FPN, anchors sizes, image size);
+    ``two_stage`` the RPN / RoI keys that only the two-stage detectors take.
+    """
     return Setting(
         name=name,
         description=description,
-        model=dict(backbone="resnet18", returned_layers=[2, 3, 4], candidates_per_image=1000, channels_last=True,
-                   **model),
-        family_model={"two_stage": dict(anchor_sizes=[16, 32, 64, 128], box_batch_size_per_image=128,
-                                        quality_representation_size=256),
+        model=dict(backbone="resnet18", candidates_per_image=1000, channels_last=True, **model),
+        family_model={"two_stage": {"box_batch_size_per_image": 128, "quality_representation_size": 256,
+                                      **(two_stage or {})},
                       "one_stage": {}},
         # The papers' one-stage learning rate is half the two-stage one (ATSS/GFL 0.01 vs Faster
         # R-CNN 0.02 at batch 16); from scratch, a dense head at 0.02 was unstable (shared/notes).
@@ -161,22 +166,36 @@ def _setting(name: str, description: str, iterations: int, batch_size: int, mode
 
 
 def neon_setting(iterations: int | None = None) -> Setting:
-    """NEON tree crowns with configs/neon_frcnn_r18.yaml's recipe (R18-FPN P3-P6, 400 px, 3000 it, batch 2)."""
+    """NEON tree crowns with configs/neon_recipe_p2.yaml's recipe (R18 P2-P5 64 ch, 400 px, batch 2).
+
+    The default budget, 600 iterations, is what 18 trainings (9 detectors x 2 seeds) afford on two
+    CPU cores in about two hours; the recipe search (benchmarks/results/recipe.md) reached 11.6 AP
+    at 1000 iterations and 12.6 at 1500 with the same recipe.
+    """
     return _setting(
         "neon", "NEON tree crowns (train: YELL tiles; val: held-out YELL band + OSBS + SOAP), from scratch",
-        3000 if iterations is None else iterations, 2,
-        model=dict(fpn_channels=128, min_size=400, max_size=400),
+        600 if iterations is None else iterations, 2,
+        model=dict(fpn_channels=64, returned_layers=[1, 2, 3], anchor_sizes=[16, 32, 64, 128],
+                   min_size=400, max_size=400),
+        two_stage=dict(aspect_ratios=[0.7, 1.0, 1.4], box_batch_size_per_image=256),
         data=dict(source="neon-trees", root="data/neon", flips=True, rot90=True, jitter=True))
 
 
 def synthetic_setting(iterations: int | None = None) -> Setting:
-    """Synthetic scenes with configs/synthetic_frcnn_r18.yaml's recipe (3 classes, 256 px, 1500 it, batch 4)."""
+    """Synthetic scenes, 3 classes, 128 px (objects 8-48 px), P2-P5 64 ch, batch 4.
+
+    Sized so that a from-scratch detector trains in a few minutes on one CPU thread.
+    """
     return _setting(
-        "synthetic", "synthetic scenes (3 classes, 256 px, 400 train / 100 val, exact boxes), from scratch",
-        1500 if iterations is None else iterations, 4,
-        model=dict(fpn_channels=64, min_size=256, max_size=256),
-        data=dict(source="synthetic", root="data/synthetic",
-                  synthetic=dict(num_train=400, num_val=100, image_size=256, num_classes=3, seed=0)))
+        "synthetic", "synthetic scenes (3 classes, 128 px, 400 train / 100 val, exact boxes), from scratch",
+        800 if iterations is None else iterations, 4,
+        model=dict(fpn_channels=64, returned_layers=[1, 2, 3], anchor_sizes=[8, 16, 32, 64],
+                   min_size=128, max_size=128),
+        # A 256-wide box head (torchvision's is 1024): at 128 px its two fc layers on 4 x 128 RoIs
+        # cost more than the backbone, and the synthetic shapes need no more.
+        two_stage=dict(representation_size=256),
+        data=dict(source="synthetic", root="data/synthetic128",
+                  synthetic=dict(num_train=400, num_val=100, image_size=128, num_classes=3, seed=0)))
 
 
 SETTINGS = {"neon": neon_setting, "synthetic": synthetic_setting}
@@ -424,6 +443,8 @@ def format_report(results: Mapping) -> str:
         "",
     ]
     variants = results["variants"]
+    if meta.get("summary_plot"):
+        lines += [f"![summary]({meta['summary_plot']})", ""]
 
     lines += ["## Variants", "", "| variant | detector | paper's post-processing | signals expected |",
               "|---|---|---|---|"]
@@ -517,6 +538,59 @@ def format_report(results: Mapping) -> str:
     if warnings:
         lines += ["", "Warnings:", ""] + [f"- {w}" for w in warnings]
     return "\n".join(lines) + "\n"
+
+
+def plot_summary(results: Mapping, path: str | Path) -> Path | None:
+    """One figure of the comparison: each variant's AP / AP75 / AP90 under NMS and under its
+    headline method (mean, with min-max over seeds as error bars), and the Pearson correlation of
+    its score and quality with the true IoU. Returns the path, or None when nothing was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = results["aggregate"]["variants"]
+    names = [n for n, a in agg.items() if a["summary"]["methods"]]
+    if not names:
+        return None
+
+    def bar(stat: Mapping | None) -> tuple[float, float, float]:
+        if not stat:
+            return math.nan, 0.0, 0.0
+        return 100 * stat["mean"], 100 * (stat["mean"] - stat["min"]), 100 * (stat["max"] - stat["mean"])
+
+    fig, axes = plt.subplots(1, 4, figsize=(4.2 * 4, 0.42 * len(names) + 1.8), sharey=True)
+    y = list(range(len(names)))
+    for ax, metric in zip(axes[:3], ("AP", "AP75", "AP90")):
+        for offset, which, color in ((-0.2, "nms", "0.6"), (0.2, "headline", "tab:blue")):
+            vals = []
+            for n in names:
+                method = agg[n]["headline"] if which == "headline" else "nms"
+                vals.append(bar(agg[n]["summary"]["methods"].get(method, {}).get(metric)))
+            ax.barh([v + offset for v in y], [v[0] for v in vals], height=0.38, color=color,
+                    xerr=[[v[1] for v in vals], [v[2] for v in vals]], capsize=2,
+                    label="NMS" if which == "nms" else "paper's post-processing")
+        ax.set_title(f"{metric} (x 100)")
+        ax.grid(axis="x", alpha=0.3)
+    ax = axes[3]
+    for offset, signal, color in ((-0.2, "score", "0.6"), (0.2, "quality", "tab:orange")):
+        vals = [bar((agg[n]["summary"]["correlation"].get(signal) or {}).get("pearson")) for n in names]
+        ax.barh([v + offset for v in y], [v[0] / 100 for v in vals], height=0.38, color=color,
+                xerr=[[v[1] / 100 for v in vals], [v[2] / 100 for v in vals]], capsize=2, label=signal)
+    ax.set_title("Pearson with true IoU (IoU > 0.5)")
+    ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, [f"{n} ({agg[n]['headline']})" for n in names])
+    axes[0].invert_yaxis()
+    axes[0].legend(loc="best", fontsize=7)
+    axes[3].legend(loc="best", fontsize=7)
+    meta = results["meta"]
+    fig.suptitle(f"{meta['setting']}: mean over seeds {meta['seeds']} (bars: min-max)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _short(text: str, n: int = 90) -> str:
@@ -752,6 +826,9 @@ def run_benchmark(setting: Setting, variants: Sequence[Variant], seeds: Sequence
         "variants": results_variants,
         "aggregate": agg,
     }
+    summary_plot = plot_summary(results, out / "plots" / "summary.png")
+    if summary_plot is not None:
+        results["meta"]["summary_plot"] = str(summary_plot.relative_to(out))
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
     (out / "table.md").write_text(format_report(results))
     return results
@@ -775,7 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--setting", choices=sorted(SETTINGS), required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default: 0 1)")
     ap.add_argument("--iterations", type=int, default=None,
-                    help="training iterations of every variant (default: the setting's: neon 3000, synthetic 1500)")
+                    help="training iterations of every variant (default: the setting's: neon 600, synthetic 800)")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(ALL_VARIANTS),
                     metavar="VARIANT", help=f"default: all of {', '.join(DEFAULT_VARIANTS)}; "
                     f"extra: {', '.join(EXTRA_VARIANTS)}")

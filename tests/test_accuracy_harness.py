@@ -46,7 +46,8 @@ def test_every_variant_gets_the_same_backbone_size_and_budget(tmp_path):
     for name, cfg in cfgs.items():
         check_config(cfg)  # known sections only
         m, t = cfg["model"], cfg["train"]
-        assert (m["backbone"], m["fpn_channels"], m["returned_layers"]) == ("resnet18", 128, [2, 3, 4]), name
+        assert (m["backbone"], m["fpn_channels"], m["returned_layers"]) == ("resnet18", 64, [1, 2, 3]), name
+        assert m["anchor_sizes"] == [16, 32, 64, 128], name  # both families: one anchor size per level
         assert (m["min_size"], m["max_size"], m["candidates_per_image"], m["num_classes"]) == (400, 400, 1000, 1)
         assert (t["iterations"], t["batch_size"], t["schedule"], t["steps"], t["warmup_iters"]) == (
             50, 2, "step", [0.7, 0.9], 100), name
@@ -54,13 +55,15 @@ def test_every_variant_gets_the_same_backbone_size_and_budget(tmp_path):
         assert cfg["data"] == setting.data
     base, dir_, kl = cfgs["baseline"]["model"], cfgs["dir"]["model"], cfgs["kl"]["model"]
     assert base["arch"] == "rcnn" and "quality" not in base
-    assert base["anchor_sizes"] == [16, 32, 64, 128] and base["box_batch_size_per_image"] == 128
+    assert base["aspect_ratios"] == [0.7, 1.0, 1.4] and base["box_batch_size_per_image"] == 256
+    assert base["quality_representation_size"] == 256
     assert (dir_["quality"], kl["quality"], cfgs["dir_foresight"]["model"]["quality"],
             cfgs["iou_direct"]["model"]["quality"]) == ("dir", "kl", "dir_foresight", "iou_direct")
     for head in ("atss", "gfl", "clq"):
         m = cfgs[head]["model"]
         assert (m["arch"], m["head"]) == ("one_stage", head)
-        assert "anchor_sizes" not in m and "box_batch_size_per_image" not in m  # two-stage-only keys
+        for key in ("aspect_ratios", "box_batch_size_per_image", "quality_representation_size"):
+            assert key not in m, (head, key)  # two-stage-only keys
         assert cfgs[head]["train"]["lr"] == 0.01
     assert cfgs["baseline"]["train"]["lr"] == 0.02
     # IoU-Net with refinement: the iou_net weights, evaluated with refine_steps=5, never trained itself
@@ -74,9 +77,11 @@ def test_every_variant_gets_the_same_backbone_size_and_budget(tmp_path):
 
 def test_settings_budget_and_iterations_override():
     syn = acc.synthetic_setting()
-    assert syn.train["iterations"] == 1500 and syn.data["source"] == "synthetic"
+    assert syn.train["iterations"] == 800 and syn.data["source"] == "synthetic"
+    assert syn.family_model["two_stage"]["representation_size"] == 256
+    assert "representation_size" not in acc.neon_setting().family_model["two_stage"]
     assert acc.synthetic_setting(iterations=7).train["iterations"] == 7
-    assert acc.neon_setting().train["iterations"] == 3000
+    assert acc.neon_setting().train["iterations"] == 600
     with pytest.raises(ValueError, match="family"):
         acc.make_config(syn, acc.Variant("x", "x", "three_stage", {}), 0, "out")
 
@@ -184,7 +189,7 @@ def test_targets_verdicts():
     assert acc.aggregate(ordered)["targets"][1]["verdict"] == "refuted"
 
 
-def test_report_tables_overall_per_site_pearson_and_targets():
+def test_report_tables_overall_per_site_pearson_and_targets(tmp_path):
     rec = _records()
     agg = acc.aggregate(rec, headlines={"baseline": "nms", "dir": "quality"})
     runs = {name: {"runs": {s: {"status": "trained", "train_s": 120.0, "s_per_iter": 0.5, "eval_s": 3.0,
@@ -210,6 +215,14 @@ def test_report_tables_overall_per_site_pearson_and_targets():
     assert "| dir | 0.300 ± 0.000 | 0.760 ± 0.028 | - | 91 |" in text
     assert "| DIR predicted IoU: Pearson with the true IoU >= 0.75 | 0.760 ± 0.028 | met" in text
     assert "[png](plots/dir_seed1.png)" in text
+    assert "![summary]" not in text  # no summary plot drawn yet
+
+    png = acc.plot_summary(results, tmp_path / "plots" / "summary.png")
+    assert png == tmp_path / "plots" / "summary.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results["meta"]["summary_plot"] = "plots/summary.png"
+    assert "![summary](plots/summary.png)" in acc.format_report(results)
+    empty = {**results, "aggregate": {"variants": {}}}
+    assert acc.plot_summary(empty, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 # -- the real thing, tiny: train, evaluate, resume -------------------------------------------------
