@@ -418,6 +418,30 @@ def fmt(stat: Mapping | None, scale: float = 100.0, digits: int = 1, signed: boo
     return text
 
 
+def format_summary(results: Mapping) -> str:
+    """One row per variant: its paper's post-processing, the metrics, the paired deltas and the
+    Pearson correlations (the compact table the README quotes)."""
+    agg = results["aggregate"]["variants"]
+    lines = ["| variant | method | AP | AP50 | AP75 | AP90 | dAP / dAP75 (own NMS) | dAP / dAP75 (baseline NMS) | "
+             "Pearson score | Pearson quality |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, a in agg.items():
+        method = a["headline"]
+        m = a["summary"]["methods"].get(method)
+        if not m:
+            continue
+        own, base = a["delta_own_nms"].get(method, {}), a["delta_baseline_nms"].get(method, {})
+        corr = a["summary"]["correlation"]
+        own_text = ("(is NMS)" if method == "nms"
+                    else f"{fmt(own.get('AP'), signed=True)} / {fmt(own.get('AP75'), signed=True)}")
+        base_text = ("(is the reference)" if name == BASELINE and method == "nms"
+                     else f"{fmt(base.get('AP'), signed=True)} / {fmt(base.get('AP75'), signed=True)}")
+        pearson = [fmt((corr.get(sig) or {}).get("pearson"), scale=1.0, digits=2) for sig in ("score", "quality")]
+        lines.append(f"| {name} | {method} | " + " | ".join(fmt(m.get(k)) for k in TABLE_METRICS[:1])
+                     + " | " + " | ".join(fmt(m.get(k)) for k in ("AP50", "AP75", "AP90"))
+                     + f" | {own_text} | {base_text} | {pearson[0]} | {pearson[1]} |")
+    return "\n".join(lines) + "\n"
+
+
 def format_report(results: Mapping) -> str:
     """The Markdown report of :func:`run_benchmark`'s results dict."""
     agg = results["aggregate"]
@@ -445,6 +469,7 @@ def format_report(results: Mapping) -> str:
     variants = results["variants"]
     if meta.get("summary_plot"):
         lines += [f"![summary]({meta['summary_plot']})", ""]
+    lines += ["## Summary: each variant under its paper's post-processing", "", format_summary(results)]
 
     lines += ["## Variants", "", "| variant | detector | paper's post-processing | signals expected |",
               "|---|---|---|---|"]

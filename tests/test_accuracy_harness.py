@@ -216,6 +216,11 @@ def test_report_tables_overall_per_site_pearson_and_targets(tmp_path):
     assert "| DIR predicted IoU: Pearson with the true IoU >= 0.75 | 0.760 ± 0.028 | met" in text
     assert "[png](plots/dir_seed1.png)" in text
     assert "![summary]" not in text  # no summary plot drawn yet
+    # the compact summary: one row per variant under its headline method
+    summary = acc.format_summary(results)
+    assert "| baseline | nms | 32.0 ± 2.8 | 52.0 ± 2.8 | 32.0 ± 2.8 | - | (is NMS) | (is the reference) |" in summary
+    assert "| dir | quality | 35.5 ± 0.7 |" in summary and "| +3.5 ± 0.7 / +5.5 ± 0.7 | +3.5 ± 2.1 / " in summary
+    assert "| 0.30 ± 0.00 | 0.76 ± 0.03 |" in summary and summary in text
 
     png = acc.plot_summary(results, tmp_path / "plots" / "summary.png")
     assert png == tmp_path / "plots" / "summary.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
