@@ -359,7 +359,7 @@ def evaluate_targets(variants: Mapping[str, Mapping]) -> list[dict]:
             if abs(b["mean"] - a["mean"]) <= noise:
                 unresolved.append(f"{na} vs {nb}")
         verdict = "reproduced" if holds else "refuted"
-        detail = ("; within seed noise: " + ", ".join(unresolved)) if unresolved else ""
+        detail = ("within seed noise: " + ", ".join(unresolved)) if unresolved else ""
     out.append({
         "target": "Pearson ordering: classification score < foresight < hindsight <= DIR",
         "value": {name: v for name, v in chain},
