@@ -79,10 +79,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     cfg = check_config({
-        "model": dict(arch="rcnn", quality="dir", backbone="resnet18", fpn_channels=128, returned_layers=[2, 3, 4],
-                      anchor_sizes=[16, 32, 64, 128], box_batch_size_per_image=128, quality_representation_size=256,
-                      min_size=400, max_size=400, channels_last=True),
-        "data": dict(source="neon-trees", root=str(args.data)),
+        # configs/neon_recipe_p2.yaml's recipe (the fastest and best of benchmarks/results/recipe.md)
+        # with a DIR head: R18 C2-C4 -> P2-P5 FPN of 64 channels, anchors fitted to crowns.
+        "model": dict(arch="rcnn", quality="dir", backbone="resnet18", fpn_channels=64, returned_layers=[1, 2, 3],
+                      anchor_sizes=[16, 32, 64, 128], aspect_ratios=[0.7, 1.0, 1.4], box_batch_size_per_image=256,
+                      quality_representation_size=256, min_size=400, max_size=400, channels_last=True),
+        "data": dict(source="neon-trees", root=str(args.data), flips=True, rot90=True, jitter=True),
         "train": dict(iterations=args.iterations, batch_size=2, lr=0.02, warmup_iters=min(100, args.iterations // 4),
                       clip_grad_norm=10.0, out_dir=str(out), checkpoint_every=max(1, args.iterations // 4),
                       log_every=10, seed=0),
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_cmd_predict)
 
     demo = sub.add_parser("demo", help="the whole idea in a few CPU minutes on NEON tree crowns")
-    demo.add_argument("--iterations", type=int, default=240)
+    demo.add_argument("--iterations", type=int, default=400)
     demo.add_argument("--data", type=Path, default=Path("data/neon"))
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--checkpoint", type=Path, default=None, help="evaluate this checkpoint instead of training")
