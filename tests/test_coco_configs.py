@@ -36,12 +36,8 @@ COCO_CAT_IDS = {1: 1, 2: 18, 3: 90}  # synthetic label -> a sparse COCO-style ca
 COCO_NAMES = {1: "person", 18: "dog", 90: "toothbrush"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# every test here runs on one intra-op thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_coco_configs_are_the_six_of_the_issue():

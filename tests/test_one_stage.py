@@ -27,13 +27,8 @@ ONE_STAGE_CONFIGS = ["neon_atss_r18", "neon_clq_r18", "neon_gfl_r18", "synthetic
 EXTRA_FIELDS = {"atss": {"quality", "cls_scores"}, "clq": {"quality", "cls_scores"}, "gfl": set()}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads stall each other on tiny convolutions."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# every test here runs on one intra-op thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(head: str, num_classes: int = 3, size: int = 96, **kw) -> OneStageDetector:

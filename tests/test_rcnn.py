@@ -31,12 +31,8 @@ SMALL = dict(fpn_channels=32, representation_size=128, min_size=128, max_size=12
              rpn_post_nms_top_n_train=300, rpn_post_nms_top_n_test=100, candidates_per_image=100)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# every test here runs on one intra-op thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images_targets():

@@ -139,15 +139,6 @@ def tiny_frcnn(image_size: int = 128) -> nn.Module:
     )
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads stall each other on tiny convolutions."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_tiny_training_run_loss_falls_and_logs(tmp_path, one_thread):
     torch.manual_seed(0)
     model = tiny_frcnn()
