@@ -54,6 +54,7 @@ except ImportError:  # imported as a module from elsewhere (the tests)
     from common import cpu_name
 
 from locconf.engine.evaluate import REQUIRED_SIGNALS
+from locconf.experiment import neon_recipe
 from locconf.postprocess import METHODS
 
 log = logging.getLogger("accuracy")
@@ -152,7 +153,7 @@ def _setting(name: str, description: str, iterations: int, batch_size: int, mode
     return Setting(
         name=name,
         description=description,
-        model=dict(backbone="resnet18", candidates_per_image=1000, channels_last=True, **model),
+        model={"backbone": "resnet18", "candidates_per_image": 1000, "channels_last": True, **model},
         family_model={"two_stage": {"box_batch_size_per_image": 128, "quality_representation_size": 256,
                                       **(two_stage or {})},
                       "one_stage": {}},
@@ -172,13 +173,13 @@ def neon_setting(iterations: int | None = None) -> Setting:
     CPU cores in about two hours; the recipe search (benchmarks/results/recipe.md) reached 11.6 AP
     at 1000 iterations and 12.6 at 1500 with the same recipe.
     """
+    shared, two_stage = neon_recipe(two_stage=False), neon_recipe(two_stage=True)
     return _setting(
         "neon", "NEON tree crowns (train: YELL tiles; val: held-out YELL band + OSBS + SOAP), from scratch",
         600 if iterations is None else iterations, 2,
-        model=dict(fpn_channels=64, returned_layers=[1, 2, 3], anchor_sizes=[16, 32, 64, 128],
-                   min_size=400, max_size=400),
-        two_stage=dict(aspect_ratios=[0.7, 1.0, 1.4], box_batch_size_per_image=256),
-        data=dict(source="neon-trees", root="data/neon", flips=True, rot90=True, jitter=True))
+        model=shared["model"],
+        two_stage={k: v for k, v in two_stage["model"].items() if k not in shared["model"]},
+        data=shared["data"])
 
 
 def synthetic_setting(iterations: int | None = None) -> Setting:
@@ -436,8 +437,7 @@ def format_summary(results: Mapping) -> str:
         base_text = ("(is the reference)" if name == BASELINE and method == "nms"
                      else f"{fmt(base.get('AP'), signed=True)} / {fmt(base.get('AP75'), signed=True)}")
         pearson = [fmt((corr.get(sig) or {}).get("pearson"), scale=1.0, digits=2) for sig in ("score", "quality")]
-        lines.append(f"| {name} | {method} | " + " | ".join(fmt(m.get(k)) for k in TABLE_METRICS[:1])
-                     + " | " + " | ".join(fmt(m.get(k)) for k in ("AP50", "AP75", "AP90"))
+        lines.append(f"| {name} | {method} | " + " | ".join(fmt(m.get(k)) for k in TABLE_METRICS)
                      + f" | {own_text} | {base_text} | {pearson[0]} | {pearson[1]} |")
     return "\n".join(lines) + "\n"
 
@@ -579,29 +579,28 @@ def plot_summary(results: Mapping, path: str | Path) -> Path | None:
     if not names:
         return None
 
-    def bar(stat: Mapping | None) -> tuple[float, float, float]:
+    def bar(stat: Mapping | None, scale: float = 100.0) -> tuple[float, float, float]:
+        """(mean, mean - min, max - mean), scaled; NaN (no bar) when undefined."""
         if not stat:
             return math.nan, 0.0, 0.0
-        return 100 * stat["mean"], 100 * (stat["mean"] - stat["min"]), 100 * (stat["max"] - stat["mean"])
+        return scale * stat["mean"], scale * (stat["mean"] - stat["min"]), scale * (stat["max"] - stat["mean"])
 
     fig, axes = plt.subplots(1, 4, figsize=(4.2 * 4, 0.42 * len(names) + 1.8), sharey=True)
     y = list(range(len(names)))
     for ax, metric in zip(axes[:3], ("AP", "AP75", "AP90")):
-        for offset, which, color in ((-0.2, "nms", "0.6"), (0.2, "headline", "tab:blue")):
-            vals = []
-            for n in names:
-                method = agg[n]["headline"] if which == "headline" else "nms"
-                vals.append(bar(agg[n]["summary"]["methods"].get(method, {}).get(metric)))
+        for offset, headline, color, label in ((-0.2, False, "0.6", "NMS"),
+                                               (0.2, True, "tab:blue", "paper's post-processing")):
+            vals = [bar(agg[n]["summary"]["methods"].get(agg[n]["headline"] if headline else "nms", {}).get(metric))
+                    for n in names]
             ax.barh([v + offset for v in y], [v[0] for v in vals], height=0.38, color=color,
-                    xerr=[[v[1] for v in vals], [v[2] for v in vals]], capsize=2,
-                    label="NMS" if which == "nms" else "paper's post-processing")
+                    xerr=[[v[1] for v in vals], [v[2] for v in vals]], capsize=2, label=label)
         ax.set_title(f"{metric} (x 100)")
         ax.grid(axis="x", alpha=0.3)
     ax = axes[3]
     for offset, signal, color in ((-0.2, "score", "0.6"), (0.2, "quality", "tab:orange")):
-        vals = [bar((agg[n]["summary"]["correlation"].get(signal) or {}).get("pearson")) for n in names]
-        ax.barh([v + offset for v in y], [v[0] / 100 for v in vals], height=0.38, color=color,
-                xerr=[[v[1] / 100 for v in vals], [v[2] / 100 for v in vals]], capsize=2, label=signal)
+        vals = [bar((agg[n]["summary"]["correlation"].get(signal) or {}).get("pearson"), scale=1.0) for n in names]
+        ax.barh([v + offset for v in y], [v[0] for v in vals], height=0.38, color=color,
+                xerr=[[v[1] for v in vals], [v[2] for v in vals]], capsize=2, label=signal)
     ax.set_title("Pearson with true IoU (IoU > 0.5)")
     ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, [f"{n} ({agg[n]['headline']})" for n in names])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from locconf.data import SyntheticScenes, collate_fn
-from locconf.experiment import build_model, load_config
+from locconf.experiment import build_model, load_config, neon_recipe
 
 CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml") if not p.name.startswith("coco_"))
 SHRINK = dict(min_size=96, max_size=96, fpn_channels=16, channels_last=False)
@@ -42,3 +42,16 @@ def test_config_model_trains_one_step(path):
     with torch.no_grad():
         out = model(images)
     assert len(out) == 2 and all(set(o) >= {"boxes", "scores", "labels"} for o in out)
+
+
+#: NEON configs on the shared CPU recipe; neon_frcnn_r18.yaml is the shared note's reference recipe.
+NEON_RECIPE_CONFIGS = [p for p in CONFIGS if p.stem.startswith("neon_") and p.stem != "neon_frcnn_r18"]
+
+
+@pytest.mark.parametrize("path", NEON_RECIPE_CONFIGS, ids=[p.stem for p in NEON_RECIPE_CONFIGS])
+def test_neon_configs_follow_the_shared_recipe(path):
+    """The YAML files repeat locconf.experiment.neon_recipe (the demo's and the benchmark's): keep them equal."""
+    cfg = load_config(path)
+    recipe = neon_recipe(two_stage=cfg["model"].get("arch", "rcnn") != "one_stage")
+    assert {k: cfg["model"].get(k) for k in recipe["model"]} == recipe["model"]
+    assert {k: cfg["data"].get(k) for k in recipe["data"]} == recipe["data"]

@@ -75,16 +75,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .experiment import check_config, load_trained, run_eval, run_train
+    from .experiment import check_config, load_trained, neon_recipe, run_eval, run_train
 
     out = Path(args.out)
+    recipe = neon_recipe()  # the NEON CPU recipe (benchmarks/results/recipe.md) with a DIR head
     cfg = check_config({
-        # configs/neon_recipe_p2.yaml's recipe (the fastest and best of benchmarks/results/recipe.md)
-        # with a DIR head: R18 C2-C4 -> P2-P5 FPN of 64 channels, anchors fitted to crowns.
-        "model": dict(arch="rcnn", quality="dir", backbone="resnet18", fpn_channels=64, returned_layers=[1, 2, 3],
-                      anchor_sizes=[16, 32, 64, 128], aspect_ratios=[0.7, 1.0, 1.4], box_batch_size_per_image=256,
-                      quality_representation_size=256, min_size=400, max_size=400, channels_last=True),
-        "data": dict(source="neon-trees", root=str(args.data), flips=True, rot90=True, jitter=True),
+        "model": dict(arch="rcnn", quality="dir", quality_representation_size=256, **recipe["model"]),
+        "data": dict(recipe["data"], root=str(args.data)),
         "train": dict(iterations=args.iterations, batch_size=2, lr=0.02, warmup_iters=min(100, args.iterations // 4),
                       clip_grad_norm=10.0, out_dir=str(out), checkpoint_every=max(1, args.iterations // 4),
                       log_every=10, seed=0),
