@@ -265,6 +265,8 @@ def test_map_levels_canonical():
     (torch.tensor([[0, 1.0, 1.0, 2.0, float("nan")]]), "rois.*NaN"),
     (torch.tensor([[2, 1.0, 1.0, 2.0, 2.0]]), "rois.*batch index"),
     (torch.tensor([[-1, 1.0, 1.0, 2.0, 2.0]]), "rois.*batch index"),
+    (torch.tensor([[0.6, 1.0, 1.0, 2.0, 2.0]]), "rois.*non-integral batch index"),  # torchvision truncates, round pooled 1
+    (torch.tensor([[0.0, 1.0, 1.0, 2.0, 2.0], [1.5, 1.0, 1.0, 2.0, 2.0]]), "rois.*non-integral batch index"),
     (torch.zeros(3, 4), "rois.*\\(K, 5\\)"),
     ([torch.zeros(2, 5)], "rois\\[0\\].*\\(K_i, 4\\)"),
 ])
@@ -285,6 +287,47 @@ def test_validation_other_arguments():
         MultiScalePrRoIPool(["a"], 2)({"a": torch.zeros(1, 1, 4, 4)}, [torch.zeros(1, 4)], [])
     with pytest.raises(ValueError, match="boxes.*x2 < x1"):
         MultiScalePrRoIPool(["a"], 2)({"a": torch.zeros(1, 1, 4, 4)}, [torch.tensor([[3.0, 0, 1, 1]])], [(16, 16)])
+
+
+@pytest.mark.parametrize("output_size", [True, 2.5, (2, 2.0), (2, True), "2", (2, 2, 2), (0, 2)])
+def test_output_size_must_be_positive_ints(output_size):
+    """A bool is an int to Python (True pooled 1x1) and 2.5 failed with "'float' object is not iterable"."""
+    with pytest.raises(ValueError, match="output_size"):
+        prroi_pool(torch.zeros(1, 1, 4, 4), torch.tensor([[0, 1.0, 1.0, 2.0, 2.0]]), output_size)
+    with pytest.raises(ValueError, match="output_size"):
+        PrRoIPool2d(output_size)
+    with pytest.raises(ValueError, match="output_size"):
+        MultiScalePrRoIPool(["a"], output_size)
+
+
+@pytest.mark.parametrize("scale", [True, float("nan"), float("inf"), 0.0, "0.25"])
+def test_spatial_scale_must_be_a_positive_number(scale):
+    with pytest.raises(ValueError, match="spatial_scale"):
+        prroi_pool(torch.zeros(1, 1, 4, 4), torch.tensor([[0, 1.0, 1.0, 2.0, 2.0]]), 2, spatial_scale=scale)
+    with pytest.raises(ValueError, match="spatial_scale"):
+        PrRoIPool2d(2, spatial_scale=scale)
+
+
+def test_multiscale_sampling_and_level_arguments():
+    for kw, match in [(dict(sampling_ratio=True), "sampling_ratio"), (dict(sampling_ratio=2.0), "sampling_ratio"),
+                      (dict(canonical_scale=True), "canonical_scale"), (dict(canonical_level=4.5), "canonical_level")]:
+        with pytest.raises(ValueError, match=match):
+            MultiScalePrRoIPool(["a"], 2, **kw)
+    assert MultiScalePrRoIPool(["a"], (2, 3), sampling_ratio=2).output_size == (2, 3)  # ints still accepted
+
+
+def test_meta_tensors_are_named():
+    rois = torch.tensor([[0, 1.0, 1.0, 2.0, 2.0]])
+    with pytest.raises(ValueError, match="features is on the meta device"):
+        prroi_pool(torch.zeros(1, 1, 4, 4, device="meta"), rois, 2)
+    with pytest.raises(ValueError, match="rois is on the meta device"):
+        prroi_pool(torch.zeros(1, 1, 4, 4), rois.to("meta"), 2)
+
+
+def test_integral_float_batch_index_is_accepted():
+    fmap = torch.arange(32.0).view(2, 1, 4, 4)
+    out = prroi_pool(fmap, torch.tensor([[1.0, 0.0, 0.0, 3.0, 3.0]]), 1)
+    assert out.item() == pytest.approx(prroi_pool(fmap[1:], torch.tensor([[0.0, 0.0, 0.0, 3.0, 3.0]]), 1).item())
 
 
 def test_empty_input():

@@ -33,8 +33,10 @@ back to the input dtype. The feature gradient's suffix sums run in the input dty
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,16 +50,37 @@ _CHUNK_BYTES = 16 * 1024 * 1024
 # ----------------------------------------------------------------------------------------------
 # argument handling
 # ----------------------------------------------------------------------------------------------
+def _is_int(value: object) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` to Python, never a size here)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: object) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(output_size, int):
-        size = (output_size, output_size)
+    if _is_int(output_size):
+        size = (int(output_size), int(output_size))
+    elif isinstance(output_size, (tuple, list)) and len(output_size) in (1, 2) and all(_is_int(s) for s in output_size):
+        size = tuple(int(s) for s in output_size) * (3 - len(output_size))
     else:
-        size = tuple(int(s) for s in output_size)
-        if len(size) == 1:
-            size = (size[0], size[0])
+        size = ()
     if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"output_size must be a positive int or (oh, ow), got {output_size!r}")
+        raise ValueError(f"output_size must be a positive int or (oh, ow) of positive ints, got {output_size!r}")
     return size  # type: ignore[return-value]
+
+
+def _check_scale(spatial_scale: float) -> float:
+    if not (_is_real(spatial_scale) and math.isfinite(spatial_scale) and spatial_scale > 0):
+        raise ValueError(f"spatial_scale must be a positive finite number, got {spatial_scale!r}")
+    return float(spatial_scale)
+
+
+def _check_not_meta(tensor: Tensor, name: str) -> None:
+    if tensor.is_meta:
+        raise ValueError(f"{name} is on the meta device (a shape without data); move it to a real device first")
 
 
 def _check_features(features: Tensor, name: str = "features") -> None:
@@ -66,6 +89,7 @@ def _check_features(features: Tensor, name: str = "features") -> None:
         raise ValueError(f"{name} must be a (B, C, H, W) tensor, got {shape}")
     if not features.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {features.dtype}")
+    _check_not_meta(features, name)
 
 
 def _boxes_to_rois(boxes: Sequence[Tensor], name: str = "rois") -> Tensor:
@@ -90,13 +114,15 @@ def _check_rois(rois: Tensor, batch_size: int, name: str = "rois") -> None:
                          f"or a list of (K_i, 4) tensors, got {shape}")
     if not rois.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {rois.dtype}")
+    _check_not_meta(rois, name)
     if rois.shape[0] == 0:
         return
     r = rois.detach()
-    bidx = r[:, 0].round()
+    bidx = r[:, 0]
     flags = torch.stack([
         ~torch.isfinite(r).all(),
         ((r[:, 3] < r[:, 1]) | (r[:, 4] < r[:, 2])).any(),
+        (bidx != bidx.round()).any(),
         ((bidx < 0) | (bidx > batch_size - 1)).any(),
     ]).tolist()
     if flags[0]:
@@ -104,6 +130,8 @@ def _check_rois(rois: Tensor, batch_size: int, name: str = "rois") -> None:
     if flags[1]:
         raise ValueError(f"{name} has boxes with x2 < x1 or y2 < y1")
     if flags[2]:
+        raise ValueError(f"{name} has a non-integral batch index (column 0 must hold whole image indices)")
+    if flags[3]:
         raise ValueError(f"{name} has a batch index out of range [0, {batch_size - 1}]")
 
 
@@ -277,8 +305,7 @@ def prroi_pool(
     """
     _check_features(features)
     oh, ow = _pair(output_size)
-    if not (isinstance(spatial_scale, (int, float)) and math.isfinite(spatial_scale) and spatial_scale > 0):
-        raise ValueError(f"spatial_scale must be a positive finite number, got {spatial_scale!r}")
+    spatial_scale = _check_scale(spatial_scale)
     if not isinstance(rois, Tensor):
         rois = _boxes_to_rois(list(rois))
     _check_rois(rois, features.shape[0])
@@ -303,7 +330,7 @@ class PrRoIPool2d(nn.Module):
     def __init__(self, output_size: int | Sequence[int], spatial_scale: float = 1.0) -> None:
         super().__init__()
         self.output_size = _pair(output_size)
-        self.spatial_scale = float(spatial_scale)
+        self.spatial_scale = _check_scale(spatial_scale)
 
     def forward(self, features: Tensor, rois: Tensor | Sequence[Tensor]) -> Tensor:
         return prroi_pool(features, rois, self.output_size, self.spatial_scale)
@@ -376,6 +403,12 @@ class MultiScalePrRoIPool(nn.Module):
         super().__init__()
         if len(featmap_names) == 0:
             raise ValueError("featmap_names is empty")
+        if sampling_ratio is not None and not _is_int(sampling_ratio):
+            raise ValueError(f"sampling_ratio must be an int or None, got {sampling_ratio!r}")
+        if not (_is_real(canonical_scale) and math.isfinite(canonical_scale) and canonical_scale > 0):
+            raise ValueError(f"canonical_scale must be a positive finite number, got {canonical_scale!r}")
+        if not _is_int(canonical_level):
+            raise ValueError(f"canonical_level must be an int, got {canonical_level!r}")
         self.featmap_names = list(featmap_names)
         self.output_size = _pair(output_size)
         self.sampling_ratio = sampling_ratio
