@@ -1,15 +1,17 @@
-"""From-scratch CPU training recipes for Faster R-CNN on the NEON tree crowns (issue 7).
+"""CPU training recipes for Faster R-CNN on the NEON tree crowns: from scratch and pretrained.
 
     OMP_NUM_THREADS=1 python benchmarks/recipe.py --list
     OMP_NUM_THREADS=1 python benchmarks/recipe.py base p2_64            # run (or skip) these variants
-    OMP_NUM_THREADS=1 python benchmarks/recipe.py --table-only          # rewrite the table
+    OMP_NUM_THREADS=1 python benchmarks/recipe.py --table-only          # rewrite the tables
 
-Every variant is the base configuration (``BASE``, the shipped ``configs/neon_frcnn_r18.yaml`` with
-a shorter schedule) plus a few overrides, trained with :func:`locconf.experiment.run_train` into
-``runs/recipe/<variant>/`` on one thread, then every saved checkpoint is evaluated with
-:func:`locconf.experiment.run_eval` (NMS only) so the table shows whether AP was still rising.
-Resumable: a variant whose final ``eval/results.json`` exists is skipped; an interrupted training
-resumes from its last checkpoint. The table goes to ``benchmarks/results/recipe.md``.
+Every variant is a base configuration plus a few overrides: ``BASE`` (from scratch: the shipped
+``configs/neon_frcnn_r18.yaml`` with a shorter schedule; table ``benchmarks/results/recipe.md``) or
+``PRETRAINED`` (locconf's Faster R-CNN on ImageNet EfficientNet-Lite0; table
+``benchmarks/results/recipe_pretrained.md``). Each is trained with
+:func:`locconf.experiment.run_train` into ``runs/recipe/<variant>/`` (``--runs`` moves it), then
+every saved checkpoint is evaluated with :func:`locconf.experiment.run_eval` (NMS only) so the
+table shows whether AP was still rising. Resumable: a variant whose final ``eval/results.json``
+exists is skipped; an interrupted training resumes from its last checkpoint.
 
 Timing: ``s/iter`` is the mean of the per-iteration times logged in ``metrics.jsonl`` (one thread,
 on a 2-core machine shared with other jobs, so expect +-15 %); ``wall`` is the training time
@@ -69,7 +71,35 @@ BASE: dict = {
 P2_64 = {"returned_layers": [1, 2, 3], "fpn_channels": 64, "anchor_sizes": [16, 32, 64, 128],
          "aspect_ratios": [0.7, 1.0, 1.4]}
 
-#: name -> (what changes, overrides of BASE by section). Ordered as they were run.
+#: The pretrained family: locconf's Faster R-CNN on ImageNet EfficientNet-Lite0 (strides 4-16 ->
+#: P2-P5, 64 channels), frozen BatchNorm and stem, lr 0.01 with clipping (0.02 diverged in the first
+#: trial, shared note pretrained-trial.md).
+PRETRAINED: dict = {
+    "model": {
+        "arch": "rcnn",
+        "backbone": "efficientnet_lite0",
+        "weights": "imagenet",
+        "norm": "frozen",
+        "frozen_stages": 0,
+        "fpn_channels": 64,
+        "returned_layers": [1, 2, 3],
+        "anchor_sizes": [16, 32, 64, 128],
+        "aspect_ratios": [0.7, 1.0, 1.4],
+        "box_batch_size_per_image": 256,
+        "min_size": 400,
+        "max_size": 400,
+        "channels_last": True,
+        "candidates_per_image": 1000,
+    },
+    "data": BASE["data"],
+    "train": {**BASE["train"], "iterations": 1500, "lr": 0.01, "clip_grad_norm": 10.0},
+    "eval": {"methods": ["nms"]},
+}
+BASES = {"scratch": BASE, "pretrained": PRETRAINED}
+TABLES = {"scratch": TABLE, "pretrained": TABLE.with_name("recipe_pretrained.md")}
+
+#: name -> (what changes, overrides by section; ``"base": "pretrained"`` picks the pretrained base,
+#: ``"aug"`` extra augmentation). Ordered as they were run.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "base": ("shipped recipe: R18 P3-P6 128 ch, 400 px, BN, lr 0.02 step", {}),
     "p2_64": ("P2-P5 from C2-C4 (no layer4), FPN 64 ch, anchor ratios 0.7/1/1.4",
@@ -82,6 +112,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "p2_64_roi256_sj": ("p2_64_roi256 + scale jitter 0.75-1.33 + colour jitter 0.3",
                         {"model": {**P2_64, "box_batch_size_per_image": 256},
                          "aug": {"scale_jitter": [0.75, 1.33], "jitter_strength": 0.3}}),
+    "lite0_3000": ("pretrained base, 3000 iterations (~30 min of the 2-core CPU)",
+                   {"base": "pretrained", "train": {"iterations": 3000, "checkpoint_every": 500}}),
+    "lite0_600px": ("pretrained base at 600 px (crowns ~54 px), anchors 24-192, 1500 iterations",
+                    {"base": "pretrained", "model": {"min_size": 600, "max_size": 600,
+                                                     "anchor_sizes": [24, 48, 96, 192]}}),
 }
 
 
@@ -114,9 +149,13 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+def family(name: str) -> str:
+    return VARIANTS[name][1].get("base", "scratch")
+
+
 def variant_config(name: str) -> dict:
     _, over = VARIANTS[name]
-    cfg = merge(BASE, {k: v for k, v in over.items() if k != "aug"})
+    cfg = merge(BASES[family(name)], {k: v for k, v in over.items() if k not in ("aug", "base")})
     cfg["train"]["out_dir"] = str(RUNS / name)
     return experiment.check_config(cfg, source=name)
 
@@ -220,14 +259,26 @@ def _fmt(x) -> str:
     return "-" if x is None or x < 0 else f"{100 * x:.1f}"
 
 
-def write_table() -> str:
+HEADERS = {
+    "scratch": ["# From-scratch Faster R-CNN recipes on NEON tree crowns (CPU, one thread)", "",
+                "torchvision Faster R-CNN from random weights, batch 2, SGD momentum 0.9, weight decay 1e-4,",
+                "warm-up 100 iterations, one seed (0)."],
+    "pretrained": ["# Pretrained Faster R-CNN recipes on NEON tree crowns (CPU, one thread)", "",
+                   "locconf's Faster R-CNN (`arch: rcnn`) on ImageNet EfficientNet-Lite0 (`weights: imagenet`, frozen",
+                   "BatchNorm and stem), C2-C4 -> P2-P5 FPN of 64 channels, 256 RoIs/img, batch 2, SGD momentum 0.9,",
+                   "weight decay 1e-4, lr 0.01, gradient clipping 10, warm-up 100 iterations, steps at 70/90 %, one",
+                   "seed (0)."],
+}
+
+
+def write_table(fam: str = "scratch") -> str:
     rows, curves = [], []
     speed_file = RUNS / "speed.json"
     alone = json.loads(speed_file.read_text()) if speed_file.is_file() else {}
     for name, (desc, over) in VARIANTS.items():
         out = RUNS / name
         res = out / "eval" / "results.json"
-        if not res.is_file():
+        if family(name) != fam or not res.is_file():
             continue
         cfg = variant_config(name)
         m = metrics_of(res)
@@ -244,15 +295,14 @@ def write_table() -> str:
         points = []
         for d in sorted(out.glob("eval_*")):
             mm = metrics_of(d / "results.json")
-            points.append(f"{int(d.name.split('_')[1])}: {_fmt(mm['AP'])}/{_fmt(mm['AP50'])}")
-        points.append(f"{cfg['train']['iterations']}: {_fmt(m['AP'])}/{_fmt(m['AP50'])}")
+            points.append(f"{int(d.name.split('_')[1])}: {_fmt(mm['AP'])}/{_fmt(mm['AP50'])}/{_fmt(mm['AP75'])}")
+        points.append(f"{cfg['train']['iterations']}: {_fmt(m['AP'])}/{_fmt(m['AP50'])}/{_fmt(m['AP75'])}")
         curves.append(f"| {name} | {', '.join(points)} |")
     text = "\n".join([
-        "# From-scratch Faster R-CNN recipes on NEON tree crowns (CPU, one thread)",
+        *HEADERS[fam],
         "",
         "Written by `benchmarks/recipe.py`. Train: 64 YELL tiles of 400 x 400 (1,149 boxes); val: 11 images",
-        "(YELL 9 / 206 boxes, OSBS 1 / 61, SOAP 1 / 37). torchvision Faster R-CNN from random weights,",
-        "batch 2, SGD momentum 0.9, weight decay 1e-4, warm-up 100 iterations, one seed (0).",
+        "(YELL 9 / 206 boxes, OSBS 1 / 61, SOAP 1 / 37).",
         f"CPU: {cpu_name()}, `OMP_NUM_THREADS=1`, 2 cores shared with other jobs (timings +-15 %).",
         "Metrics: COCO bbox AP of `locconf`'s evaluation after hard NMS (IoU 0.5), in percent;",
         "per site AP/AP50/AP75. Val is small: one evaluation swings by a few AP50 points.",
@@ -265,16 +315,15 @@ def write_table() -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        "Val AP/AP50 at the saved checkpoints (iteration: AP/AP50):",
+        "Val AP/AP50/AP75 at the saved checkpoints (iteration: AP/AP50/AP75):",
         "",
         "| variant | curve |",
         "|---|---|",
         *curves,
-        "",
-        *NOTES,
+        *([""] + NOTES if fam == "scratch" else []),
     ])
-    TABLE.parent.mkdir(parents=True, exist_ok=True)
-    TABLE.write_text(text)
+    TABLES[fam].parent.mkdir(parents=True, exist_ok=True)
+    TABLES[fam].write_text(text + "\n")
     return text
 
 
@@ -284,7 +333,9 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table")
     parser.add_argument("--speed", action="store_true", help="time each variant's training iteration alone")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="folder of the runs (default runs/recipe)")
     args = parser.parse_args()
+    globals()["RUNS"] = args.runs
     if args.list:
         for name, (desc, over) in VARIANTS.items():
             print(f"{name:16s} {desc}  {json.dumps(over)}")
@@ -300,8 +351,9 @@ def main() -> None:
             t0 = time.perf_counter()
             run_variant(name)
             print(f"[{name}] {time.perf_counter() - t0:.0f} s", flush=True)
-            write_table()
-    print(write_table())
+            write_table(family(name))
+    for fam in BASES:
+        print(write_table(fam))
 
 
 if __name__ == "__main__":

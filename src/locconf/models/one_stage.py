@@ -88,7 +88,7 @@ from ..boxes import _elementwise_intersection, box_area, decode_boxes
 from ..losses import centerness_loss, clq_loss, giou_loss, quality_focal_loss, sigmoid_focal_loss
 from ..postprocess import METHODS, postprocess
 from .atss import _atss_assign, centerness_targets
-from .backbone import BACKBONES, NORMS, build_fpn_backbone
+from .backbone import NORMS, build_fpn_backbone, check_returned_layers
 from .inputs import check_detection_inputs
 
 __all__ = ["build_one_stage", "OneStageDetector", "DenseHead", "HEADS"]
@@ -429,6 +429,7 @@ def build_one_stage(
     extra_levels: str = "pool",
     norm: str = "batch",
     norm_groups: int = 16,
+    frozen_stages: int = -1,
     head_convs: int = 4,
     head_norm_groups: int = 32,
     anchor_sizes: Sequence[float] | None = None,
@@ -452,8 +453,9 @@ def build_one_stage(
     Args:
         num_classes: object classes ``K`` (labels ``1..K``; sigmoid outputs, no background class).
         head: ``"atss"`` | ``"clq"`` | ``"gfl"``.
-        backbone, weights, fpn_channels, returned_layers, norm, norm_groups: the ResNet + FPN of
-            :func:`locconf.models.backbone.build_fpn_backbone`.
+        backbone, weights, fpn_channels, returned_layers, norm, norm_groups, frozen_stages: the
+            backbone + FPN of :func:`locconf.models.backbone.build_fpn_backbone` (a torchvision ResNet
+            or any timm model; ``weights="imagenet"`` for ``efficientnet_lite0`` .. ``lite2``).
         extra_levels: FPN levels above the last stage: ``"pool"`` (one max-pooled level, as the
             two-stage models; P3-P6 for stages 2-4), ``"p6p7"`` (two stride-2 convolutions on P5,
             RetinaNet / ATSS; P3-P7) or ``"none"``.
@@ -477,8 +479,6 @@ def build_one_stage(
     _positive_int(num_classes, "num_classes")
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    if backbone not in BACKBONES:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if extra_levels not in EXTRA_LEVELS:
@@ -496,9 +496,7 @@ def build_one_stage(
     groups = min(head_norm_groups, fpn_channels)
     if fpn_channels % groups:
         raise ValueError(f"head_norm_groups ({head_norm_groups}) must divide fpn_channels ({fpn_channels})")
-    layers = sorted(set(int(i) for i in returned_layers))
-    if not layers or layers[0] < 1 or layers[-1] > 4 or len(layers) != len(returned_layers):
-        raise ValueError(f"returned_layers must be distinct stages in 1..4, got {tuple(returned_layers)}")
+    layers = check_returned_layers(returned_layers)
     num_extra = {"pool": 1, "p6p7": 2, "none": 0}[extra_levels]
     strides = [2 ** (i + 1) for i in layers] + [2 ** (layers[-1] + 1 + j) for j in range(1, num_extra + 1)]
     if anchor_sizes is None:
@@ -524,15 +522,16 @@ def build_one_stage(
 
     extra = {"pool": LastLevelMaxPool(), "p6p7": LastLevelP6P7(fpn_channels, fpn_channels), "none": None}[extra_levels]
     body = build_fpn_backbone(backbone, fpn_channels=fpn_channels, returned_layers=layers, norm=norm,
-                              norm_groups=norm_groups, extra_blocks=extra, weights=weights)
+                              norm_groups=norm_groups, extra_blocks=extra, weights=weights,
+                              frozen_stages=frozen_stages)
     if extra_levels == "none":  # build_fpn_backbone's default is a pooled level; remove it
         body.fpn.extra_blocks = None
     anchor_gen = AnchorGenerator(sizes=tuple((float(s),) for s in anchor_sizes),
                                  aspect_ratios=(tuple(float(r) for r in aspect_ratios),) * len(strides))
     dense = DenseHead(fpn_channels, len(aspect_ratios), num_classes, head, len(strides), num_convs=head_convs,
                       norm_groups=groups, lqe_channels=lqe_channels)
-    transform = GeneralizedRCNNTransform(min_size, max_size, image_mean=[0.485, 0.456, 0.406],
-                                         image_std=[0.229, 0.224, 0.225])
+    transform = GeneralizedRCNNTransform(min_size, max_size, image_mean=list(body.image_mean),
+                                         image_std=list(body.image_std))
     model = OneStageDetector(body, anchor_gen, dense, transform, topk=topk, focal_alpha=focal_alpha,
                              focal_gamma=focal_gamma, qfl_beta=qfl_beta, box_loss_weight=box_loss_weight,
                              quality_loss_weight=quality_loss_weight, score_thresh=score_thresh,

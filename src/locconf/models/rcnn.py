@@ -364,6 +364,7 @@ def build_rcnn(
     returned_layers: Sequence[int] = (2, 3, 4),
     norm: str = "batch",
     norm_groups: int = 16,
+    frozen_stages: int = -1,
     anchor_sizes: Optional[Sequence[float]] = None,
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     min_size: int = 400,
@@ -391,13 +392,15 @@ def build_rcnn(
         num_classes: object classes, background excluded (labels ``1..num_classes``).
         quality: ``None`` (plain Faster R-CNN), ``"iou_net"``, ``"dir"``, ``"dir_foresight"``,
             ``"iou_direct"`` or ``"kl"`` (:mod:`locconf.heads`).
-        backbone: ``"resnet18"`` | ``"resnet34"`` | ``"resnet50"``, from scratch unless ``weights``
-            names a local ResNet state dict (nothing is downloaded).
+        backbone: ``"resnet18"`` | ``"resnet34"`` | ``"resnet50"`` (torchvision) or any timm model
+            with ``features_only`` (e.g. ``"efficientnet_lite0"``).
+        weights: ``None`` (random), ``"imagenet"`` (weights that install with pip:
+            ``efficientnet_lite0`` .. ``lite2``) or a local file; nothing is downloaded.
         class_agnostic_box: one regressed box per RoI (DIR's setting) or one per class.
         mask: add torchvision's mask head (targets then need ``masks`` (M, H, W)).
-        fpn_channels, returned_layers, norm, norm_groups: the backbone
+        fpn_channels, returned_layers, norm, norm_groups, frozen_stages: the backbone
             (:func:`locconf.models.backbone.build_fpn_backbone`); ``(2, 3, 4)`` gives P3-P6,
-            ``(1, 2, 3, 4)`` the paper's P2-P6.
+            ``(1, 2, 3, 4)`` the paper's P2-P6. With pretrained weights use ``norm="frozen"``.
         anchor_sizes: one size per pyramid level (default ``16 * 2**i``, sized for small objects;
             the COCO setting is 32-512); aspect_ratios: per level.
         min_size, max_size: resize rule of the input images.
@@ -433,7 +436,7 @@ def build_rcnn(
         raise ValueError(f"need 1 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
     layers = list(returned_layers)
     body = build_fpn_backbone(backbone, fpn_channels=fpn_channels, returned_layers=layers, norm=norm,
-                              norm_groups=norm_groups, weights=weights)
+                              norm_groups=norm_groups, weights=weights, frozen_stages=frozen_stages)
     num_levels = len(layers) + 1
     anchor_sizes = tuple(anchor_sizes) if anchor_sizes is not None else tuple(16.0 * 2**i for i in range(num_levels))
     if len(anchor_sizes) != num_levels:
@@ -466,7 +469,7 @@ def build_rcnn(
         batch_size_per_image=box_batch_size_per_image, positive_fraction=box_positive_fraction,
         score_thresh=score_thresh, candidates_per_image=candidates_per_image, quality_thresh=quality_thresh,
         refine_steps=refine_steps, refine_step_size=refine_step_size)
-    transform = GeneralizedRCNNTransform(min_size, max_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    transform = GeneralizedRCNNTransform(min_size, max_size, list(body.image_mean), list(body.image_std))
     model = RCNN(body, rpn, roi_heads, transform, num_classes, quality)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
