@@ -140,6 +140,9 @@ def _mutations():
         "iscrowd 2": (m(lambda c: c["annotations"][0].update(iscrowd=2)), "iscrowd"),
         "area string": (m(lambda c: c["annotations"][0].update(area="big")), "'area'"),
         "image_id missing": (m(lambda c: c["annotations"][0].pop("image_id")), r"annotations\[0\].*'image_id'"),
+        "duplicate annotation id": (m(lambda c: c["annotations"][2].update(id=1)),
+                                    r"annotations\[2\] repeats annotation id 1\b"),
+        "annotation id not int": (m(lambda c: c["annotations"][1].update(id=True)), r"annotations\[1\].*'id'"),
     }
 
 
@@ -186,3 +189,52 @@ def test_image_size_mismatch_at_load(tmp_path):
     ds = CocoDetection(tmp_path, path)
     with pytest.raises(ValueError, match="a.png.*says 21x10"):
         ds[0]
+
+
+def test_latin1_annotation_file_names_the_file(tmp_path):
+    coco = _valid_coco()
+    coco["categories"][0]["name"] = "ch\u00eane"  # a French oak, written below in Latin-1
+    path = _write(tmp_path, coco)
+    path.write_bytes(json.dumps(coco, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"ann\.json: not UTF-8 text \(byte 0xea"):
+        CocoDetection(tmp_path, path)
+
+
+def test_truncated_and_corrupt_images_name_file_and_id(tmp_path):
+    path = _write(tmp_path, _valid_coco())
+    ds = CocoDetection(tmp_path, path)
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "a.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"ann\.json: image id 10: .*a\.png: cannot read the image.*truncated"):
+        ds[0]
+    (tmp_path / "sub" / "b.png").write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=r"image id 11: .*b\.png: cannot read the image"):
+        ds[1]
+
+
+def test_16_bit_png_is_scaled_by_its_bit_depth(tmp_path):
+    """A 16-bit grey PNG used to be clipped at 255 by Pillow's RGB conversion: 99.6 % of pixels at 1.0."""
+    from locconf.data import load_image
+
+    grey = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    img = load_image(tmp_path / "g16.png")
+    assert img.shape == (3, 64, 64) and img.dtype == torch.float32
+    expected = torch.from_numpy(grey.astype(np.float64) / 65535.0).float()
+    for c in range(3):
+        assert torch.equal(img[c], expected)
+    assert (img == 1.0).float().mean() == 0.0
+    # 8-bit images keep their /255 scaling
+    Image.fromarray((grey >> 8).astype(np.uint8)).save(tmp_path / "g8.png")
+    assert torch.equal(load_image(tmp_path / "g8.png")[0], torch.from_numpy((grey >> 8).astype(np.float32) / 255.0))
+
+
+def test_float_images_are_refused_and_missing_files_named(tmp_path):
+    from locconf.data import load_image
+
+    Image.fromarray(np.ones((4, 4), dtype=np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(ValueError, match=r"f\.tiff: Pillow mode 'F'"):
+        load_image(tmp_path / "f.tiff")
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        load_image(tmp_path / "nope.png")

@@ -21,6 +21,7 @@ seed 002): for a box ``b`` and its ground truth ``g``,
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -44,6 +45,15 @@ __all__ = [
     "jitter_boxes",
 ]
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """A real number that is not a bool (``True`` is an int to Python, never a size here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 # Largest log-scale change a decoded delta may apply (as in torchvision / Detectron).
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
@@ -66,6 +76,7 @@ def check_boxes(boxes: Tensor, name: str = "boxes", allow_degenerate: bool = Tru
         raise ValueError(f"{name} must have shape (N, 4), got {tuple(boxes.shape)}")
     if not boxes.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {boxes.dtype}")
+    _check_not_meta(boxes, name)
     if boxes.numel() == 0:
         return boxes
     # One fused reduction and a single host synchronisation for all checks.
@@ -79,6 +90,22 @@ def check_boxes(boxes: Tensor, name: str = "boxes", allow_degenerate: bool = Tru
         rel = ">=" if allow_degenerate else ">"
         raise ValueError(f"{name} must satisfy x2 {rel} x1 and y2 {rel} y1")
     return boxes
+
+
+def _check_not_meta(tensor: Tensor, name: str) -> None:
+    if tensor.is_meta:
+        raise ValueError(f"{name} is on the meta device (a shape without data); move it to a real device first")
+
+
+def _check_deltas(deltas: Tensor, reference: Tensor, name: str) -> None:
+    """``deltas`` must be a floating (N, 4 * K) tensor with N the number of reference boxes."""
+    if not isinstance(deltas, Tensor) or deltas.dim() != 2 or deltas.shape[1] % 4 != 0 \
+            or deltas.shape[0] != reference.shape[0]:
+        shape = tuple(deltas.shape) if isinstance(deltas, Tensor) else type(deltas).__name__
+        raise ValueError(f"{name} must have shape (N, 4*K) with N={reference.shape[0]}, got {shape}")
+    if not deltas.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {deltas.dtype}")
+    _check_not_meta(deltas, name)
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -216,10 +243,7 @@ def decode_boxes(
         (N, 4 * K) decoded boxes.
     """
     check_boxes(reference, "reference")
-    if deltas.dim() != 2 or deltas.shape[1] % 4 != 0 or deltas.shape[0] != reference.shape[0]:
-        raise ValueError(
-            f"deltas must have shape (N, 4*K) with N={reference.shape[0]}, got {tuple(deltas.shape)}"
-        )
+    _check_deltas(deltas, reference, "deltas")
     wx, wy, ww, wh = weights
     rw = (reference[:, 2] - reference[:, 0])[:, None]
     rh = (reference[:, 3] - reference[:, 1])[:, None]
@@ -236,10 +260,11 @@ def decode_boxes(
 
 def clip_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
     """Clip boxes to an image. ``boxes`` (N, 4), ``image_size`` ``(height, width)`` -> (N, 4)."""
-    if len(image_size) != 2 or min(image_size) < 0:
+    if len(image_size) != 2 or not all(_is_real(v) and v >= 0 for v in image_size):
         raise ValueError(f"image_size must be (height, width) with non-negative sizes, got {image_size}")
-    if boxes.dim() != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must have shape (N, 4), got {tuple(boxes.shape)}")
+    if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+        shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+        raise ValueError(f"boxes must have shape (N, 4), got {shape}")
     h, w = image_size
     x = boxes[:, 0::2].clamp(min=0, max=w)
     y = boxes[:, 1::2].clamp(min=0, max=h)
@@ -271,10 +296,7 @@ def encode_corners(boxes: Tensor, reference: Tensor, weight: float = 10.0) -> Te
 def decode_corners(offsets: Tensor, reference: Tensor, weight: float = 10.0) -> Tensor:
     """Inverse of :func:`encode_corners`: ``offsets`` (N, 4 * K), ``reference`` (N, 4) -> (N, 4 * K)."""
     check_boxes(reference, "reference")
-    if offsets.dim() != 2 or offsets.shape[1] % 4 != 0 or offsets.shape[0] != reference.shape[0]:
-        raise ValueError(
-            f"offsets must have shape (N, 4*K) with N={reference.shape[0]}, got {tuple(offsets.shape)}"
-        )
+    _check_deltas(offsets, reference, "offsets")
     k = offsets.shape[1] // 4
     wh = (reference[:, 2:] - reference[:, :2]).repeat(1, 2)
     return (offsets.view(-1, k, 4) * (wh / weight)[:, None] + reference[:, None]).reshape(offsets.shape)
@@ -315,8 +337,10 @@ def jitter_boxes(
     edges = torch.as_tensor(list(bins), dtype=gt_boxes.dtype, device=gt_boxes.device)
     if edges.dim() != 1 or edges.numel() < 2 or not bool((edges[1:] > edges[:-1]).all()):
         raise ValueError(f"bins must be at least two increasing IoU edges, got {tuple(bins)}")
-    if num_per_box < 1 or oversample < 1 or not max_shift > 0:
-        raise ValueError("num_per_box and oversample must be >= 1 and max_shift > 0")
+    if not (_is_int(num_per_box) and _is_int(oversample) and num_per_box >= 1 and oversample >= 1):
+        raise ValueError(f"num_per_box and oversample must be ints >= 1, got {num_per_box!r}, {oversample!r}")
+    if not (_is_real(max_shift) and max_shift > 0 and math.isfinite(max_shift)):
+        raise ValueError(f"max_shift must be a positive finite number, got {max_shift!r}")
     m, dev = gt_boxes.shape[0], gt_boxes.device
     n_bins = edges.numel() - 1
     per_bin = -(-num_per_box // n_bins)

@@ -27,14 +27,54 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CocoDetection", "collate_fn", "load_image"]
+__all__ = ["CocoDetection", "collate_fn", "load_image", "read_json"]
 
 
 def load_image(path: str | os.PathLike) -> Tensor:
-    """Read an image file as an RGB float tensor ``(3, H, W)`` in ``[0, 1]``."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    """Read an image file as an RGB float tensor ``(3, H, W)`` in ``[0, 1]``.
+
+    8-bit images (any Pillow mode that converts to RGB) are divided by 255, 16-bit grey images
+    (PNG ``I;16``) by 65535 and repeated over the three channels. Other high-bit-depth modes
+    (32-bit integer or float) are refused, as is a file that is not an image or is truncated:
+    ``ValueError`` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        im = Image.open(path)
+        im.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot read the image, the file is truncated or not an image "
+                         f"({type(e).__name__}: {e})") from e
+    with im:
+        return _image_tensor(im, path)
+
+
+def _image_tensor(im: Image.Image, path: Path) -> Tensor:
+    """``(3, H, W)`` float tensor in ``[0, 1]`` of a loaded Pillow image, scaled by its bit depth."""
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):  # 16-bit grey ("I": older Pillow)
+        grey = torch.from_numpy(np.asarray(im).astype(np.float32)).div_(65535.0)
+        if grey.numel() and not 0.0 <= float(grey.min()) <= float(grey.max()) <= 1.0:
+            raise ValueError(f"{path}: 16-bit image with values outside 0..65535")
+        return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
+    if im.mode in ("I", "F") or im.mode.startswith(("I;", "F;")):
+        raise ValueError(f"{path}: Pillow mode {im.mode!r} (32-bit integer or float pixels) is not supported; "
+                         "save the image as 8-bit RGB or 16-bit grey PNG")
+    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a UTF-8 JSON file; a file that is not UTF-8 or not JSON is a ``ValueError`` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                         "JSON files must be saved as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def collate_fn(batch: list[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:
@@ -84,11 +124,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         if not self.ann_file.is_file():
             raise FileNotFoundError(f"annotation file not found: {self.ann_file}")
-        try:
-            with open(self.ann_file, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{self.ann_file}: not valid JSON ({e})") from e
+        data = read_json(self.ann_file)
         if not isinstance(data, dict):
             raise ValueError(f"{self.ann_file}: top level must be a JSON object, got {type(data).__name__}")
         for key in ("images", "annotations", "categories"):
@@ -160,6 +196,7 @@ class CocoDetection(torch.utils.data.Dataset):
         crowd: list[list[int]] = [[] for _ in self.images]
         self.skipped: Counter = Counter()
         self.clipped = 0
+        ann_ids: set[int] = set()
         for i, a in enumerate(anns):
             if not isinstance(a, dict):
                 raise self._error("annotations", i, a, "is not an object")
@@ -179,6 +216,13 @@ class CocoDetection(torch.utils.data.Dataset):
                 raise self._error("annotations", i, a, "has 'iscrowd' other than 0 or 1")
             if "area" in a and not _is_num(a["area"]):
                 raise self._error("annotations", i, a, "has a non-numeric 'area'")
+            if "id" in a:
+                if not _is_int(a["id"]):
+                    raise self._error("annotations", i, a, "has a non-integer 'id'")
+                if a["id"] in ann_ids:
+                    raise self._error("annotations", i, a, f"repeats annotation id {a['id']} "
+                                      "(COCO evaluation needs unique ids: duplicates corrupt AP)")
+                ann_ids.add(a["id"])
 
             k = self._index[a["image_id"]]
             im = self.images[k]
@@ -248,7 +292,10 @@ class CocoDetection(torch.utils.data.Dataset):
         path = self.root / im["file_name"]
         if not path.is_file():
             raise FileNotFoundError(f"{self.ann_file}: image id {im['id']} points at a missing file: {path}")
-        image = load_image(path)
+        try:
+            image = load_image(path)
+        except ValueError as e:
+            raise ValueError(f"{self.ann_file}: image id {im['id']}: {e}") from e
         if tuple(image.shape[-2:]) != (im["height"], im["width"]):
             raise ValueError(
                 f"{path}: image is {image.shape[-1]}x{image.shape[-2]} (WxH) but its record "

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ from faster_coco_eval import COCO, COCOeval_faster
 from torch import Tensor
 from tqdm import tqdm
 
+from ..data.coco import read_json
 from ..postprocess import METHODS, postprocess
 
 logger = logging.getLogger(__name__)
@@ -135,8 +135,14 @@ def _load_coco(coco_gt: COCO | str | os.PathLike) -> COCO:
         return coco_gt
     if not isinstance(coco_gt, (str, os.PathLike)):
         raise ValueError(f"coco_gt must be a path to a COCO json file or a COCO object, got {type(coco_gt).__name__}")
-    with open(coco_gt, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json(coco_gt)
+    ids: set = set()
+    for i, ann in enumerate(data.get("annotations", []) if isinstance(data, dict) else []):
+        if isinstance(ann, dict) and isinstance(ann.get("id"), (int, str)):
+            if ann["id"] in ids:
+                raise ValueError(f"{coco_gt}: annotations[{i}] repeats annotation id {ann['id']} "
+                                 "(COCO evaluation needs unique ids: duplicates corrupt AP)")
+            ids.add(ann["id"])
     for ann in data.get("annotations", []):
         if "area" not in ann and "bbox" in ann:
             ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
