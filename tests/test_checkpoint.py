@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import random
 import signal
 import subprocess
@@ -85,6 +87,69 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
     assert load_checkpoint(dst)["v"] == 1
     assert [p.name for p in tmp_path.iterdir()] == [dst.name]  # no temp file left behind
+
+
+#: What torch.save raises when the disk fills up under its zip writer (seen on a full volume).
+TORCH_DISK_FULL = "[enforce fail at inline_container.cc:671] . unexpected pos 15926720 vs 15926616"
+
+
+def test_full_disk_says_so_with_the_path(tmp_path, monkeypatch):
+    dst = checkpoint_path(tmp_path, 2)
+    save_checkpoint({"v": 1}, dst)
+
+    def full(obj, f, *a, **k):
+        f.write(b"x" * 100)
+        raise RuntimeError(TORCH_DISK_FULL)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full)
+    with pytest.raises(OSError, match=r"no space left on device: writing checkpoint .*checkpoint_0000002\.pth") as err:
+        save_checkpoint({"v": 2}, dst)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(dst)
+    assert [p.name for p in tmp_path.iterdir()] == [dst.name]  # temp file removed, old checkpoint kept
+    monkeypatch.undo()
+    assert load_checkpoint(dst)["v"] == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_real_enospc_from_dev_full(tmp_path, monkeypatch):
+    """torch.save really writing into a full device (Linux's /dev/full): OSError ENOSPC, named."""
+    real_open = open
+    monkeypatch.setattr(ckpt_mod, "open", lambda path, mode: real_open("/dev/full", mode), raising=False)
+    with pytest.raises(OSError, match="no space left on device.*checkpoint_0000003.pth") as err:
+        save_checkpoint({"w": torch.zeros(10000)}, checkpoint_path(tmp_path, 3))
+    assert err.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "is empty"),
+    (b"step: 3\nweights: none\n", "is not a checkpoint written by torch.save"),
+    ("truncated", "is truncated or corrupted"),
+    ("list", "holds a list"),
+])
+def test_unreadable_checkpoints_are_named(tmp_path, content, problem):
+    path = tmp_path / "checkpoint_0000001.pth"
+    if content == "truncated":
+        save_checkpoint({"w": torch.arange(1000.0)}, path)
+        path.write_bytes(path.read_bytes()[:700])
+    elif content == "list":
+        torch.save([1, 2], path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ckpt_mod.CheckpointError, match=f"checkpoint {re.escape(str(path))} {problem}") as err:
+        load_checkpoint(path)
+    assert isinstance(err.value, ValueError) and "weights_only" not in str(err.value)
+
+
+def test_clean_temp_files_removes_only_the_writers_leftovers(tmp_path):
+    save_checkpoint({"v": 1}, checkpoint_path(tmp_path, 1))
+    stale = [tmp_path / ".checkpoint_0000002.pth.tmp.4242", tmp_path / ".checkpoint_0000003.pth.tmp.7"]
+    keep = [tmp_path / "notes.tmp.1", tmp_path / ".checkpoint_final.pth.tmp.3"]
+    for p in stale + keep:
+        p.write_bytes(b"partial")
+    assert ckpt_mod.clean_temp_files(tmp_path) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint_0000001.pth"] + [p.name for p in keep])
+    assert ckpt_mod.clean_temp_files(tmp_path / "missing") == []
 
 
 def test_rng_state_round_trip_through_file(tmp_path):

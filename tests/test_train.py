@@ -222,3 +222,59 @@ def test_train_bad_arguments(tmp_path):
         train(NaNAtCall(0), ds, iterations=2, amp=True, device="cpu", out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="eval_every"):
         train(NaNAtCall(0), ds, iterations=2, eval_every=1, out_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("bad", [dict(iterations=True), dict(batch_size=True), dict(warmup_iters=False),
+                                 dict(lr=True), dict(lr=float("nan")), dict(momentum="0.9"), dict(seed=True),
+                                 dict(steps=(0.5, True)), dict(steps=0.5), dict(clip_grad_norm=True),
+                                 dict(keep_checkpoints=True), dict(amp=1), dict(log_every=2.0)])
+def test_train_rejects_bools_and_non_numbers(tmp_path, bad):
+    """``iterations: true`` used to train one step: a bool is never a count or a rate."""
+    ds = SyntheticScenes(4, image_size=32, min_size=8, max_size=16, seed=0)
+    kw = dict(iterations=2, warmup_iters=0, out_dir=tmp_path, progress=False)
+    kw.update(bad)
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        train(NaNAtCall(0), ds, **kw)
+    assert not tmp_path.joinpath("metrics.jsonl").exists()
+
+
+def test_diverged_dir_head_raises_non_finite_loss_error(tmp_path, one_thread):
+    """A diverging DIR detector used to fail inside the head with 'boxes contains NaN or inf'."""
+    from locconf.experiment import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch="rcnn", quality="dir", num_classes=2, fpn_channels=16, min_size=64, max_size=64,
+                        representation_size=32, quality_representation_size=32, box_batch_size_per_image=16,
+                        rpn_batch_size_per_image=32)
+    ds = SyntheticScenes(4, image_size=64, num_classes=2, min_size=8, max_size=24, seed=0)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite values in the forward pass at step \d+: .*NaN") as err:
+        train(model, ds, iterations=6, batch_size=2, lr=1e3, warmup_iters=0, out_dir=tmp_path, log_every=1,
+              progress=False)
+    step = int(err.value.args[0].split("at step ")[1].split(":")[0])
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == list(range(1, step))
+
+
+def test_nan_parameters_are_named_when_the_forward_pass_fails(tmp_path):
+    class Validating(NaNAtCall):
+        def forward(self, images, targets=None):
+            if not torch.isfinite(self.conv.weight).all():
+                raise ValueError("boxes contains NaN or inf")
+            return super().forward(images, targets)
+
+    model = Validating(nan_call=0)
+    ds = SyntheticScenes(4, image_size=32, min_size=8, max_size=16, seed=0)
+    with torch.no_grad():
+        model.conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"at step 1: parameters conv\.weight are NaN or infinite"):
+        train(model, ds, iterations=3, batch_size=2, warmup_iters=0, out_dir=tmp_path, progress=False)
+
+
+def test_other_forward_errors_pass_through(tmp_path):
+    class Broken(NaNAtCall):
+        def forward(self, images, targets=None):
+            raise ValueError("targets[0] has no 'labels'")
+
+    ds = SyntheticScenes(4, image_size=32, min_size=8, max_size=16, seed=0)
+    with pytest.raises(ValueError, match="no 'labels'") as err:
+        train(Broken(0), ds, iterations=2, warmup_iters=0, out_dir=tmp_path, progress=False)
+    assert not isinstance(err.value, NonFiniteLossError)

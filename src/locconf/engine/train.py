@@ -35,8 +35,10 @@ import contextlib
 import json
 import logging
 import math
+import numbers
 import os
 import random
+import re
 import time
 import warnings
 from functools import partial
@@ -52,7 +54,9 @@ from tqdm import tqdm
 from locconf.data import collate_fn
 from locconf.engine import distributed as du
 from locconf.engine.checkpoint import (
+    CheckpointError,
     checkpoint_path,
+    clean_temp_files,
     get_rng_state,
     latest_checkpoint,
     list_checkpoints,
@@ -80,7 +84,14 @@ _SCHEDULES = ("step", "cosine")
 
 
 class NonFiniteLossError(ValueError):
-    """A loss term became NaN or infinite; the message names the step and the terms."""
+    """A loss term became NaN or infinite; the message names the step and the terms.
+
+    Also raised when the forward pass itself fails on non-finite values (a head refusing NaN boxes
+    decoded from diverged weights), naming the step and the parameters that are no longer finite.
+    """
+
+
+_NON_FINITE = re.compile(r"\bnan\b|\binf\b|infinite|non-finite", re.IGNORECASE)
 
 
 # -- learning-rate schedule -------------------------------------------------------------------
@@ -118,21 +129,32 @@ def lr_factor(
     return decay
 
 
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` to Python, never a count here)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_schedule(
     iterations: int, warmup_iters: int, warmup_factor: float, schedule: str, steps: Sequence[float], gamma: float
 ) -> None:
-    if not isinstance(iterations, int) or iterations < 1:
+    if not _is_int(iterations) or iterations < 1:
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
-    if warmup_iters < 0:
-        raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
-    if not 0.0 < warmup_factor <= 1.0:
-        raise ValueError(f"warmup_factor must be in (0, 1], got {warmup_factor}")
+    if not _is_int(warmup_iters) or warmup_iters < 0:
+        raise ValueError(f"warmup_iters must be an int >= 0, got {warmup_iters!r}")
+    if not _is_number(warmup_factor) or not 0.0 < warmup_factor <= 1.0:
+        raise ValueError(f"warmup_factor must be a number in (0, 1], got {warmup_factor!r}")
     if schedule not in _SCHEDULES:
         raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
-    if any(not 0.0 < s < 1.0 for s in steps) or list(steps) != sorted(steps):
-        raise ValueError(f"steps must be increasing fractions of iterations in (0, 1), got {tuple(steps)}")
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    if (not isinstance(steps, (list, tuple)) or not all(_is_number(s) and 0.0 < s < 1.0 for s in steps)
+            or list(steps) != sorted(steps)):
+        raise ValueError(f"steps must be increasing fractions of iterations in (0, 1), got {steps!r}")
+    if not _is_number(gamma) or not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
 
 
 def build_lr_scheduler(
@@ -305,6 +327,79 @@ def _truncate_log(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def _check_train_arguments(
+    *, batch_size: Any, log_every: Any, checkpoint_every: Any, num_workers: Any, lr: Any, momentum: Any,
+    weight_decay: Any, clip_grad_norm: Any, amp: Any, keep_checkpoints: Any, eval_every: Any, eval_fn: Any, seed: Any,
+) -> None:
+    """The value checks of :func:`train` other than the schedule's; bools are never numbers."""
+    for name, value, low in (("batch_size", batch_size, 1), ("log_every", log_every, 1),
+                             ("checkpoint_every", checkpoint_every, 0), ("num_workers", num_workers, 0),
+                             ("seed", seed, 0)):
+        if not _is_int(value) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    for name, value, low in (("keep_checkpoints", keep_checkpoints, 1), ("eval_every", eval_every, 1)):
+        if value is not None and (not _is_int(value) or value < low):
+            raise ValueError(f"{name} must be an int >= {low} or None, got {value!r}")
+    if not _is_number(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+        if not _is_number(value) or value < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if clip_grad_norm is not None and (not _is_number(clip_grad_norm) or clip_grad_norm <= 0):
+        raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
+    if amp is not None and not isinstance(amp, bool):
+        raise ValueError(f"amp must be true, false or None, got {amp!r}")
+    if eval_every is not None and eval_fn is None:
+        raise ValueError(f"eval_every must be >= 1 and needs an eval_fn, got eval_every={eval_every}, eval_fn={eval_fn}")
+
+
+#: Checkpoint keys that :func:`train` needs to resume.
+_RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "sampler", "rng", "loader_generator")
+
+
+def _load_for_resume(out_dir: Path, resume: bool | str | os.PathLike) -> tuple[Path | None, dict | None, list[Path]]:
+    """The checkpoint to resume from: ``(path, state, unreadable newer checkpoints)``.
+
+    ``resume=True`` takes the latest checkpoint of ``out_dir`` that can be read, warning about (and
+    returning) the newer ones that cannot (truncated, corrupted); a path must be readable itself.
+    ``(None, None, [])`` when ``out_dir`` holds no checkpoint.
+    """
+    candidates = [Path(resume)] if resume is not True else [p for _, p in reversed(list_checkpoints(out_dir))]
+    unreadable: list[Path] = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path, map_location="cpu")
+            missing = [k for k in _RESUME_KEYS if k not in state]
+            if missing:
+                raise CheckpointError(f"checkpoint {path} lacks {missing}: it was not written by locconf's train()")
+        except CheckpointError as e:
+            if resume is not True:
+                raise
+            warnings.warn(f"{e}; trying the previous checkpoint")
+            unreadable.append(path)
+            continue
+        if unreadable:
+            warnings.warn(f"resuming from {path}, the latest intact checkpoint: the newer "
+                          f"{', '.join(str(p) for p in unreadable)} cannot be read (renamed to *.corrupt)")
+        return path, state, unreadable
+    if unreadable:
+        raise CheckpointError(f"no checkpoint in {out_dir} can be read: {', '.join(str(p) for p in unreadable)}")
+    return None, None, []
+
+
+def _settings_differences(saved: dict, current: dict) -> list[str]:
+    """``key: old -> new`` for every setting recorded in a checkpoint that differs from the current one."""
+    def plain(v: Any) -> Any:
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in sorted(saved)
+            if k in current and plain(saved[k]) != plain(current[k])]
+
+
+def _non_finite_parameters(model: nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
 def _check_losses(losses: Any) -> None:
     if not isinstance(losses, dict) or not losses:
         raise ValueError(
@@ -347,6 +442,7 @@ def train(
     device: str | torch.device | None = None,
     find_unused_parameters: bool = False,
     progress: bool = True,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` for ``iterations`` SGD updates; return a summary dict.
 
@@ -370,10 +466,18 @@ def train(
             work) with the training RNG states preserved, and rank 0's dict is logged.
         log_every: write a JSONL record every this many steps (and at the last step).
         resume: ``True`` continues from the latest checkpoint in ``out_dir`` (starting afresh when
-            there is none); a path continues from that checkpoint.
+            there is none; a checkpoint that cannot be read, e.g. truncated, is renamed to
+            ``*.corrupt`` with a warning and the previous one is used); a path continues from that
+            checkpoint. The settings recorded in the checkpoint (schedule, batch size, SGD
+            settings, clipping, AMP, seed) must equal the given ones: a difference is refused.
         device: default ``cuda:<local_rank>`` when CUDA is available, else ``cpu``.
         find_unused_parameters: passed to DistributedDataParallel.
         progress: show a tqdm bar (rank 0 only).
+        on_start: called once (rank 0) when every check has passed and the checkpoint is loaded,
+            before anything is written to ``out_dir`` (``run_train`` saves its config.yaml there).
+
+    Nothing is written before the checks pass. At the start, temporary files that a kill during a
+    save left in ``out_dir`` are removed.
 
     Each training record of ``metrics.jsonl`` has ``type="train"``, ``step`` (1-based, updates
     done), ``epoch``, ``lr`` (the rate of that update), every loss term, ``total``, ``time``
@@ -381,26 +485,19 @@ def train(
     averaged over processes. Evaluation records have ``type="eval"``, ``step`` and the metrics.
 
     Raises:
-        NonFiniteLossError: a loss term is NaN or infinite (on any process).
+        NonFiniteLossError: a loss term is NaN or infinite (on any process), or the forward pass
+            fails on non-finite values.
+        ValueError: a bad argument; a fresh run into an ``out_dir`` holding checkpoints; a resume
+            with other settings (naming them) or from a checkpoint beyond ``iterations``.
+        CheckpointError: no checkpoint of ``out_dir`` (or the given one) can be read.
+        OSError: e.g. no space left on device for a checkpoint (naming it).
     """
     _check_schedule(iterations, warmup_iters, warmup_factor, schedule, steps, gamma)
-    for name, value in (("batch_size", batch_size), ("log_every", log_every)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    for name, value in (("checkpoint_every", checkpoint_every), ("num_workers", num_workers)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    if lr <= 0 or momentum < 0 or weight_decay < 0:
-        raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0, got {lr}, {momentum}, {weight_decay}")
-    if clip_grad_norm is not None and clip_grad_norm <= 0:
-        raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm}")
-    if keep_checkpoints is not None and keep_checkpoints < 1:
-        raise ValueError(f"keep_checkpoints must be >= 1 or None, got {keep_checkpoints}")
-    if eval_every is not None and (eval_every < 1 or eval_fn is None):
-        raise ValueError(f"eval_every must be >= 1 and needs an eval_fn, got eval_every={eval_every}, eval_fn={eval_fn}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-
+    _check_train_arguments(
+        batch_size=batch_size, log_every=log_every, checkpoint_every=checkpoint_every, num_workers=num_workers,
+        lr=lr, momentum=momentum, weight_decay=weight_decay, clip_grad_norm=clip_grad_norm, amp=amp,
+        keep_checkpoints=keep_checkpoints, eval_every=eval_every, eval_fn=eval_fn, seed=seed,
+    )
     if not resume and list_checkpoints(out_dir):
         raise ValueError(f"out_dir {out_dir} already holds checkpoints; pass resume=True or use another out_dir")
 
@@ -434,11 +531,24 @@ def train(
     loader_generator = torch.Generator()
     loader_generator.manual_seed(seed)
 
-    start_step, epoch, position, ckpt = 0, 0, 0, None
+    settings = {
+        "iterations": iterations, "batch_size": batch_size, "lr": lr, "momentum": momentum,
+        "weight_decay": weight_decay, "warmup_iters": warmup_iters, "warmup_factor": warmup_factor,
+        "schedule": schedule, "steps": tuple(steps), "gamma": gamma, "clip_grad_norm": clip_grad_norm,
+        "amp": amp, "seed": seed,
+    }
+    start_step, epoch, position, ckpt, unreadable = 0, 0, 0, None, []
     if resume:
-        ckpt_file = latest_checkpoint(out_dir) if resume is True else Path(resume)
-        if ckpt_file is not None:
-            ckpt = load_checkpoint(ckpt_file, map_location="cpu")
+        ckpt_file, ckpt, unreadable = _load_for_resume(out_dir, resume)
+        if ckpt is not None:
+            changed = _settings_differences(ckpt.get("config") or {}, settings)
+            if changed:
+                raise ValueError(
+                    f"cannot resume from {ckpt_file}: it was trained with other settings ({'; '.join(changed)}); "
+                    "resume with the same settings or train into another out_dir"
+                )
+            if ckpt["step"] > iterations:
+                raise ValueError(f"the checkpoint is at step {ckpt['step']}, beyond iterations={iterations}")
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -449,13 +559,11 @@ def train(
                 logger.info("resuming from %s (step %d)", ckpt_file, start_step)
         elif main:
             logger.info("resume=True but %s holds no checkpoint: starting afresh", out_dir)
-    if start_step > iterations:
-        raise ValueError(f"the checkpoint is at step {start_step}, beyond iterations={iterations}")
 
     ddp_model = du.wrap_model(model, device=device, find_unused_parameters=find_unused_parameters)
     sampler = InfiniteBatchSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size)
     position_max = sampler.batches_per_epoch
-    if position >= position_max:  # resumed with a larger batch: the old epoch is finished
+    if position >= position_max:  # resumed on more processes (a larger global batch): the old epoch is finished
         epoch, position = epoch + 1, 0
     sampler.epoch, sampler.position = epoch, position
     loader = DataLoader(
@@ -473,8 +581,16 @@ def train(
             )
             seed_everything(seed + rank + 1_000_003 * start_step)
 
+    # -- every check has passed: from here on out_dir may be written ----------------------------
     if main:
+        if on_start is not None:
+            on_start()
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in clean_temp_files(out_dir) + sorted(out_dir.glob(f".{METRICS_FILE}.tmp.*")):
+            stale.unlink(missing_ok=True)
+            logger.info("removed %s, left by a run killed while writing", stale)
+        for bad in unreadable:
+            bad.rename(bad.with_name(bad.name + ".corrupt"))
         if ckpt is not None:
             _truncate_log(log_path, start_step)
         elif log_path.exists():
@@ -512,8 +628,16 @@ def train(
             targets = _targets_to(targets, device)
             t_data = time.perf_counter() - t0
 
-            with torch.autocast(device.type, enabled=amp):
-                losses = ddp_model(images, targets)
+            try:
+                with torch.autocast(device.type, enabled=amp):
+                    losses = ddp_model(images, targets)
+            except ValueError as e:  # e.g. a head validating boxes decoded from diverged weights
+                bad = _non_finite_parameters(model)
+                if not bad and not _NON_FINITE.search(str(e)):
+                    raise
+                where = (f"parameters {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} are NaN or infinite "
+                         f"after the update of step {step - 1}; " if bad else "")
+                raise NonFiniteLossError(f"non-finite values in the forward pass at step {step}: {where}{e}") from e
             _check_losses(losses)
             total = sum(losses.values())
             reduced = du.reduce_dict({**{k: v.float() for k, v in losses.items()}, "total": total.float()})
@@ -563,11 +687,7 @@ def train(
                         "rng": rng_states,
                         "loader_generator": loader_generator.get_state(),
                         "world_size": world_size,
-                        "config": {
-                            "iterations": iterations, "batch_size": batch_size, "lr": lr, "momentum": momentum,
-                            "weight_decay": weight_decay, "warmup_iters": warmup_iters, "schedule": schedule,
-                            "steps": tuple(steps), "gamma": gamma, "seed": seed,
-                        },
+                        "config": settings,
                     }
                     last_ckpt = save_checkpoint(state, checkpoint_path(out_dir, step))
                     if keep_checkpoints is not None:
