@@ -164,7 +164,7 @@ def _timm_backbone(name, layers, fpn_channels, norm, norm_groups, extra, weights
         unexpected = [k for k in state if k not in reference]
         head = [k for k in missing if _is_classifier_key(name, k)]
         if [k for k in missing if k not in head] or unexpected:
-            raise ValueError(f"weights: the file does not fit timm's {name!r} (missing {missing[:3]}, "
+            raise ValueError(f"weights: {str(weights)!r} does not fit timm's {name!r} (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
         state = dict(state, **{k: reference[k] for k in head})  # a headless file: the head is unused anyway
         overlay = dict(state_dict=state, num_classes=reference_num_classes(name))
