@@ -59,12 +59,20 @@ How the clustering stays fast
 -----------------------------
 The greedy clustering is sequential: which cluster a box joins depends on the fused boxes that the
 boxes before it produced. It runs in one compiled numba loop over the boxes (on the CPU, whatever the
-tensors' device), and finds the clusters a box may join through a uniform grid: a fused box is a
-mean of its members, so it lies inside their bounding hull, and a cluster is listed in every grid
-cell that its hull covers (the hull only grows; new cells are added as it does). A box is compared
-only with the clusters listed in the cells it covers, not with every cluster, so the cost is
-about linear in the number of boxes rather than quadratic. Everything else (weights, fused
-coordinates, scores, quality, variances) is vectorised torch on the tensors' device.
+tensors' device), and finds the clusters a box may join through a uniform grid. A fused box is a
+per-coordinate mean of its members, so each of its coordinates stays within the members' range of
+that coordinate, and that range only grows. A cluster is listed in every grid cell of a region that
+must meet box ``j`` for IoU > ``iou_threshold``:
+
+* ``iou_threshold >= 0.5``: the region its fused box's centre can reach. If the centre of a box F
+  is not strictly inside box j, their intersection is at most half of F's area (and at most j's),
+  so IoU <= 1/2.
+* otherwise: the members' hull, which contains the fused box (any overlap needs it to meet j).
+
+A box is compared only with the clusters listed in the cells it covers, not with every cluster, so
+the cost grows about linearly with the number of boxes rather than quadratically
+(``benchmarks/fusion.py``). Everything else (weights, fused coordinates, scores, quality,
+variances) is vectorised torch on the tensors' device.
 """
 
 from __future__ import annotations
@@ -296,7 +304,7 @@ def _nb_assign(b, cw, lab, iou_threshold, by_centre, x0, y0, cell, gx, gy, pad):
 
 
 def _grid(b: np.ndarray, scale: float) -> tuple[float, float, float, int, int, float]:
-    """A grid over the boxes: cells of ``scale`` times the median box size, at most ~4 cells per box."""
+    """A grid over the boxes: cells of ``scale`` times the median box size, about 4 cells per box at most in all."""
     n = b.shape[0]
     x0, y0 = float(b[:, 0].min()), float(b[:, 1].min())
     ex, ey = float(b[:, 2].max()) - x0, float(b[:, 3].max()) - y0
