@@ -22,9 +22,16 @@ No registries and no inheritance: unknown keys are errors that name the section 
 
 from __future__ import annotations
 
+import collections.abc
+import functools
+import inspect
 import json
 import logging
+import math
 import os
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,16 +49,64 @@ SECTIONS = ("model", "data", "train", "eval")
 # --------------------------------------------------------------------------------------------
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-4`` is a number, not the string ``"1e-4"``.
+
+    (YAML 1.1's float pattern, which PyYAML follows, needs a dot: ``1.0e-4`` was a float, ``1e-4``
+    a string.) Everything else resolves as with ``yaml.safe_load``.
+    """
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(_FLOAT_TAG, re.compile(r"""^(?:
+      [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    | [-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    | [-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    | [-+]?\.(?:inf|Inf|INF)
+    | \.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def _read_yaml(path: Path) -> Any:
+    """Parse a UTF-8 YAML file with :class:`ConfigLoader`; errors name the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    try:
+        return yaml.load(text, Loader=ConfigLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+
+
 def load_config(path: str | os.PathLike) -> dict[str, dict]:
-    """Read a YAML configuration and check its sections."""
+    """Read a YAML configuration and check it (:func:`check_config`); errors name the file.
+
+    An empty file (or one of comments only) is an error, raised before anything else happens.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    cfg = _read_yaml(path)
+    if cfg is None:
+        raise ValueError(f"config file {path} is empty: it needs the sections {SECTIONS} "
+                         "(at least train.iterations to train)")
     return check_config(cfg, source=str(path))
 
 
 def check_config(cfg: dict, source: str = "config") -> dict[str, dict]:
+    """Check a configuration's sections, keys and value types; return it with all four sections.
+
+    Unknown sections and keys, nested ones included (``data.synthetic.<key>``), and values of the
+    wrong type (a string or ``true`` where a number is expected, ...) are ``ValueError``s naming
+    ``source``, the section and the key. The types are those the keys' functions declare:
+    :func:`build_model` and its architecture's builder (``model``), :func:`build_datasets`
+    (``data``), :func:`locconf.engine.train.train` (``train``) and
+    :func:`locconf.engine.evaluate.evaluate_methods` plus ``methods`` (``eval``).
+    """
     if not isinstance(cfg, dict):
         raise ValueError(f"{source}: the configuration must be a mapping of sections {SECTIONS}")
     unknown = set(cfg) - set(SECTIONS)
@@ -63,18 +118,127 @@ def check_config(cfg: dict, source: str = "config") -> dict[str, dict]:
         if not isinstance(section, dict):
             raise ValueError(f"{source}: section {name!r} must be a mapping, got {type(section).__name__}")
         out[name] = dict(section)
+    try:
+        _check_sections(out)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     return out
 
 
-def _call(fn, section: str, kwargs: dict, *args):
-    """Call ``fn(*args, **kwargs)``, turning an unknown keyword into a ValueError naming it."""
-    import inspect
+def _check_sections(cfg: dict[str, dict]) -> None:
+    from .engine.evaluate import evaluate_methods
+    from .engine.train import train
 
-    params = inspect.signature(fn).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(kwargs) - set(params))
+    model = cfg["model"]
+    _check_kwargs(build_model, "model", model)
+    builder = _model_builder(model.get("arch", "rcnn"))
+    if builder is not None:
+        own = set(inspect.signature(build_model).parameters)
+        _check_kwargs(builder, "model", {k: v for k, v in model.items() if k not in own}, positional=1)
+    _check_kwargs(build_datasets, "data", cfg["data"])
+    _synthetic_options(cfg["data"].get("synthetic"))
+    _check_kwargs(train, "train", cfg["train"], positional=2, exclude=("resume", "on_start", "eval_fn"))
+    eval_cfg = dict(cfg["eval"])
+    methods = eval_cfg.pop("methods", None)
+    if methods is not None and (not isinstance(methods, list) or not all(isinstance(m, str) for m in methods)):
+        raise ValueError(f"eval.methods must be a list of method names, got {methods!r}")
+    _check_kwargs(evaluate_methods, "eval", eval_cfg, positional=4)
+
+
+def _model_builder(arch: Any):
+    """The builder :func:`build_model` calls for ``arch`` (None for an unknown ``arch``: it names it)."""
+    if arch == "rcnn":
+        from .models.rcnn import build_rcnn
+
+        return build_rcnn
+    if arch == "one_stage":
+        from .models.one_stage import build_one_stage
+
+        return build_one_stage
+    if arch == "torchvision_frcnn":
+        from .models import build_torchvision_frcnn
+
+        return build_torchvision_frcnn
+    return None
+
+
+def _check_kwargs(fn, section: str, kwargs: dict, positional: int = 0, exclude: Sequence[str] = ()) -> None:
+    """Check ``kwargs`` against ``fn``'s keywords (after its first ``positional`` parameters).
+
+    Unknown keys (unless ``fn`` takes ``**kwargs``) and values that do not match the declared
+    type are ``ValueError``s naming ``section.key``.
+    """
+    params = list(inspect.signature(fn).parameters.values())[positional:]
+    named = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - set(exclude)
+    if not any(p.kind == p.VAR_KEYWORD for p in params):
+        unknown = sorted(set(kwargs) - named)
         if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in section {section!r} (accepted: {sorted(params)})")
+            raise ValueError(f"unknown key(s) {unknown} in section {section!r} (accepted: {sorted(named)})")
+    hints = _type_hints(fn)
+    for key, value in kwargs.items():
+        if key in named and key in hints and not _fits(value, hints[key]):
+            raise ValueError(f"{section}.{key} must be {_describe(hints[key])}, got {value!r} "
+                             f"({type(value).__name__})")
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(fn) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # an annotation that does not resolve: no type checks for this function
+        return {}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a configuration value matches a type hint; ``bool`` is never a number."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if hint is os.PathLike:
+        return isinstance(value, (str, os.PathLike))
+    if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin in (dict, collections.abc.Mapping) or hint is dict:
+        return isinstance(value, dict) and (not args or all(_fits(k, args[0]) and _fits(v, args[1])
+                                                            for k, v in value.items()))
+    if origin is collections.abc.Callable or hint is collections.abc.Callable:
+        return callable(value)
+    if hint is type(None):
+        return value is None
+    if isinstance(hint, type) and hint is not object:
+        return isinstance(value, hint)
+    return True  # Any and anything not checked here
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    """``float | None`` -> ``'a number or null'``, ``Sequence[int]`` -> ``'a list of integers'``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(a, plural) for a in args))
+    if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
+        return ("lists of " if plural else "a list of ") + (_describe(args[0], True) if args else "values")
+    names = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+             str: ("a string", "strings"), os.PathLike: ("a path", "paths"), type(None): ("null", "nulls")}
+    if hint in names:
+        return names[hint][plural]
+    if origin in (dict, collections.abc.Mapping) or hint is dict:
+        return "mappings" if plural else "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _call(fn, section: str, kwargs: dict, *args):
+    """Call ``fn(*args, **kwargs)`` after :func:`_check_kwargs` (unknown keys and wrong types are ValueErrors)."""
+    _check_kwargs(fn, section, kwargs, positional=len(args))
     return fn(*args, **kwargs)
 
 
@@ -167,7 +331,7 @@ def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/n
         if missing and source == "neon-trees":
             neon_trees(root)
         elif missing:
-            opts = {**dict(num_train=200, num_val=50, image_size=256, num_classes=3, seed=0), **(synthetic or {})}
+            opts = _synthetic_options(synthetic)
             size = opts["image_size"]
             common = dict(image_size=size, num_classes=opts["num_classes"], min_size=max(4, size // 16),
                           max_size=max(8, size * 3 // 8))
@@ -184,6 +348,27 @@ def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/n
     return train_ds, val_ds, root / val_json
 
 
+#: ``data.synthetic`` keys and their defaults.
+SYNTHETIC_DEFAULTS = dict(num_train=200, num_val=50, image_size=256, num_classes=3, seed=0)
+
+
+def _synthetic_options(synthetic: dict | None) -> dict[str, int]:
+    """``data.synthetic`` over :data:`SYNTHETIC_DEFAULTS`; unknown keys and non-integers name their path."""
+    if synthetic is None:
+        return dict(SYNTHETIC_DEFAULTS)
+    if not isinstance(synthetic, dict):
+        raise ValueError(f"data.synthetic must be a mapping of {sorted(SYNTHETIC_DEFAULTS)}, got {synthetic!r}")
+    unknown = sorted(set(synthetic) - set(SYNTHETIC_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {['data.synthetic.' + str(k) for k in unknown]} "
+                         f"(accepted: {sorted(SYNTHETIC_DEFAULTS)})")
+    for key, value in synthetic.items():
+        low = 0 if key == "seed" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"data.synthetic.{key} must be an integer >= {low}, got {value!r}")
+    return {**SYNTHETIC_DEFAULTS, **synthetic}
+
+
 def _device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -194,17 +379,72 @@ def _device(device: str | None) -> torch.device:
 
 
 def run_train(cfg: dict[str, dict], resume: bool = False) -> dict:
-    """Train the configured model; the configuration is saved beside the checkpoints."""
-    from .engine.train import train
+    """Train the configured model; the configuration is saved beside the checkpoints (``config.yaml``).
 
+    Every check comes before anything is written: the configuration (:func:`check_config`, and
+    ``train.iterations`` given), then ``train.out_dir``: a fresh run into a folder that holds
+    checkpoints is refused, and so is ``resume`` with a configuration that differs from the saved
+    ``config.yaml`` (the message names the keys; bookkeeping such as ``train.log_every`` may
+    change). ``config.yaml`` is written once :func:`locconf.engine.train.train` has accepted its
+    arguments and the checkpoint. The global RNGs are seeded with ``train.seed`` before the data
+    and the model are built, so one configuration gives the same run every time (on one thread).
+    """
+    from .engine.checkpoint import list_checkpoints
+    from .engine.train import seed_everything, train
+
+    cfg = check_config(cfg)
     train_cfg = dict(cfg["train"])
+    if "iterations" not in train_cfg:
+        raise ValueError("train.iterations is required to train")
     out_dir = Path(train_cfg.setdefault("out_dir", "runs/default"))
-    train_ds, _, _ = build_datasets(**cfg["data"])
-    model = build_model(num_classes=train_ds.num_classes, **{k: v for k, v in cfg["model"].items() if k != "num_classes"})
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and list_checkpoints(out_dir):
+        raise ValueError(f"train.out_dir {out_dir} already holds a run (checkpoints): resume it or use another out_dir")
+    config_file = out_dir / "config.yaml"
+    if resume and config_file.is_file():
+        changed = _run_differences(_read_yaml(config_file) or {}, cfg)
+        if changed:
+            raise ValueError(f"cannot resume the run in {out_dir}: its config.yaml differs in {'; '.join(changed)}; "
+                             "resume with the saved configuration or train into another out_dir")
+    seed_everything(train_cfg.get("seed", 0))  # before the data and the model draw anything
+    train_ds, _, _ = _call(build_datasets, "data", cfg["data"])
+    model = _call(build_model, "model", dict(cfg["model"], num_classes=train_ds.num_classes))
     saved = dict(cfg, model=dict(cfg["model"], num_classes=train_ds.num_classes))
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    return _call(train, "train", dict(train_cfg, resume=resume), model, train_ds)
+
+    def write_config() -> None:
+        _write_text(config_file, yaml.safe_dump(saved, sort_keys=False))
+
+    return _call(train, "train", dict(train_cfg, resume=resume, on_start=write_config), model, train_ds)
+
+
+#: Keys that may change when a run is resumed (they do not change what is trained).
+_BOOKKEEPING = {"train": {"out_dir", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "progress",
+                          "num_workers", "device"},
+                "data": {"fetch"}, "model": {"num_classes"}}
+
+
+def _run_differences(saved: dict, cfg: dict[str, dict]) -> list[str]:
+    """``section.key: old -> new`` for every training-relevant key of ``cfg`` that differs from ``saved``."""
+    def plain(v: Any) -> Any:  # tuples and lists compare equal, as YAML writes both as lists
+        return json.loads(json.dumps(v, default=str))
+
+    out = []
+    for section in ("model", "data", "train"):
+        old, new = plain((saved or {}).get(section) or {}), plain(cfg.get(section) or {})
+        for key in sorted((set(old) | set(new)) - _BOOKKEEPING.get(section, set())):
+            if old.get(key, "(not set)") != new.get(key, "(not set)"):
+                out.append(f"{section}.{key}: {old.get(key, '(not set)')!r} -> {new.get(key, '(not set)')!r}")
+    return out
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_trained(checkpoint: str | os.PathLike, cfg: dict[str, dict] | None = None,
@@ -251,7 +491,7 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
     eval_cfg.pop("methods", None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _, val_ds, val_json = build_datasets(**cfg["data"])
+    _, val_ds, val_json = _call(build_datasets, "data", cfg["data"])
     loader = torch.utils.data.DataLoader(val_ds, batch_size=1, collate_fn=collate_fn)
     candidates = collect_candidates(model, loader, _device(device), progress=progress)
     results = _call(evaluate_methods, "eval", dict(eval_cfg, progress=progress), candidates, str(val_json), methods,

@@ -474,7 +474,8 @@ def train(
         find_unused_parameters: passed to DistributedDataParallel.
         progress: show a tqdm bar (rank 0 only).
         on_start: called once (rank 0) when every check has passed and the checkpoint is loaded,
-            before anything is written to ``out_dir`` (``run_train`` saves its config.yaml there).
+            after ``out_dir`` is created and before anything is written into it (``run_train``
+            saves its config.yaml there).
 
     Nothing is written before the checks pass. At the start, temporary files that a kill during a
     save left in ``out_dir`` are removed.
@@ -583,9 +584,9 @@ def train(
 
     # -- every check has passed: from here on out_dir may be written ----------------------------
     if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
         if on_start is not None:
             on_start()
-        out_dir.mkdir(parents=True, exist_ok=True)
         for stale in clean_temp_files(out_dir) + sorted(out_dir.glob(f".{METRICS_FILE}.tmp.*")):
             stale.unlink(missing_ok=True)
             logger.info("removed %s, left by a run killed while writing", stale)
