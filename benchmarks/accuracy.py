@@ -8,7 +8,8 @@ quality / variance voting), and aggregates over seeds.
 Run (from the repository root):
 
     python benchmarks/accuracy.py --setting synthetic --seeds 0 1              # controlled setting
-    python benchmarks/accuracy.py --setting neon --seeds 0 1                   # NEON tree crowns
+    python benchmarks/accuracy.py --setting neon --seeds 0 1 2                 # NEON, pretrained Lite0
+    python benchmarks/accuracy.py --setting neon-scratch --seeds 0 1           # NEON, R18 from scratch
     python benchmarks/accuracy.py --setting neon --variants baseline dir --iterations 300 --threads 2
 
 Writes ``<out>/results.json`` (every run's metrics and the aggregates), ``<out>/table.md`` (overall
@@ -144,6 +145,7 @@ BASELINE = "baseline"
 
 
 def _setting(name: str, description: str, iterations: int, batch_size: int, model: dict, data: dict,
+             lr: tuple[float, float] = (0.02, 0.01),
              two_stage: dict | None = None) -> Setting:
     """A setting with the schedule and per-family keys that NEON and synthetic share.
 
@@ -159,27 +161,30 @@ def _setting(name: str, description: str, iterations: int, batch_size: int, mode
                       "one_stage": {}},
         # The papers' one-stage learning rate is half the two-stage one (ATSS/GFL 0.01 vs Faster
         # R-CNN 0.02 at batch 16); from scratch, a dense head at 0.02 was unstable (shared/notes).
-        family_train={"two_stage": {}, "one_stage": dict(lr=0.01)},
+        family_train={"two_stage": {}, "one_stage": dict(lr=lr[1])},
         data=data,
-        train=dict(iterations=int(iterations), batch_size=batch_size, lr=0.02, warmup_iters=100, schedule="step",
+        train=dict(iterations=int(iterations), batch_size=batch_size, lr=lr[0], warmup_iters=100, schedule="step",
                    steps=[0.7, 0.9], clip_grad_norm=10.0, checkpoint_every=250),
     )
 
 
-def neon_setting(iterations: int | None = None) -> Setting:
-    """NEON tree crowns with configs/neon_recipe_p2.yaml's recipe (R18 P2-P5 64 ch, 400 px, batch 2).
+def neon_setting(iterations: int | None = None, pretrained: bool = True) -> Setting:
+    """NEON tree crowns on :func:`locconf.experiment.neon_recipe` (400 px, P2-P5 64 ch, batch 2).
 
-    The default budget, 600 iterations, is what 18 trainings (9 detectors x 2 seeds) afford on two
-    CPU cores in about two hours; the recipe search (benchmarks/results/recipe.md) reached 11.6 AP
-    at 1000 iterations and 12.6 at 1500 with the same recipe.
+    ``pretrained`` (setting ``neon``): ImageNet EfficientNet-Lite0, frozen BatchNorm and stem, lr 0.01
+    (one-stage 0.005), 1500 iterations by default (benchmarks/results/recipe_pretrained.md).
+    From scratch (setting ``neon-scratch``): ResNet-18, lr 0.02 (one-stage 0.01), 600 iterations by
+    default, what 18 trainings (9 detectors x 2 seeds) afford on two CPU cores in about two hours.
     """
-    shared, two_stage = neon_recipe(two_stage=False), neon_recipe(two_stage=True)
+    shared, two_stage = neon_recipe(False, pretrained), neon_recipe(True, pretrained)
+    name, default, init = ("neon", 1500, "ImageNet EfficientNet-Lite0") if pretrained else \
+        ("neon-scratch", 600, "ResNet-18 from scratch")
     return _setting(
-        "neon", "NEON tree crowns (train: YELL tiles; val: held-out YELL band + OSBS + SOAP), from scratch",
-        600 if iterations is None else iterations, 2,
+        name, f"NEON tree crowns (train: YELL tiles; val: held-out YELL band + OSBS + SOAP), {init}",
+        default if iterations is None else iterations, 2,
         model=shared["model"],
         two_stage={k: v for k, v in two_stage["model"].items() if k not in shared["model"]},
-        data=shared["data"])
+        data=shared["data"], lr=(two_stage["train"]["lr"], shared["train"]["lr"]))
 
 
 def synthetic_setting(iterations: int | None = None) -> Setting:
@@ -199,7 +204,8 @@ def synthetic_setting(iterations: int | None = None) -> Setting:
                   synthetic=dict(num_train=400, num_val=100, image_size=128, num_classes=3, seed=0)))
 
 
-SETTINGS = {"neon": neon_setting, "synthetic": synthetic_setting}
+SETTINGS = {"neon": neon_setting, "neon-scratch": lambda iterations=None: neon_setting(iterations, pretrained=False),
+            "synthetic": synthetic_setting}
 
 
 def make_config(setting: Setting, variant: Variant, seed: int, out_dir: str | Path,
@@ -876,7 +882,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--setting", choices=sorted(SETTINGS), required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default: 0 1)")
     ap.add_argument("--iterations", type=int, default=None,
-                    help="training iterations of every variant (default: the setting's: neon 600, synthetic 800)")
+                    help="training iterations of every variant (default: the setting's: neon 1500, "
+                         "neon-scratch 600, synthetic 800)")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(ALL_VARIANTS),
                     metavar="VARIANT", help=f"default: all of {', '.join(DEFAULT_VARIANTS)}; "
                     f"extra: {', '.join(EXTRA_VARIANTS)}")

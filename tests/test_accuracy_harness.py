@@ -42,7 +42,8 @@ def test_every_variant_gets_the_same_backbone_size_and_budget(tmp_path):
     for name, cfg in cfgs.items():
         check_config(cfg)  # known sections only
         m, t = cfg["model"], cfg["train"]
-        assert (m["backbone"], m["fpn_channels"], m["returned_layers"]) == ("resnet18", 64, [1, 2, 3]), name
+        assert (m["backbone"], m["weights"], m["norm"], m["fpn_channels"], m["returned_layers"]) == (
+            "efficientnet_lite0", "imagenet", "frozen", 64, [1, 2, 3]), name
         assert m["anchor_sizes"] == [16, 32, 64, 128], name  # both families: one anchor size per level
         assert (m["min_size"], m["max_size"], m["candidates_per_image"], m["num_classes"]) == (400, 400, 1000, 1)
         assert (t["iterations"], t["batch_size"], t["schedule"], t["steps"], t["warmup_iters"]) == (
@@ -60,15 +61,15 @@ def test_every_variant_gets_the_same_backbone_size_and_budget(tmp_path):
         assert (m["arch"], m["head"]) == ("one_stage", head)
         for key in ("aspect_ratios", "box_batch_size_per_image", "quality_representation_size"):
             assert key not in m, (head, key)  # two-stage-only keys
-        assert cfgs[head]["train"]["lr"] == 0.01
-    assert cfgs["baseline"]["train"]["lr"] == 0.02
+        assert cfgs[head]["train"]["lr"] == 0.005
+    assert cfgs["baseline"]["train"]["lr"] == 0.01
     # IoU-Net with refinement: the iou_net weights, evaluated with refine_steps=5, never trained itself
     refine = acc.VARIANTS["iou_net_refine"]
     assert refine.reuse == "iou_net"
     assert cfgs["iou_net_refine"]["model"] == {**cfgs["iou_net"]["model"], "refine_steps": 5}
     # the setting is not mutated by building configs
     cfgs["baseline"]["model"]["backbone"] = "resnet50"
-    assert setting.model["backbone"] == "resnet18"
+    assert setting.model["backbone"] == "efficientnet_lite0"
 
 
 def test_settings_budget_and_iterations_override():
@@ -77,7 +78,12 @@ def test_settings_budget_and_iterations_override():
     assert syn.family_model["two_stage"]["representation_size"] == 256
     assert "representation_size" not in acc.neon_setting().family_model["two_stage"]
     assert acc.synthetic_setting(iterations=7).train["iterations"] == 7
-    assert acc.neon_setting().train["iterations"] == 600
+    assert acc.neon_setting().train["iterations"] == 1500
+    scratch = acc.SETTINGS["neon-scratch"]()
+    assert scratch.name == "neon-scratch" and scratch.train["iterations"] == 600
+    assert scratch.model["backbone"] == "resnet18" and "weights" not in scratch.model
+    assert (scratch.train["lr"], scratch.family_train["one_stage"]["lr"]) == (0.02, 0.01)
+    assert acc.SETTINGS["neon-scratch"](iterations=9).train["iterations"] == 9
     with pytest.raises(ValueError, match="family"):
         acc.make_config(syn, acc.Variant("x", "x", "three_stage", {}), 0, "out")
 

@@ -44,7 +44,8 @@ def test_config_model_trains_one_step(path):
     assert len(out) == 2 and all(set(o) >= {"boxes", "scores", "labels"} for o in out)
 
 
-#: NEON configs on the shared CPU recipe; neon_frcnn_r18.yaml is the shared note's reference recipe.
+#: NEON configs on the shared CPU recipes (``_lite0``: pretrained, ``_r18`` and neon_recipe_p2: from
+#: scratch); neon_frcnn_r18.yaml is the shared note's reference recipe.
 NEON_RECIPE_CONFIGS = [p for p in CONFIGS if p.stem.startswith("neon_") and p.stem != "neon_frcnn_r18"]
 
 
@@ -52,6 +53,15 @@ NEON_RECIPE_CONFIGS = [p for p in CONFIGS if p.stem.startswith("neon_") and p.st
 def test_neon_configs_follow_the_shared_recipe(path):
     """The YAML files repeat locconf.experiment.neon_recipe (the demo's and the benchmark's): keep them equal."""
     cfg = load_config(path)
-    recipe = neon_recipe(two_stage=cfg["model"].get("arch", "rcnn") != "one_stage")
+    recipe = neon_recipe(two_stage=cfg["model"].get("arch", "rcnn") != "one_stage",
+                         pretrained=path.stem.endswith("_lite0"))
     assert {k: cfg["model"].get(k) for k in recipe["model"]} == recipe["model"]
     assert {k: cfg["data"].get(k) for k in recipe["data"]} == recipe["data"]
+    assert cfg["train"]["lr"] == recipe["train"]["lr"]
+
+
+def test_every_neon_variant_has_a_pretrained_and_a_scratch_config():
+    stems = {p.stem for p in NEON_RECIPE_CONFIGS}
+    pretrained = {s.removesuffix("_lite0") for s in stems if s.endswith("_lite0")}
+    scratch = {s.removesuffix("_r18") for s in stems if s.endswith("_r18")}
+    assert pretrained == scratch and len(pretrained) == 9
