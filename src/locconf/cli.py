@@ -78,20 +78,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .experiment import check_config, load_trained, neon_recipe, run_eval, run_train
 
     out = Path(args.out)
-    recipe = neon_recipe()  # the NEON CPU recipe (benchmarks/results/recipe.md) with a DIR head
+    recipe = neon_recipe()  # the pretrained NEON CPU recipe (benchmarks/results/recipe_pretrained.md), DIR head
     cfg = check_config({
         "model": dict(arch="rcnn", quality="dir", quality_representation_size=256, **recipe["model"]),
         "data": dict(recipe["data"], root=str(args.data)),
-        "train": dict(iterations=args.iterations, batch_size=2, lr=0.02, warmup_iters=min(100, args.iterations // 4),
-                      clip_grad_norm=10.0, out_dir=str(out), checkpoint_every=max(1, args.iterations // 4),
-                      log_every=10, seed=0),
+        "train": dict(recipe["train"], iterations=args.iterations, batch_size=2,
+                      warmup_iters=min(100, args.iterations // 4), out_dir=str(out),
+                      checkpoint_every=max(1, args.iterations // 4), log_every=10, seed=0),
         "eval": dict(methods=["nms", "soft-linear", "soft-gaussian", "quality", "quality+soft-gaussian"]),
     }, source="demo")
     if args.checkpoint:
         checkpoint = Path(args.checkpoint)
     else:
-        print(f"training a Faster R-CNN R18-FPN with a DIR head (Purity/Integrity in hindsight) from scratch "
-              f"on NEON tree crowns for {args.iterations} iterations")
+        print(f"training a Faster R-CNN with a DIR head (Purity/Integrity in hindsight) on an ImageNet "
+              f"EfficientNet-Lite0 FPN, on NEON tree crowns, for {args.iterations} iterations")
         from .engine.checkpoint import latest_checkpoint
 
         summary = run_train(cfg, resume=True)  # a finished run in --out is reused, a killed one continued
@@ -99,6 +99,53 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     model, _ = load_trained(checkpoint, cfg)
     print("evaluating the same candidates under NMS, Soft-NMS and DIR's quality NMS (val split)")
     _print_report(run_eval(model, cfg, out / "eval"))
+    return 0
+
+
+def _method_params(pairs: list[str], text: str | None) -> dict:
+    """``--params JSON`` updated by each ``--param key=value`` (a value is JSON if it parses, else a string)."""
+    params = {}
+    if text is not None:
+        try:
+            params = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--params must be a JSON object, e.g. '{{\"sigma\": 0.5}}' ({e})") from None
+        if not isinstance(params, dict):
+            raise ValueError(f"--params must be a JSON object, got {text!r}")
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--param must be KEY=VALUE, got {pair!r}")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    return params
+
+
+def _cmd_postprocess(args: argparse.Namespace) -> int:
+    from .postprocess_files import format_correlation, fuse_files, postprocess_file
+
+    if (args.input is None) == (args.fuse is None):
+        raise ValueError("locconf postprocess needs either one INPUT file or --fuse FILE [FILE ...]")
+    common = dict(method=args.method, params=_method_params(args.param, args.params),
+                  max_detections=args.max_detections, score_threshold=args.score_threshold,
+                  class_agnostic=args.class_agnostic, gt=args.gt, progress=not args.no_progress)
+    if args.fuse is not None:
+        report = fuse_files(args.fuse, args.out, weight=args.weight, iou_threshold=args.fuse_iou,
+                            model_weights=args.model_weights, conf_type=args.conf_type, **common)
+        what = f"fused ({args.weight}-weighted, after {args.method} per file)"
+    else:
+        report = postprocess_file(args.input, args.out, **common)
+        what = f"post-processed with {args.method}"
+    print(f"{report['records']} records in {report['images']} images {what}: "
+          f"{report['detections']} detections written to {report['output']}")
+    if "table" in report:
+        print("\nCOCO bbox metrics (x 100) against " + str(args.gt) + ":")
+        print(report["table"])
+        if any(report["correlation"].values()):
+            print("\ncorrelation with the true IoU (boxes with IoU > 0.5):")
+            print(format_correlation(report["correlation"]))
     return 0
 
 
@@ -147,11 +194,38 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_cmd_predict)
 
     demo = sub.add_parser("demo", help="the whole idea in a few CPU minutes on NEON tree crowns")
-    demo.add_argument("--iterations", type=int, default=400)
+    demo.add_argument("--iterations", type=int, default=1000)
     demo.add_argument("--data", type=Path, default=Path("data/neon"))
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--checkpoint", type=Path, default=None, help="evaluate this checkpoint instead of training")
     demo.set_defaults(func=_cmd_demo)
+
+    pp = sub.add_parser("postprocess", help="post-process or fuse any detector's candidates in COCO results files",
+                        description="Read candidates (COCO results: a JSON array or JSON Lines of {image_id, "
+                        "category_id, bbox [x, y, w, h], score, optional quality, optional variance [4]}), "
+                        "post-process each image (or fuse several files) and write COCO results.")
+    pp.add_argument("input", nargs="?", type=Path, default=None, help="the candidates file (or use --fuse)")
+    pp.add_argument("--fuse", nargs="+", type=Path, default=None, metavar="FILE",
+                    help="fuse the detections of these files (one per model or test-time pass)")
+    pp.add_argument("--out", "-o", type=Path, required=True, help="output file (.jsonl: JSON Lines, else a JSON array)")
+    pp.add_argument("--method", default="nms",
+                    help="a locconf.postprocess method (nms, soft-linear, soft-gaussian, iou-guided, quality, "
+                    "quality+soft-linear, quality+soft-gaussian, var-voting, var-voting+soft) or none; "
+                    "with --fuse it is applied to each file before fusion")
+    pp.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a keyword of the method, e.g. --param sigma=0.5 (repeatable)")
+    pp.add_argument("--params", default=None, metavar="JSON", help='keywords as a JSON object, e.g. \'{"sigma": 0.5}\'')
+    pp.add_argument("--max-detections", type=int, default=100, help="detections kept per image")
+    pp.add_argument("--score-threshold", type=float, default=0.0, help="drop candidates below this score first")
+    pp.add_argument("--class-agnostic", action="store_true", help="suppress across categories")
+    pp.add_argument("--gt", type=Path, default=None, help="COCO instances json: score input and output")
+    pp.add_argument("--weight", default="score", help="fusion weight: score, quality or variance")
+    pp.add_argument("--fuse-iou", type=float, default=0.55, help="fusion IoU threshold")
+    pp.add_argument("--model-weights", type=float, nargs="+", default=None, help="one weight per --fuse file")
+    pp.add_argument("--conf-type", default="avg",
+                    help="fused score: avg, max, box_and_model_avg or absent_model_aware_avg")
+    pp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pp.set_defaults(func=_cmd_postprocess)
     return parser
 
 
