@@ -366,6 +366,7 @@ def _load_for_resume(out_dir: Path, resume: bool | str | os.PathLike) -> tuple[P
     """
     candidates = [Path(resume)] if resume is not True else [p for _, p in reversed(list_checkpoints(out_dir))]
     unreadable: list[Path] = []
+    reasons: list[str] = []
     for path in candidates:
         try:
             state = load_checkpoint(path, map_location="cpu")
@@ -375,15 +376,15 @@ def _load_for_resume(out_dir: Path, resume: bool | str | os.PathLike) -> tuple[P
         except CheckpointError as e:
             if resume is not True:
                 raise
-            warnings.warn(f"{e}; trying the previous checkpoint")
             unreadable.append(path)
+            reasons.append(str(e))
             continue
         if unreadable:
-            warnings.warn(f"resuming from {path}, the latest intact checkpoint: the newer "
-                          f"{', '.join(str(p) for p in unreadable)} cannot be read (renamed to *.corrupt)")
+            warnings.warn(f"resuming from {path}, the latest intact checkpoint, because {'; '.join(reasons)} "
+                          "(renamed to *.corrupt)")
         return path, state, unreadable
     if unreadable:
-        raise CheckpointError(f"no checkpoint in {out_dir} can be read: {', '.join(str(p) for p in unreadable)}")
+        raise CheckpointError(f"no checkpoint in {out_dir} can be read: {'; '.join(reasons)}")
     return None, None, []
 
 
