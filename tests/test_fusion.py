@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -407,3 +408,94 @@ def _good():
 def test_bad_input_names_the_argument(mutate, match):
     with pytest.raises(ValueError, match=match):
         fuse(**mutate(_good()))
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/fusion_neon.py: test-time flips mapped back, and a smoke run on tiny trained models
+# --------------------------------------------------------------------------------------------
+
+
+def _fusion_neon():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench))  # for `from common import cpu_name`
+    spec = importlib.util.spec_from_file_location("locconf_bench_fusion_neon", bench / "fusion_neon.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _FixedDetector(torch.nn.Module):
+    """Always box [1, 2, 5, 7] with variances [1, 2, 3, 4]; remembers its input."""
+
+    def forward(self, images):
+        self.seen = images
+        return [{"boxes": torch.tensor([[1.0, 2.0, 5.0, 7.0]]), "scores": torch.tensor([0.9]),
+                 "labels": torch.tensor([1]), "variances": torch.tensor([[1.0, 2.0, 3.0, 4.0]])} for _ in images]
+
+
+class _BrightSpot(torch.nn.Module):
+    """Detects the bounding box of the non-zero pixels: a flip-equivariant detector."""
+
+    def forward(self, images):
+        out = []
+        for im in images:
+            ys, xs = torch.nonzero(im.sum(0), as_tuple=True)
+            box = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()[None]
+            out.append({"boxes": box, "scores": torch.tensor([1.0]), "labels": torch.tensor([1])})
+        return out
+
+
+def test_flipped_passes_map_boxes_and_variances_back():
+    fn = _fusion_neon()
+    image = torch.rand(3, 10, 20)  # H = 10, W = 20
+    det = _FixedDetector()
+    h = fn.Flipped(det, "h")([image])[0]
+    assert torch.equal(det.seen[0], image.flip(-1))
+    assert h["boxes"].tolist() == [[15.0, 2.0, 19.0, 7.0]] and h["variances"].tolist() == [[3.0, 2.0, 1.0, 4.0]]
+    v = fn.Flipped(det, "v")([image])[0]
+    assert torch.equal(det.seen[0], image.flip(-2))
+    assert v["boxes"].tolist() == [[1.0, 3.0, 5.0, 8.0]] and v["variances"].tolist() == [[1.0, 4.0, 3.0, 2.0]]
+    spot = torch.zeros(3, 10, 20)
+    spot[:, 2:5, 3:9] = 1.0
+    for axis in ("h", "v"):
+        assert fn.Flipped(_BrightSpot(), axis)([spot])[0]["boxes"].tolist() == [[3.0, 2.0, 9.0, 5.0]]
+
+
+def test_fusion_neon_runs_end_to_end_on_tiny_models(tmp_path, one_thread):
+    """Two-iteration detectors on synthetic scenes: DIR seeds with flips (score and quality
+    weighting), a KL model with flips (score and variance weighting); the tables are written."""
+    from locconf.experiment import check_config, run_train
+
+    fn = _fusion_neon()
+    ckpts = {}
+    for name, quality, seed in (("dir0", "dir", 0), ("dir1", "dir", 1), ("kl", "kl", 0)):
+        cfg = check_config({
+            "model": dict(arch="rcnn", quality=quality, representation_size=64, backbone="resnet18", fpn_channels=16,
+                          min_size=96, max_size=96, candidates_per_image=200),
+            "data": dict(source="synthetic", root=str(tmp_path / "data"),
+                         synthetic=dict(num_train=4, num_val=3, image_size=96, num_classes=2)),
+            "train": dict(iterations=2, batch_size=2, lr=0.01, warmup_iters=1, out_dir=str(tmp_path / name),
+                          checkpoint_every=2, log_every=1, progress=False, seed=seed),
+        })
+        ckpts[name] = run_train(cfg)["checkpoint"]
+    out = tmp_path / "dir.md"
+    result = fn.main(["--checkpoint", str(ckpts["dir0"]), str(ckpts["dir1"]), "--tta", "--out", str(out),
+                      "--no-progress"])
+    assert result["passes"] == ["model 0", "model 0 hflip", "model 0 vflip", "model 1", "model 1 hflip",
+                                "model 1 vflip"]
+    assert result["best_single"] in ("model 0", "model 1") and result["images"] == 3
+    assert set(result["metrics"]) == set(result["passes"]) | {"fused (score)", "fused (quality)"}
+    assert all(0 <= m["AP"] <= 1 for m in result["metrics"].values())
+    text = out.read_text()
+    assert "| fused (quality) |" in text and "(best single)" in text
+    assert json.loads(out.with_suffix(".json").read_text())["metrics"] == result["metrics"]
+    result = fn.main(["--checkpoint", str(ckpts["kl"]), "--tta", "--method", "var-voting", "--out",
+                      str(tmp_path / "kl.md"), "--no-progress"])
+    assert set(result["metrics"]) == {"model 0", "model 0 hflip", "model 0 vflip", "fused (score)", "fused (variance)"}
+    with pytest.raises(ValueError, match="needs 'quality', which this model does not predict"):
+        fn.main(["--checkpoint", str(ckpts["kl"]), "--method", "quality", "--out", str(tmp_path / "x.md"),
+                 "--no-progress"])
