@@ -117,6 +117,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "lite0_600px": ("pretrained base at 600 px (crowns ~54 px), anchors 24-192, 1500 iterations",
                     {"base": "pretrained", "model": {"min_size": 600, "max_size": 600,
                                                      "anchor_sizes": [24, 48, 96, 192]}}),
+    "lite0_giou": ("pretrained base with a GIoU box loss (x10, decoded boxes) instead of smooth-L1, 1500 iterations",
+                   {"base": "pretrained", "model": {"box_loss": "giou"}}),
 }
 
 

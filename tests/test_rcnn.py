@@ -345,3 +345,32 @@ def test_head_learns_localization_quality(quality, baseline, tmp_path):
           f"score {corr['score']['pearson']:.3f}")  # pytest -s shows it; the README quotes it
     assert corr["quality"]["n"] > 100
     assert corr["quality"]["pearson"] > corr["score"]["pearson"] + 0.05, corr
+
+
+def test_giou_box_loss_matches_torchvision_on_the_decoded_positives():
+    """box_loss="giou": giou_weight x sum over positives of 1 - GIoU(decoded box, ground truth), / N,
+    against torchvision's generalized_box_iou_loss as the independent reference."""
+    from torchvision.ops import generalized_box_iou_loss
+
+    torch.manual_seed(0)
+    model = build_rcnn(num_classes=2, box_loss="giou", giou_weight=10.0, min_size=64, max_size=64,
+                       representation_size=16, fpn_channels=8)
+    heads = model.roi_heads
+    n = 6
+    proposals = torch.tensor([[10.0, 10, 40, 50]]).repeat(n, 1) + torch.arange(n)[:, None]
+    gt = proposals + torch.tensor([2.0, -3, 5, 1])
+    labels = torch.tensor([1, 0, 2, 1, 0, 2])
+    deltas = torch.randn(n, 4) * 0.1
+    logits = torch.randn(n, 3)
+    losses = heads._box_losses(logits, deltas, torch.zeros_like(deltas), labels, proposals, gt)
+    pos = labels > 0
+    expected = 10.0 * generalized_box_iou_loss(heads.decode(deltas[pos], proposals[pos]), gt[pos],
+                                               reduction="sum") / n
+    assert torch.allclose(losses["loss_box_reg"], expected, atol=1e-5)
+    # and the default is smooth-L1 on the deltas, as before
+    plain = build_rcnn(num_classes=2, min_size=64, max_size=64, representation_size=16, fpn_channels=8).roi_heads
+    target = torch.randn(n, 4) * 0.1
+    expected = torch.nn.functional.smooth_l1_loss(deltas[pos], target[pos], beta=1 / 9, reduction="sum") / n
+    assert torch.allclose(plain._box_losses(logits, deltas, target, labels, proposals, gt)["loss_box_reg"], expected)
+    with pytest.raises(ValueError, match="box_loss"):
+        build_rcnn(num_classes=2, box_loss="l2")

@@ -32,6 +32,7 @@ from torchvision.ops import box_iou as tv_box_iou
 
 from ..boxes import clip_boxes, decode_boxes, decode_corners, encode_boxes, encode_corners
 from ..heads import DirectIoUHead, DIRHead, ForesightDIRHead, IoUNetHead, KLHead, RoIBatch
+from ..losses import giou_loss
 from ..postprocess import postprocess
 from .backbone import build_fpn_backbone
 from .inputs import check_detection_inputs
@@ -39,6 +40,7 @@ from .inputs import check_detection_inputs
 __all__ = ["build_rcnn", "RCNN", "RoIHeads", "BoxHead", "QUALITY_HEADS", "DEFAULT_METHODS"]
 
 QUALITY_HEADS = (None, "iou_net", "dir", "dir_foresight", "iou_direct", "kl")
+BOX_LOSSES = ("smooth_l1", "giou")
 
 #: The post-processing each head's paper uses (``RCNN.detect``'s default).
 DEFAULT_METHODS = {None: "nms", "iou_net": "iou-guided", "dir": "quality", "dir_foresight": "quality",
@@ -90,6 +92,10 @@ class RoIHeads(nn.Module):
         refine_steps, refine_step_size: IoU-Net's optimization-based refinement of the candidates
             (0 steps: off).
         min_box_size: candidates narrower or lower than this (pixels) are dropped.
+        box_loss: ``"smooth_l1"`` on the encoded deltas (Faster R-CNN, beta 1/9 as torchvision) or
+            ``"giou"`` on the decoded boxes (Rezatofighi et al., CVPR 2019), weighted by
+            ``giou_weight`` (10: MMDetection's GIoU Faster R-CNN, whose loss is also divided by the
+            sampled RoI count).
     """
 
     def __init__(self, box_pool: nn.Module, box_head: BoxHead, quality_head: Optional[nn.Module] = None,
@@ -97,8 +103,12 @@ class RoIHeads(nn.Module):
                  mask_predictor: Optional[nn.Module] = None, *, fg_iou_thresh: float = 0.5,
                  bg_iou_thresh: float = 0.5, batch_size_per_image: int = 512, positive_fraction: float = 0.25,
                  score_thresh: float = 0.05, candidates_per_image: int = 1000, quality_thresh: float = 0.0,
-                 refine_steps: int = 0, refine_step_size: float = 0.5, min_box_size: float = 1e-2) -> None:
+                 refine_steps: int = 0, refine_step_size: float = 0.5, min_box_size: float = 1e-2,
+                 box_loss: str = "smooth_l1", giou_weight: float = 10.0) -> None:
         super().__init__()
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
+        self.box_loss, self.giou_weight = box_loss, float(giou_weight)
         self.box_pool, self.box_head, self.quality_head = box_pool, box_head, quality_head
         self.mask_pool, self.mask_head, self.mask_predictor = mask_pool, mask_head, mask_predictor
         self.matcher = det_utils.Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
@@ -161,10 +171,16 @@ class RoIHeads(nn.Module):
         rep, logits, deltas = self.box_head(pooled)
         return pooled, rep, logits, deltas
 
-    def _box_losses(self, logits: Tensor, deltas: Tensor, target_deltas: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """Cross-entropy over all sampled RoIs; smooth-L1 (beta 1/9) over the positives, / N."""
+    def _box_losses(self, logits: Tensor, deltas: Tensor, target_deltas: Tensor, labels: Tensor,
+                    proposals: Tensor, gt_boxes: Tensor) -> dict[str, Tensor]:
+        """Cross-entropy over all sampled RoIs; over the positives smooth-L1 (beta 1/9) on the deltas
+        or ``giou_weight`` x GIoU loss on the decoded boxes; summed and divided by the RoI count N."""
         pos = labels > 0
-        box_loss = F.smooth_l1_loss(deltas[pos], target_deltas[pos], beta=1 / 9, reduction="sum")
+        if self.box_loss == "giou":
+            boxes = self.decode(deltas[pos], proposals[pos])
+            box_loss = self.giou_weight * giou_loss(boxes, gt_boxes[pos].to(boxes.dtype), reduction="sum")
+        else:
+            box_loss = F.smooth_l1_loss(deltas[pos], target_deltas[pos], beta=1 / 9, reduction="sum")
         return {"loss_classifier": F.cross_entropy(logits, labels),
                 "loss_box_reg": box_loss / max(labels.numel(), 1)}
 
@@ -191,7 +207,7 @@ class RoIHeads(nn.Module):
         pred = self._select(deltas, box_class)
         target = torch.zeros_like(pred)
         target[pos] = self.encode(gt_all[pos], props_all[pos]).to(pred.dtype)
-        losses = self._box_losses(logits, pred, target, labels_all)
+        losses = self._box_losses(logits, pred, target, labels_all, props_all, gt_all)
         if self.quality_head is not None:
             boxes = self.decode(pred.detach(), props_all)
             boxes = [clip_boxes(b, s) for b, s in zip(boxes.split(counts), image_sizes)]
@@ -384,6 +400,8 @@ def build_rcnn(
     refine_steps: int = 0,
     refine_step_size: float = 0.5,
     iou_net_boxes_per_gt: int = 16,
+    box_loss: str = "smooth_l1",
+    giou_weight: float = 10.0,
     channels_last: bool = False,
 ) -> RCNN:
     """Build a Faster R-CNN FPN (Mask R-CNN with ``mask=True``) with a localization-quality head.
@@ -415,6 +433,8 @@ def build_rcnn(
         refine_steps, refine_step_size: IoU-Net refinement of the candidates at inference
             (``quality="iou_net"`` only; 0 = off, the paper uses 5 steps of 0.5).
         iou_net_boxes_per_gt: jittered training boxes per ground-truth box for IoU-Net.
+        box_loss, giou_weight: the box regression loss, ``"smooth_l1"`` (the papers') or
+            ``"giou"`` (:class:`RoIHeads`); KL-Loss replaces it with its own.
         channels_last: use the channels-last memory format (faster convolutions on CPU).
     """
     if not isinstance(num_classes, int) or num_classes < 1:
@@ -468,7 +488,7 @@ def build_rcnn(
         MultiScaleRoIAlign(names, 7, sampling_ratio=2), box_head, quality_head, *mask_parts,
         batch_size_per_image=box_batch_size_per_image, positive_fraction=box_positive_fraction,
         score_thresh=score_thresh, candidates_per_image=candidates_per_image, quality_thresh=quality_thresh,
-        refine_steps=refine_steps, refine_step_size=refine_step_size)
+        refine_steps=refine_steps, refine_step_size=refine_step_size, box_loss=box_loss, giou_weight=giou_weight)
     transform = GeneralizedRCNNTransform(min_size, max_size, list(body.image_mean), list(body.image_std))
     model = RCNN(body, rpn, roi_heads, transform, num_classes, quality)
     if channels_last:
