@@ -17,7 +17,10 @@ eval:                       # evaluate(...)
   methods: [nms, soft-linear, soft-gaussian]
 ```
 
-No registries and no inheritance: unknown keys are errors that name the section and the key.
+No registries and no inheritance: unknown keys (nested ones such as ``data.synthetic.<key>``
+included) are errors that name the section and the key, and so are values of another type than
+the one the receiving function declares (``true`` is not a number). YAML files are read with
+:class:`ConfigLoader`, for which ``1e-4`` is a float (PyYAML's YAML 1.1 reading makes it a string).
 """
 
 from __future__ import annotations
