@@ -67,6 +67,8 @@ __all__ = [
 ]
 
 _HARD, _LINEAR, _GAUSSIAN = 0, 1, 2
+_PAIR_CHUNK = 1 << 19  # the torch backend materialises at most this many candidate pairs at once
+_BAND_SIZE = 512  # about how many boxes of a class the numba kernel puts in one horizontal band
 _SOFT_MODES = {"linear": _LINEAR, "gaussian": _GAUSSIAN}
 
 
@@ -107,8 +109,10 @@ def _check_inputs(
         if not isinstance(variances, Tensor) or variances.shape != (n, 4):
             shape = tuple(variances.shape) if isinstance(variances, Tensor) else type(variances).__name__
             raise ValueError(f"variances must have shape ({n}, 4) to match boxes, got {shape}")
-        if variances.device != dev or not variances.is_floating_point():
-            raise ValueError("variances must be a floating-point tensor on the device of boxes")
+        if variances.device != dev:
+            raise ValueError(f"variances is on {variances.device} but boxes are on {dev}")
+        if not variances.is_floating_point():
+            raise ValueError(f"variances must be a floating-point tensor, got {variances.dtype}")
     if n == 0:
         return
     checks = {"scores": torch.isfinite(scores).all()}
@@ -122,14 +126,24 @@ def _check_inputs(
             raise ValueError(f"{name} must be {what}")
 
 
+def _is_number(value) -> bool:
+    """A real number, not a bool (``True`` is an int to Python but never a meaningful threshold)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
 def _check_threshold(value: float, name: str, low: float = 0.0, high: float = 1.0) -> None:
-    if not (isinstance(value, (int, float)) and low <= value <= high):
+    if not (_is_number(value) and low <= value <= high):
         raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
 
 
 def _check_positive(value: float, name: str) -> None:
-    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+    if not (_is_number(value) and value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _check_backend(backend: Optional[str]) -> None:
+    if backend not in (None, "numba", "torch"):
+        raise ValueError(f"backend must be 'numba', 'torch' or None, got {backend!r}")
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -141,88 +155,106 @@ def _empty_long(device: torch.device) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Hard NMS (torchvision) with a deterministic tie-break
+# Hard NMS with a deterministic tie-break
 # --------------------------------------------------------------------------------------------
 
 
-def _hard_nms(boxes: Tensor, rank_scores: Tensor, labels: Optional[Tensor], iou_threshold: float) -> Tensor:
-    """torchvision's (batched) NMS, ties in ``rank_scores`` broken by the lower index."""
+def _hard_nms(boxes: Tensor, rank_scores: Tensor, labels: Optional[Tensor], iou_threshold: float,
+              backend: Optional[str] = None) -> Tensor:
+    """Hard NMS ranked by ``rank_scores`` (ties: lower index first), exact for any finite input.
+
+    CPU: the numba kernel. Otherwise torchvision's NMS, classes kept apart by shifting each
+    class's boxes, but only where every shifted coordinate is exact (checked with an error-free
+    sum), so that every IoU is the unshifted one; else the torch rounds.
+    """
+    if backend is None:
+        backend = "numba" if boxes.device.type == "cpu" else "torch"
+    if backend == "numba":
+        return _greedy(boxes, rank_scores, labels, _HARD, iou_threshold, backend="numba")[0]
     order = torch.sort(rank_scores, descending=True, stable=True).indices
-    # Strictly decreasing surrogate scores fix the order; float64 keeps batched_nms's per-class
-    # coordinate offsets exact.
-    surrogate = torch.arange(order.numel(), 0, -1, device=boxes.device, dtype=torch.float64)
+    surrogate = torch.arange(order.numel(), 0, -1, device=boxes.device, dtype=torch.float64)  # fixes the order
     b = boxes[order].to(torch.float64)
     if labels is None:
-        keep = torchvision.ops.nms(b, surrogate, iou_threshold)
-    else:
-        keep = torchvision.ops.batched_nms(b, surrogate, labels[order], iou_threshold)
-    return order[keep]
+        return order[torchvision.ops.nms(b, surrogate, iou_threshold)]
+    cls = torch.unique(labels[order], return_inverse=True)[1].to(torch.float64)
+    span = (b.max() - b.min()) * (1 + 1e-9) + 1.0  # a class's boxes fit in [b.min(), b.min() + span)
+    offset = (cls * span)[:, None]
+    shifted = b + offset
+    back = shifted - b
+    error = (b - (shifted - back)) + (offset - back)  # the exact rounding error of b + offset (TwoSum)
+    if bool(torch.isfinite(shifted).all() & (error == 0).all()):
+        return order[torchvision.ops.nms(shifted, surrogate, iou_threshold)]
+    return _greedy(boxes, rank_scores, labels, _HARD, iou_threshold, backend="torch")[0]
 
 
-def nms(boxes: Tensor, scores: Tensor, labels: Optional[Tensor] = None, iou_threshold: float = 0.5) -> Tensor:
+def nms(boxes: Tensor, scores: Tensor, labels: Optional[Tensor] = None, iou_threshold: float = 0.5,
+        backend: Optional[str] = None) -> Tensor:
     """Hard NMS: suppress a box whose IoU with a kept box is greater than ``iou_threshold``.
 
     Args:
         boxes: (N, 4) xyxy. scores: (N,). labels: optional (N,) integer classes (per-class NMS).
         iou_threshold: in [0, 1].
+        backend: ``"numba"`` (CPU kernel), ``"torch"`` (torchvision / vectorised rounds) or None
+            (by device).
 
     Returns:
         (K,) int64 indices of the kept boxes, by decreasing score (ties: lower index first).
     """
     _check_inputs(boxes, scores, labels)
     _check_threshold(iou_threshold, "iou_threshold")
+    _check_backend(backend)
     if boxes.shape[0] == 0:
         return _empty_long(boxes.device)
-    return _hard_nms(boxes, scores, labels, iou_threshold)
+    return _hard_nms(boxes, scores, labels, iou_threshold, backend)
 
 
 # --------------------------------------------------------------------------------------------
-# The greedy core, CPU: a numba kernel over the sparse overlap graph
+# The greedy core, CPU: a numba kernel that computes overlaps on the fly
 # --------------------------------------------------------------------------------------------
+#
+# Memory is O(N): no pair is ever stored. Boxes are laid out by (class, x1); a selected box p
+# can only overlap a box q of its class with x1[p] - max_width < x1[q] < x2[p], found by binary
+# search. Removed and selected boxes are skipped by a "next remaining position" forest with
+# path halving (each dead position points further right), so a scan only visits remaining
+# boxes. Every IoU and decay is computed with the same floating-point operations, in the same
+# order, as the plain sequential algorithm, so scores are bit-identical to it.
 
 
 @numba.njit(cache=True, inline="always")
-def _nb_before(k1, i1, k2, i2):
-    return k1 > k2 or (k1 == k2 and i1 < i2)
+def _nb_before(k1, t1, k2, t2):
+    """(key, tie) pair ordering of the selection: higher key first, then lower index."""
+    return k1 > k2 or (k1 == k2 and t1 < t2)
 
 
-@numba.njit(cache=True)
-def _nb_push(hk, hi, size, key, idx):
-    pos = size
-    hk[pos] = key
-    hi[pos] = idx
-    while pos > 0:
-        parent = (pos - 1) // 2
-        if _nb_before(hk[pos], hi[pos], hk[parent], hi[parent]):
-            hk[pos], hk[parent] = hk[parent], hk[pos]
-            hi[pos], hi[parent] = hi[parent], hi[pos]
-            pos = parent
-        else:
-            break
-    return size + 1
-
-
-@numba.njit(cache=True)
-def _nb_pop(hk, hi, size):
-    size -= 1
-    hk[0] = hk[size]
-    hi[0] = hi[size]
-    pos = 0
+@numba.njit(cache=True, inline="always")
+def _nb_sift_down(hk, ht, size, at):
+    """Restore the max-heap (keys ``hk``, original indices ``ht``) below position ``at``."""
+    k = hk[at]
+    t = ht[at]
     while True:
-        left = 2 * pos + 1
-        if left >= size:
+        c = 2 * at + 1
+        if c >= size:
             break
-        best = left
-        right = left + 1
-        if right < size and _nb_before(hk[right], hi[right], hk[left], hi[left]):
-            best = right
-        if _nb_before(hk[best], hi[best], hk[pos], hi[pos]):
-            hk[pos], hk[best] = hk[best], hk[pos]
-            hi[pos], hi[best] = hi[best], hi[pos]
-            pos = best
+        if c + 1 < size and _nb_before(hk[c + 1], ht[c + 1], hk[c], ht[c]):
+            c += 1
+        if _nb_before(hk[c], ht[c], k, t):
+            hk[at] = hk[c]
+            ht[at] = ht[c]
+            at = c
         else:
             break
-    return size
+    hk[at] = k
+    ht[at] = t
+
+
+@numba.njit(cache=True, inline="always")
+def _nb_next_alive(nxt, q):
+    """Smallest remaining position >= q (position N is a sentinel), halving the path."""
+    while nxt[q] != q:
+        r = nxt[nxt[q]]
+        nxt[q] = r
+        q = r
+    return q
 
 
 @numba.njit(cache=True, inline="always")
@@ -235,142 +267,280 @@ def _nb_decay(mode, iou, iou_threshold, sigma):
 
 
 @numba.njit(cache=True)
-def _nb_greedy(b, s, lab, sweep, mode, iou_threshold, sigma, min_score, var, sigma_t, vote):
+def _nb_candidates(cx2, cy1, cy2, lo, hi, px1, py1, py2, mask, buf, k):
+    """Append to ``buf[k:]`` the slots in [lo, hi) whose box reaches past px1 and overlaps
+    [py1, py2] vertically (the caller bounds x1 below px2); returns the new length. Two simple
+    passes (a vectorised mask, then a compaction) run several times faster than one fused loop."""
+    x2 = cx2[lo:hi]
+    ya = cy1[lo:hi]
+    yb = cy2[lo:hi]
+    for t in range(hi - lo):
+        mask[t] = (x2[t] > px1) & (ya[t] < py2) & (yb[t] > py1)
+    for t in range(hi - lo):
+        if mask[t]:
+            buf[k] = lo + t
+            k += 1
+    return k
+
+
+@numba.njit(cache=True)
+def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, var, sigma_t, vote, band_size):
     """Greedy suppression (hard, linear or Gaussian decay), optionally with variance voting.
 
-    ``sweep`` orders the boxes by (label, x1). Returns the selected indices and scores in
-    selection order, the index of the selected box that removed each box (-1 if none), and the
-    voted boxes of the selected ones (empty without ``vote``).
+    Args (numpy): b (N, 4) float64 boxes; s (N,) float64 scores; lab (N,) int64 classes, or an
+    empty array for one class; sweep (N,) the boxes by (class, x1); rank (N,) the boxes by
+    decreasing score (ties in any order); var (N, 4) float64 variances (only with ``vote``);
+    band_size: about how many boxes of a class share a horizontal band.
+
+    Returns the selected indices and scores in selection order, the index of the selected box
+    that removed each box (-1 if none), and the voted boxes of the selected ones (empty without
+    ``vote``).
     """
     n = s.shape[0]
-    # 1. Interacting pairs by sort-and-sweep: within a class, boxes sorted by x1 can only
-    #    overlap box a while x1 < x2[a].
-    cap = max(16, 4 * n)
-    ea = np.empty(cap, np.int64)
-    eb = np.empty(cap, np.int64)
-    ev = np.empty(cap, np.float64)
-    ne = 0
-    for pa in range(n):
-        a = sweep[pa]
-        area_a = (b[a, 2] - b[a, 0]) * (b[a, 3] - b[a, 1])
-        for pb in range(pa + 1, n):
-            c = sweep[pb]
-            if lab[c] != lab[a] or b[c, 0] >= b[a, 2]:
-                break
-            iw = min(b[a, 2], b[c, 2]) - max(b[a, 0], b[c, 0])
-            ih = min(b[a, 3], b[c, 3]) - max(b[a, 1], b[c, 1])
-            if iw <= 0.0 or ih <= 0.0:
-                continue
-            inter = iw * ih
-            union = area_a + (b[c, 2] - b[c, 0]) * (b[c, 3] - b[c, 1]) - inter
-            iou = inter / union if union > 0.0 else 0.0
-            if not vote and _nb_decay(mode, iou, iou_threshold, sigma) >= 1.0:
-                continue
-            if iou <= 0.0:
-                continue
-            if ne == cap:
-                cap *= 2
-                ea2 = np.empty(cap, np.int64)
-                eb2 = np.empty(cap, np.int64)
-                ev2 = np.empty(cap, np.float64)
-                ea2[:ne] = ea[:ne]
-                eb2[:ne] = eb[:ne]
-                ev2[:ne] = ev[:ne]
-                ea, eb, ev = ea2, eb2, ev2
-            ea[ne] = a
-            eb[ne] = c
-            ev[ne] = iou
-            ne += 1
-    # 2. Symmetric adjacency (CSR).
-    ptr = np.zeros(n + 1, np.int64)
-    for e in range(ne):
-        ptr[ea[e] + 1] += 1
-        ptr[eb[e] + 1] += 1
+    inf = np.inf
+    cur = s.copy()  # current scores, by original index
+    alive = np.empty(n, np.bool_)  # remaining, by original index
+    area = np.empty(n)
     for i in range(n):
-        ptr[i + 1] += ptr[i]
-    fill = ptr[:-1].copy()
-    nbr = np.empty(2 * ne, np.int64)
-    nio = np.empty(2 * ne, np.float64)
-    for e in range(ne):
-        nbr[fill[ea[e]]] = eb[e]
-        nio[fill[ea[e]]] = ev[e]
-        fill[ea[e]] += 1
-        nbr[fill[eb[e]]] = ea[e]
-        nio[fill[eb[e]]] = ev[e]
-        fill[eb[e]] += 1
-    # 3. Greedy selection with a lazy max-heap keyed by (score, -index): each remaining box has
-    #    one entry whose key bounds its current score from above; an entry that reaches the top
-    #    with a stale key is pushed back with the current score, a fresh one is the true maximum.
-    cur = s.copy()
-    state = np.zeros(n, np.int8)  # 0 remaining, 1 selected, 2 removed
-    dropper = np.full(n, -1, np.int64)
-    hk = np.empty(n, np.float64)
-    hi = np.empty(n, np.int64)
-    size = 0
-    for i in range(n):
-        if cur[i] >= min_score:
-            size = _nb_push(hk, hi, size, cur[i], i)
+        alive[i] = cur[i] >= min_score  # boxes that start below min_score are never candidates
+        area[i] = (b[i, 2] - b[i, 0]) * (b[i, 3] - b[i, 1])
+
+    # 1. Layout. The remaining boxes of each class are split into horizontal bands of equal
+    #    height by y1 and packed by (class, band, x1) into "slots"; a (class, band) is a
+    #    segment. A box that leaves gets y1 = +inf, y2 = -inf, so it never overlaps anything, and
+    #    the slots are re-packed once half of them are dead.
+    cx1 = np.empty(n)
+    cy1 = np.empty(n)
+    cx2 = np.empty(n)
+    cy2 = np.empty(n)
+    cid = np.empty(n, np.int64)  # original index of each slot
+    cseg = np.empty(n, np.int64)  # segment of each slot
+    slot = np.empty(n, np.int64)  # slot of each original index
+    seg_lo = np.empty(n, np.int64)  # slots [seg_lo, seg_hi) of each segment
+    seg_hi = np.empty(n, np.int64)
+    seg_w = np.empty(n)  # its widest box
+    seg_y1 = np.empty(n)  # its lowest y1
+    seg_y2 = np.empty(n)  # its highest y2
+    seg_cls = np.empty(n, np.int64)  # the class of each segment (a number from 0)
+    cls_lo = np.empty(n + 1, np.int64)  # segments [cls_lo[c], cls_lo[c + 1]) of class c
+    band = np.empty(n, np.int64)
+    count = np.empty(n + 1, np.int64)
+    nseg = 0
+    ncls = 0
+    m = 0
+    p = 0
+    while p < n:
+        e = p + 1  # the class run sweep[p:e]
+        if lab.shape[0] == n:
+            while e < n and lab[sweep[e]] == lab[sweep[p]]:
+                e += 1
         else:
-            state[i] = 2
+            e = n
+        lo_y = inf
+        hi_y = -inf
+        cnt = 0
+        for t in range(p, e):
+            i = sweep[t]
+            if alive[i]:
+                cnt += 1
+                lo_y = min(lo_y, b[i, 1])
+                hi_y = max(hi_y, b[i, 1])
+        nb = max(1, min(cnt // band_size, 64))
+        span = hi_y - lo_y
+        if not (span > 0.0 and span < inf):
+            nb = 1
+        count[: nb + 1] = 0
+        for t in range(p, e):
+            i = sweep[t]
+            if alive[i]:
+                g = 0
+                if nb > 1:
+                    g = min(nb - 1, int((b[i, 1] - lo_y) / span * nb))
+                band[t] = g
+                count[g + 1] += 1
+        cls_lo[ncls] = nseg
+        for g in range(nb):
+            count[g + 1] += count[g]
+            seg_lo[nseg + g] = m + count[g]
+            seg_hi[nseg + g] = m + count[g + 1]
+            seg_w[nseg + g] = 0.0
+            seg_y1[nseg + g] = inf
+            seg_y2[nseg + g] = -inf
+            seg_cls[nseg + g] = ncls
+        for t in range(p, e):  # stable counting sort by band keeps x1 sorted in each band
+            i = sweep[t]
+            if alive[i]:
+                g = nseg + band[t]
+                q = m + count[band[t]]
+                count[band[t]] += 1
+                cx1[q], cy1[q], cx2[q], cy2[q] = b[i, 0], b[i, 1], b[i, 2], b[i, 3]
+                cid[q] = i
+                cseg[q] = g
+                slot[i] = q
+                seg_w[g] = max(seg_w[g], b[i, 2] - b[i, 0])
+                seg_y1[g] = min(seg_y1[g], b[i, 1])
+                seg_y2[g] = max(seg_y2[g], b[i, 3])
+        m += cnt
+        nseg += nb
+        ncls += 1
+        p = e
+    cls_lo[ncls] = nseg
+    n_alive = m
+
+    # 2. Selection. Hard suppression never changes a score, so the order is ``rank``; with
+    #    decays, a lazy max-heap keyed by (score, -index) holds one entry per remaining box whose
+    #    key bounds its current score from above (``rank`` is then a valid heap).
+    hk = np.empty(n)
+    ht = np.empty(n, np.int64)
+    size = 0
+    for r in range(n):
+        if alive[rank[r]]:
+            hk[size] = cur[rank[r]]
+            ht[size] = rank[r]
+            size += 1
+    r = 0
+    while r < size:  # ties in the score: lower index first
+        e = r + 1
+        while e < size and hk[e] == hk[r]:
+            e += 1
+        if e - r > 1:
+            ht[r:e] = np.sort(ht[r:e])
+        r = e
     sel = np.empty(n, np.int64)
-    sel_score = np.empty(n, np.float64)
-    voted = np.empty((n if vote else 0, 4), np.float64)
+    sel_score = np.empty(n)
+    dropper = np.full(n, -1, np.int64)
+    voted = np.empty((n if vote else 0, 4))
+    num = np.empty(4)
+    den = np.empty(4)
+    buf = np.empty(n, np.int64)
+    mask = np.empty(n, np.bool_)
     ns = 0
-    while size > 0:
-        key = hk[0]
-        i = hi[0]
-        size = _nb_pop(hk, hi, size)
-        if state[i] != 0:
-            continue
-        if key != cur[i]:
-            size = _nb_push(hk, hi, size, cur[i], i)
-            continue
-        state[i] = 1
+    r = 0
+    while True:
+        if mode == 0:
+            while r < size and not alive[ht[r]]:
+                r += 1
+            if r == size:
+                break
+            i = ht[r]
+            r += 1
+        else:
+            if size == 0:
+                break
+            i = ht[0]
+            if alive[i] and hk[0] != cur[i]:  # stale key: re-insert with the current score
+                hk[0] = cur[i]
+                _nb_sift_down(hk, ht, size, 0)
+                continue
+            size -= 1
+            hk[0] = hk[size]
+            ht[0] = ht[size]
+            _nb_sift_down(hk, ht, size, 0)
+            if not alive[i]:  # removed since it was pushed
+                continue
+        # Select i.
+        sp = slot[i]
+        px1, py1, px2, py2, pa = b[i, 0], b[i, 1], b[i, 2], b[i, 3], area[i]
+        alive[i] = False
+        cy1[sp] = inf
+        cy2[sp] = -inf
+        n_alive -= 1
         sel[ns] = i
         sel_score[ns] = cur[i]
+        # 3. The remaining boxes of its class that overlap it: in each band that reaches
+        #    [py1, py2], the slots with px1 - (widest box) < x1 < px2, filtered.
+        k = 0
+        c = seg_cls[cseg[sp]]
+        for g in range(cls_lo[c], cls_lo[c + 1]):
+            lo, hi = seg_lo[g], seg_hi[g]
+            if lo == hi or seg_y1[g] >= py2 or seg_y2[g] <= py1:
+                continue
+            lim = px1 - seg_w[g] * 1.000001 - abs(px1) * 1e-15  # <= x1 of any box past px1
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if cx1[mid] < lim:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            a, z = lo, seg_hi[g]
+            while a < z:
+                mid = (a + z) >> 1
+                if cx1[mid] < px2:
+                    a = mid + 1
+                else:
+                    z = mid
+            k = _nb_candidates(cx2, cy1, cy2, lo, a, px1, py1, py2, mask, buf, k)
         if vote:
-            num = np.empty(4, np.float64)
-            den = np.empty(4, np.float64)
-            for k in range(4):
-                den[k] = 1.0 / var[i, k]
-                num[k] = b[i, k] * den[k]
-            for e in range(ptr[i], ptr[i + 1]):
-                m = nbr[e]
-                if state[m] != 0:
-                    continue
-                p = math.exp(-((1.0 - nio[e]) ** 2) / sigma_t)
-                for k in range(4):
-                    w = p / var[m, k]
-                    num[k] += w * b[m, k]
-                    den[k] += w
-            for k in range(4):
-                voted[ns, k] = num[k] / den[k]
+            for c in range(4):
+                den[c] = 1.0 / var[i, c]
+                num[c] = b[i, c] * den[c]
+        # 4. Exactly the operations of the sequential algorithm, pair by pair.
+        for t in range(k):
+            q = buf[t]
+            j = cid[q]
+            iw = min(px2, cx2[q]) - max(px1, cx1[q])
+            ih = min(py2, cy2[q]) - max(py1, cy1[q])
+            inter = iw * ih
+            union = pa + area[j] - inter
+            iou = inter / union if union > 0.0 else 0.0
+            if iou > 0.0:
+                if vote:
+                    pv = math.exp(-((1.0 - iou) ** 2) / sigma_t)
+                    for c in range(4):
+                        w = pv / var[j, c]
+                        num[c] += w * b[j, c]
+                        den[c] += w
+                f = _nb_decay(mode, iou, iou_threshold, sigma)
+                if f < 1.0:
+                    new = cur[j] * f
+                    if f == 0.0 or new < min_score:
+                        alive[j] = False
+                        cy1[q] = inf
+                        cy2[q] = -inf
+                        n_alive -= 1
+                        dropper[j] = i
+                    else:
+                        cur[j] = new
+        if vote:
+            for c in range(4):
+                voted[ns, c] = num[c] / den[c]
         ns += 1
-        for e in range(ptr[i], ptr[i + 1]):
-            m = nbr[e]
-            if state[m] != 0:
-                continue
-            f = _nb_decay(mode, nio[e], iou_threshold, sigma)
-            if f >= 1.0:
-                continue
-            new = cur[m] * f
-            if f == 0.0 or new < min_score:
-                state[m] = 2
-                dropper[m] = i
-            else:
-                cur[m] = new
+        # Re-pack once more than half of the slots are dead (O(N) in all).
+        if m - n_alive > max(n_alive, 32):
+            w2 = 0
+            for q in range(m):
+                j = cid[q]
+                if alive[j]:
+                    cx1[w2], cy1[w2], cx2[w2], cy2[w2] = cx1[q], cy1[q], cx2[q], cy2[q]
+                    cid[w2] = j
+                    cseg[w2] = cseg[q]
+                    slot[j] = w2
+                    w2 += 1
+            m = w2
+            seg_lo[:nseg] = 0
+            seg_hi[:nseg] = 0
+            for q in range(m - 1, -1, -1):
+                seg_lo[cseg[q]] = q
+            for q in range(m):
+                seg_hi[cseg[q]] = q + 1
     return sel[:ns], sel_score[:ns], dropper, voted[:ns]
 
 
-def _greedy_numba(boxes, scores, labels, mode, iou_threshold, sigma, min_score, variances, sigma_t):
+def _greedy_numba(boxes, scores, labels, mode, iou_threshold, sigma, min_score, variances, sigma_t,
+                  band_size=None):
     b = boxes.detach().to(torch.float64).contiguous().numpy()
     s = scores.detach().to(torch.float64).contiguous().numpy()
-    lab = labels.detach().to(torch.int64).contiguous().numpy()
-    sweep = np.lexsort((b[:, 0], lab)).astype(np.int64)
+    sweep = np.argsort(b[:, 0])
+    if labels is not None:
+        lab = labels.detach().to(torch.int64).contiguous().numpy()
+        sweep = sweep[np.argsort(lab[sweep], kind="stable")]
+    else:
+        lab = np.empty(0, np.int64)
     vote = variances is not None
-    var = variances.detach().to(torch.float64).contiguous().numpy() if vote else np.ones((0, 4))
+    var = variances.detach().to(torch.float64).contiguous().numpy() if vote else np.empty((0, 4))
     sel, sel_score, dropper, voted = _nb_greedy(
-        b, s, lab, sweep, mode, float(iou_threshold), float(sigma), float(min_score), var, float(sigma_t), vote
+        b, s, lab, sweep, np.argsort(-s), mode, float(iou_threshold), float(sigma), float(min_score), var,
+        float(sigma_t), vote, _BAND_SIZE if band_size is None else int(band_size),
     )
     return (
         torch.from_numpy(sel),
@@ -383,42 +553,71 @@ def _greedy_numba(boxes, scores, labels, mode, iou_threshold, sigma, min_score, 
 # --------------------------------------------------------------------------------------------
 # The greedy core, any device: vectorised rounds in torch
 # --------------------------------------------------------------------------------------------
+#
+# Memory is O(N) plus one chunk of pairs: the overlapping pairs are never all materialised but
+# enumerated, chunk by chunk, from a sort-and-sweep over x1 (``_pair_chunks``). Classes are
+# kept apart by exact integer search keys (class rank, rank of the coordinate among all
+# coordinates), so huge coordinates or labels lose nothing.
 
 
-def _overlap_pairs(boxes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """All same-class pairs with IoU > 0, by a vectorised sort-and-sweep over x1.
+class _Sweep:
+    """Boxes sorted by (class, x1) with exact integer keys for windowed searches.
 
-    Args:
-        boxes: (N, 4) float64. labels: (N,) int64.
-
-    Returns:
-        ``(i, j, iou)``, each (E,), one entry per unordered pair.
+    ``order[p]`` is the box at sweep position p. A box q at position p can overlap box a only if
+    ``key_low[a] <= key_x1[p] < key_x2[a]``, and every such q comes after position
+    ``searchsorted(key_x1, key_low[a])``.
     """
-    n = boxes.shape[0]
-    dev = boxes.device
-    by_x = torch.sort(boxes[:, 0], stable=True).indices
-    order = by_x[torch.sort(labels[by_x], stable=True).indices]
-    b, lab = boxes[order], labels[order]
-    x0 = b[:, 0].min()
-    span = (b[:, 2].max() - x0) + 1.0
-    lab_off = (lab - lab.min()).to(torch.float64) * span
-    keys = lab_off + (b[:, 0] - x0)
-    ends = torch.searchsorted(keys, lab_off + (b[:, 2] - x0), side="left")
-    starts = torch.arange(1, n + 1, device=dev)
-    counts = (ends - starts).clamp(min=0)
-    total = int(counts.sum())
-    a = torch.repeat_interleave(torch.arange(n, device=dev), counts, output_size=total)
-    first = torch.cumsum(counts, 0) - counts
-    c = starts[a] + torch.arange(total, device=dev) - first[a]
-    ba, bc = b[a], b[c]
-    iw = (torch.minimum(ba[:, 2], bc[:, 2]) - torch.maximum(ba[:, 0], bc[:, 0])).clamp(min=0)
-    ih = (torch.minimum(ba[:, 3], bc[:, 3]) - torch.maximum(ba[:, 1], bc[:, 1])).clamp(min=0)
-    inter = iw * ih
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area[a] + area[c] - inter
-    iou = torch.where(union > 0, inter / union.clamp(min=1e-300), torch.zeros_like(inter))
-    keep = (iou > 0) & (lab[a] == lab[c])
-    return order[a[keep]], order[c[keep]], iou[keep]
+
+    def __init__(self, boxes: Tensor, labels: Optional[Tensor]):
+        n, dev = boxes.shape[0], boxes.device
+        order = torch.sort(boxes[:, 0], stable=True).indices
+        if labels is not None:
+            order = order[torch.sort(labels[order], stable=True).indices]
+            lab = labels[order]
+            cls = torch.zeros(n, dtype=torch.long, device=dev)
+            cls[1:] = torch.cumsum((lab[1:] != lab[:-1]).long(), 0)
+        else:
+            cls = torch.zeros(n, dtype=torch.long, device=dev)
+        b = boxes[order]
+        x1, x2 = b[:, 0].contiguous(), b[:, 2].contiguous()
+        widest = torch.zeros(n, dtype=b.dtype, device=dev).scatter_reduce(0, cls, x2 - x1, "amax")
+        low = x1 - widest[cls] * 1.000001 - x1.abs() * 1e-15  # <= x1 of any box reaching past x1
+        values = torch.unique(torch.cat([x1, x2, low]))  # sorted
+        scale = values.numel() + 1
+        self.order, self.b = order, b
+        self.area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        self.key_x1 = cls * scale + torch.searchsorted(values, x1)
+        self.key_x2 = cls * scale + torch.searchsorted(values, x2)
+        self.key_low = cls * scale + torch.searchsorted(values, low)
+
+    def iou(self, p: Tensor, q: Tensor) -> Tensor:
+        """IoU of the boxes at positions p and q, with the operations of the sequential code."""
+        bp, bq = self.b[p], self.b[q]
+        iw = (torch.minimum(bp[:, 2], bq[:, 2]) - torch.maximum(bp[:, 0], bq[:, 0])).clamp(min=0)
+        ih = (torch.minimum(bp[:, 3], bq[:, 3]) - torch.maximum(bp[:, 1], bq[:, 1])).clamp(min=0)
+        inter = iw * ih
+        union = self.area[p] + self.area[q] - inter
+        return torch.where(union > 0, inter / union.clamp(min=1e-300), torch.zeros_like(inter))
+
+    def windows(self, rows: Tensor, cands: Tensor) -> tuple[Tensor, Tensor]:
+        """For each row position, the range [lo, hi) of ``cands`` (sorted positions) it may overlap."""
+        keys = self.key_x1[cands]
+        return torch.searchsorted(keys, self.key_low[rows]), torch.searchsorted(keys, self.key_x2[rows])
+
+
+def _pair_chunks(lo: Tensor, hi: Tensor, chunk: int):
+    """Enumerate the pairs (row r, column c) with lo[r] <= c < hi[r], at most ``chunk`` at a time,
+    rows in order. One host synchronisation (the total), none per chunk."""
+    counts = (hi - lo).clamp(min=0)
+    if counts.numel() == 0:
+        return
+    ends = torch.cumsum(counts, 0)
+    total = int(ends[-1])
+    starts = ends - counts
+    for k0 in range(0, total, chunk):
+        k = torch.arange(k0, min(k0 + chunk, total), device=lo.device)
+        r = torch.searchsorted(ends, k, right=True)
+        yield r, lo[r] + (k - starts[r])
 
 
 def _decay_factor(mode: int, iou: Tensor, iou_threshold: float, sigma: float) -> Tensor:
@@ -430,97 +629,138 @@ def _decay_factor(mode: int, iou: Tensor, iou_threshold: float, sigma: float) ->
 
 
 def _greedy_torch(boxes, scores, labels, mode, iou_threshold, sigma, min_score, variances, sigma_t):
+    """Rounds: every remaining box that beats all its remaining interacting neighbours is
+    selected at once (exact: such a box would be selected before any of them), then the new
+    selections decay their neighbours. A few host synchronisations per round, none per box."""
     n, dev = boxes.shape[0], boxes.device
-    b = boxes.detach().to(torch.float64)
-    cur = scores.detach().to(torch.float64).clone()
-    i_pair, j_pair, iou_pair = _overlap_pairs(b, labels)
-    f_pair = _decay_factor(mode, iou_pair, iou_threshold, sigma)
-    interacts = f_pair < 1
-    src = torch.cat([i_pair[interacts], j_pair[interacts]])
-    dst = torch.cat([j_pair[interacts], i_pair[interacts]])
-    fac = torch.cat([f_pair[interacts], f_pair[interacts]])
+    chunk = _PAIR_CHUNK
+    sw = _Sweep(boxes.detach().to(torch.float64), labels)
+    orig = sw.order
+    cur = scores.detach().to(torch.float64)[orig].clone()  # by sweep position
     alive = cur >= min_score
-    selected = torch.zeros(n, dtype=torch.bool, device=dev)
-    idx = torch.arange(n, device=dev)
-    all_src, all_dst, all_fac = src, dst, fac
-    while bool(alive.any()):  # one host synchronisation per round
-        live = alive[src] & alive[dst]
-        src, dst, fac = src[live], dst[live], fac[live]
-        # A box is selected this round when no remaining interacting neighbour beats its key.
-        beats = (cur[dst] > cur[src]) | ((cur[dst] == cur[src]) & (dst < src))
-        beaten = torch.zeros(n, dtype=torch.bool, device=dev).index_fill_(0, src[beats], True)
-        pick = alive & ~beaten
-        selected |= pick
+    initially = alive.clone()
+    pick_round = torch.full((n,), -1, dtype=torch.long, device=dev)
+    death_round = torch.full((n,), -1, dtype=torch.long, device=dev)
+    rnd = 0
+    while True:
+        live = alive.nonzero().squeeze(1)
+        if live.numel() == 0:
+            break
+        # 1. Which remaining boxes are beaten by a remaining interacting neighbour?
+        beaten = torch.zeros(n, dtype=torch.uint8, device=dev)
+        lo = torch.arange(1, live.numel() + 1, device=dev)  # each pair once: later positions only
+        for ra, rc in _pair_chunks(lo, sw.windows(live, live)[1], chunk):
+            a, c = live[ra], live[rc]
+            f = _decay_factor(mode, sw.iou(a, c), iou_threshold, sigma)
+            inter = f < 1
+            c_wins = (cur[c] > cur[a]) | ((cur[c] == cur[a]) & (orig[c] < orig[a]))
+            beaten.scatter_reduce_(0, a, (inter & c_wins).to(torch.uint8), "amax")
+            beaten.scatter_reduce_(0, c, (inter & ~c_wins).to(torch.uint8), "amax")
+        pick = alive & (beaten == 0)
+        pick_round.masked_fill_(pick, rnd)
         alive &= ~pick
-        hit = pick[src] & alive[dst]
-        hd, hf = dst[hit], fac[hit]
-        cur = cur.scatter_reduce(0, hd, hf, reduce="prod")
-        killed = torch.zeros(n, dtype=torch.bool, device=dev).index_fill_(0, hd[hf == 0], True)
-        alive &= ~(killed | (cur < min_score))
-    sel = idx[selected]
+        # 2. The new selections decay (or remove) their remaining neighbours.
+        rows, rest = pick.nonzero().squeeze(1), alive.nonzero().squeeze(1)
+        killed = torch.zeros(n, dtype=torch.uint8, device=dev)
+        for rr, rq in _pair_chunks(*sw.windows(rows, rest), chunk):
+            p, q = rows[rr], rest[rq]
+            f = _decay_factor(mode, sw.iou(p, q), iou_threshold, sigma)
+            cur.scatter_reduce_(0, q, f, "prod")
+            killed.scatter_reduce_(0, q, (f == 0).to(torch.uint8), "amax")
+        dead = alive & ((killed > 0) | (cur < min_score))
+        death_round.masked_fill_(dead, rnd)
+        alive &= ~dead
+        rnd += 1
+    # Selection order: by output score, ties by lower index.
+    sel = (pick_round >= 0).nonzero().squeeze(1)
+    sel = sel[torch.sort(orig[sel]).indices]
     sel = sel[torch.sort(-cur[sel], stable=True).indices]
-    sel_score = cur[sel]
-    dropper = _droppers(scores.detach().to(torch.float64), sel, all_src, all_dst, all_fac, min_score)
-    voted = None
-    if variances is not None:
-        voted = _vote_torch(b, variances.detach().to(torch.float64), sel, dropper, i_pair, j_pair, iou_pair, sigma_t)
-    return sel, sel_score, dropper, voted
-
-
-def _droppers(scores: Tensor, sel: Tensor, src: Tensor, dst: Tensor, fac: Tensor, min_score: float) -> Tensor:
-    """The selected box that removed each removed box (-1 for the others).
-
-    Replays, for every box, the decays of its selected neighbours in selection order (the
-    order of the output scores) and finds where its score first fell below ``min_score``.
-    Args: scores (N,) initial; sel (K,) selection order; src, dst, fac (E,) directed
-    interacting pairs and their decay factors.
-    """
-    n, dev = scores.shape[0], scores.device
     t_sel = torch.full((n,), -1, dtype=torch.long, device=dev)
     t_sel[sel] = torch.arange(sel.numel(), device=dev)
-    removed = (t_sel < 0) & (scores >= min_score)  # boxes below min_score were never candidates
-    e = (t_sel[src] >= 0) & removed[dst]
-    src, dst, fac = src[e], dst[e], fac[e]
-    order = torch.argsort(dst * n + t_sel[src])
-    src, dst, fac = src[order], dst[order], fac[order]
-    seg_first = torch.searchsorted(dst, dst, side="left")
-    logs = torch.cumsum(torch.log(fac.clamp(min=1e-300)), 0)
-    zeros = torch.cumsum((fac == 0).to(torch.long), 0)
-    prev_logs = torch.where(seg_first > 0, logs[seg_first - 1], torch.zeros_like(logs))
-    prev_zeros = torch.where(seg_first > 0, zeros[seg_first - 1], torch.zeros_like(zeros))
-    running = scores[dst] * torch.exp(logs - prev_logs)
-    gone = ((zeros - prev_zeros) > 0) | (running < min_score * (1 + 1e-9))
-    pos = torch.arange(dst.numel(), device=dev)
-    first = torch.full((n,), dst.numel(), dtype=torch.long, device=dev)
-    first = first.scatter_reduce(0, dst, torch.where(gone, pos, dst.numel()), reduce="amin")
-    # Rounding at the boundary may hide the crossing: fall back to the last selected neighbour.
-    first = first.scatter_reduce(0, dst, torch.searchsorted(dst, dst, side="right") - 1, reduce="amin")
-    has = first < dst.numel()
+    removed = initially & (pick_round < 0)
+    dropper = _droppers_torch(sw, scores.detach().to(torch.float64)[orig], sel, t_sel, pick_round, death_round,
+                              removed, mode, iou_threshold, sigma, min_score, chunk)
+    voted = None
+    if variances is not None:
+        var = variances.detach().to(torch.float64)[orig]
+        voted = _vote_torch(sw, var, sel, t_sel, dropper, initially, sigma_t, chunk)
+    dropper_orig = torch.full((n,), -1, dtype=torch.long, device=dev)
+    has = dropper >= 0
+    dropper_orig[orig[has]] = orig[dropper[has]]
+    return orig[sel], cur[sel], dropper_orig, voted
+
+
+def _droppers_torch(sw, scores, sel, t_sel, pick_round, death_round, removed, mode, iou_threshold, sigma,
+                    min_score, chunk):
+    """The selected box (sweep position) that removed each removed box, -1 for the others.
+
+    The pairs (selected box s, removed box m) are enumerated with s in selection order, so a
+    chunk holds the decays of each m in the order the sequential algorithm applies them: only
+    those of boxes selected in a round no later than the one that removed m. Hard suppression:
+    the first selected box that suppresses m. Decays: replays each m's score in log space from
+    one chunk to the next and finds where it first falls below ``min_score``.
+    """
+    n, dev = scores.shape[0], scores.device
+    rest = removed.nonzero().squeeze(1)
+    big = torch.iinfo(torch.long).max
+    first_t = torch.full((n,), big, dtype=torch.long, device=dev)
+    if mode == _HARD:
+        for rr, rq in _pair_chunks(*sw.windows(sel, rest), chunk):
+            s, m = sel[rr], rest[rq]
+            hit = sw.iou(s, m) > iou_threshold
+            first_t.scatter_reduce_(0, m, torch.where(hit, rr, big), "amin")
+    else:
+        logs = torch.zeros(n, dtype=torch.float64, device=dev)  # running log-decay of each box
+        last_t = torch.full((n,), -1, dtype=torch.long, device=dev)
+        for rr, rq in _pair_chunks(*sw.windows(sel, rest), chunk):
+            s, m = sel[rr], rest[rq]
+            f = _decay_factor(mode, sw.iou(s, m), iou_threshold, sigma)
+            applied = (f < 1) & (pick_round[s] <= death_round[m]) & (first_t[m] == big)
+            t = torch.where(applied, rr, big)
+            # Sort this chunk's decays by (box, selection time); segment prefix sums per box.
+            key = torch.where(applied, m, n) * (sel.numel() + 1) + torch.where(applied, rr, 0)
+            o = torch.argsort(key)
+            m_o, t_o, ok = m[o], t[o], applied[o]
+            lf = torch.where(ok, torch.log(f[o].clamp(min=1e-300)), 0.0)
+            zero = ok & (f[o] == 0)
+            csum = torch.cumsum(lf, 0)
+            seg_first = torch.searchsorted(torch.where(ok, m_o, n), torch.where(ok, m_o, n), side="left")
+            before = torch.where(seg_first > 0, csum[(seg_first - 1).clamp(min=0)], 0.0)
+            zseen = torch.cumsum(zero.long(), 0)
+            zbefore = torch.where(seg_first > 0, zseen[(seg_first - 1).clamp(min=0)], 0)
+            running = scores[m_o] * torch.exp(logs[m_o] + csum - before)
+            gone = ok & (((zseen - zbefore) > 0) | (running < min_score * (1 + 1e-9)))
+            first_t.scatter_reduce_(0, m_o, torch.where(gone, t_o, big), "amin")
+            logs.index_add_(0, m_o, lf)
+            last_t.scatter_reduce_(0, m_o, torch.where(ok, t_o, -1), "amax")
+        # Rounding at the boundary may hide the crossing: fall back to the last decay.
+        first_t = torch.where((first_t == big) & (last_t >= 0), last_t, first_t)
     dropper = torch.full((n,), -1, dtype=torch.long, device=dev)
-    dropper[has] = src[first[has]]
+    found = first_t < big
+    dropper[found] = sel[first_t[found]]
     return dropper
 
 
-def _vote_torch(b, var, sel, dropper, i_pair, j_pair, iou_pair, sigma_t):
-    """Variance voting from the selection order, with every vote decided at once.
+def _vote_torch(sw, var, sel, t_sel, dropper, initially, sigma_t, chunk):
+    """Variance voting from the selection order, chunk by chunk.
 
     A candidate m votes for the selected box s when it overlaps s and was still remaining when
     s was selected: selected after s, or removed by a box selected no earlier than s.
     """
-    n, dev = b.shape[0], b.device
-    t_sel = torch.full((n,), -1.0, dtype=torch.float64, device=dev)
-    t_sel[sel] = torch.arange(sel.numel(), device=dev, dtype=torch.float64)
-    t_removed = t_sel.clone()
+    n, dev = var.shape[0], var.device
+    b = sw.b
+    t_gone = torch.where(t_sel >= 0, t_sel, torch.full_like(t_sel, -1))
     removed = dropper >= 0
-    t_removed[removed] = t_sel[dropper[removed]] + 0.5
-    src = torch.cat([i_pair, j_pair])
-    dst = torch.cat([j_pair, i_pair])
-    iou = torch.cat([iou_pair, iou_pair])
-    votes = (t_sel[src] >= 0) & (t_removed[dst] > t_sel[src])
-    src, dst, iou = src[votes], dst[votes], iou[votes]
-    w = torch.exp(-((1.0 - iou) ** 2) / sigma_t)[:, None] / var[dst]
-    den = (1.0 / var).index_add(0, src, w)
-    num = (b / var).index_add(0, src, w * b[dst])
+    t_gone[removed] = t_sel[dropper[removed]]  # removed when its dropper was selected
+    cands = initially.nonzero().squeeze(1)
+    num, den = b / var, 1.0 / var
+    for rr, rq in _pair_chunks(*sw.windows(sel, cands), chunk):
+        s, m = sel[rr], cands[rq]
+        iou = sw.iou(s, m)
+        votes = (iou > 0) & (m != s) & ((t_sel[m] > rr) | (removed[m] & (t_gone[m] >= rr)))
+        w = torch.where(votes, torch.exp(-((1.0 - iou) ** 2) / sigma_t), 0.0)[:, None] / var[m]
+        den.index_add_(0, s, w)
+        num.index_add_(0, s, w * b[m])
     return (num / den)[sel]
 
 
@@ -528,15 +768,11 @@ def _greedy(boxes, scores, labels, mode, iou_threshold=0.5, sigma=0.5, min_score
             variances=None, sigma_t=0.02, backend=None):
     """Dispatch the greedy core. Returns ``(sel, sel_scores, dropper, voted)`` on boxes' device."""
     dev = boxes.device
-    if labels is None:
-        labels = torch.zeros(boxes.shape[0], dtype=torch.long, device=dev)
     if backend is None:
         backend = "numba" if dev.type == "cpu" else "torch"
-    if backend not in ("numba", "torch"):
-        raise ValueError(f"backend must be 'numba', 'torch' or None, got {backend!r}")
     if backend == "numba":
-        out = _greedy_numba(boxes.cpu(), scores.cpu(), labels.cpu(), mode, iou_threshold, sigma, min_score,
-                            None if variances is None else variances.cpu(), sigma_t)
+        out = _greedy_numba(boxes.cpu(), scores.cpu(), None if labels is None else labels.cpu(), mode,
+                            iou_threshold, sigma, min_score, None if variances is None else variances.cpu(), sigma_t)
         return tuple(None if t is None else t.to(dev) for t in out)
     return _greedy_torch(boxes, scores, labels, mode, iou_threshold, sigma, min_score, variances, sigma_t)
 
@@ -576,6 +812,7 @@ def soft_nms(
     _check_threshold(iou_threshold, "iou_threshold")
     _check_positive(sigma, "sigma")
     _check_threshold(min_score, "min_score", 0.0, math.inf)
+    _check_backend(backend)
     if boxes.shape[0] == 0:
         return _empty_long(boxes.device), scores.new_empty(0)
     cd = _compute_dtype(boxes)
@@ -607,6 +844,7 @@ def iou_guided_nms(
     """
     _check_inputs(boxes, scores, labels, quality=quality)
     _check_threshold(iou_threshold, "iou_threshold")
+    _check_backend(backend)
     if boxes.shape[0] == 0:
         return _empty_long(boxes.device), scores.new_empty(0)
     cd = _compute_dtype(boxes)
@@ -640,6 +878,9 @@ def quality_nms(
     _check_inputs(boxes, scores, labels, quality=quality)
     _check_threshold(iou_threshold, "iou_threshold")
     _check_threshold(weight, "weight")
+    _check_positive(sigma, "sigma")
+    _check_threshold(min_score, "min_score", 0.0, math.inf)
+    _check_backend(backend)
     if soft not in (None, "linear", "gaussian"):
         raise ValueError(f"soft must be None, 'linear' or 'gaussian', got {soft!r}")
     combined = scores.clamp(0, 1) ** (1 - weight) * quality.to(scores.dtype).clamp(0, 1) ** weight
@@ -648,7 +889,7 @@ def quality_nms(
                         min_score=min_score, backend=backend)
     if boxes.shape[0] == 0:
         return _empty_long(boxes.device), scores.new_empty(0)
-    keep = _hard_nms(boxes, combined, labels, iou_threshold)
+    keep = _hard_nms(boxes, combined, labels, iou_threshold, backend)
     return keep, combined[keep]
 
 
@@ -684,6 +925,8 @@ def var_voting(
     _check_threshold(iou_threshold, "iou_threshold")
     _check_positive(sigma_t, "sigma_t")
     _check_positive(soft_sigma, "soft_sigma")
+    _check_threshold(min_score, "min_score", 0.0, math.inf)
+    _check_backend(backend)
     if suppression not in ("hard", "soft"):
         raise ValueError(f"suppression must be 'hard' or 'soft', got {suppression!r}")
     if boxes.shape[0] == 0:
@@ -731,13 +974,17 @@ def postprocess(candidates: dict, method: str = "nms", max_detections: int = 100
         raise ValueError("candidates must be a dict with at least 'boxes' and 'scores'")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if not isinstance(max_detections, int) or max_detections < 0:
+    if not isinstance(max_detections, int) or isinstance(max_detections, bool) or max_detections < 0:
         raise ValueError(f"max_detections must be a non-negative int, got {max_detections!r}")
     boxes, scores, labels = candidates["boxes"], candidates["scores"], candidates.get("labels")
     needs = {"iou-guided": "quality", "quality": "quality", "var-voting": "variances"}
     need = needs.get(method.split("+")[0])
     if need is not None and candidates.get(need) is None:
         raise ValueError(f"method {method!r} needs candidates[{need!r}], which this detector does not predict")
+    # The method validates what it uses; the other signals are validated here, so that a malformed
+    # one is reported rather than silently dropped from the output.
+    unused = {k: candidates.get(k) for k in ("quality", "variances") if k != need}
+    _check_inputs(boxes, scores, labels, **unused)
     new_boxes = None
     if method == "nms":
         keep = nms(boxes, scores, labels, **params)
