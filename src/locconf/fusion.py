@@ -46,7 +46,11 @@ both. Differences:
   (pixels), reject ``x2 < x1`` with a ``ValueError``, and keep zero-area boxes (they match
   nothing, IoU 0, and form clusters of their own).
 * ensemble-boxes accumulates fused boxes in float32; we compute in float64 and return the input's
-  floating dtype.
+  floating dtype. Where a box's IoU with two clusters (or with the threshold) differs by less than
+  float32 rounding, the box can therefore join a different cluster there: in
+  ``benchmarks/fusion.py``'s scene of 3 x 20,000 raw candidates one box of 60,000 does, and two
+  fused boxes differ by up to 0.011 (in [0, 1] units); with ensemble-boxes' fused boxes
+  accumulated in float64 instead, the outputs agree to 2.2e-15.
 * A cluster whose scores are all 0 gets NaN coordinates in ensemble-boxes; here the unweighted mean.
 * Among equal ``score * model_weight``, we take boxes by list, then by position in the list;
   ensemble-boxes' order among ties follows numpy's (unstable) ``argsort``. Among clusters that a box

@@ -85,6 +85,18 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+class _Where:
+    """Formats "file: record i (line l)" only when an error message needs it."""
+
+    __slots__ = ("src", "index", "line")
+
+    def __init__(self, src: "_Source", index: int, line: Optional[int]):
+        self.src, self.index, self.line = src, index, line
+
+    def __format__(self, spec: str) -> str:
+        return self.src._where(self.index, self.line)
+
+
 class _Source:
     """One candidates file, indexed by image (the first pass); :meth:`records` reads one image back.
 
@@ -168,7 +180,7 @@ class _Source:
 
     def _loads(self, line: bytes, index: int, line_no: int) -> Any:
         try:
-            return json.loads(line)
+            return json.loads(line.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{self._where(index, line_no)}: not valid JSON ({e})") from None
 
@@ -232,13 +244,12 @@ class _Source:
         """
         recs = self.records(image_id)
         n = len(recs)
-        boxes, scores, cats, quality, variances, where = [], [], [], [], [], []
+        boxes, scores, cats, quality, variances = [], [], [], [], []
         for index, line, rec in recs:
-            w = self._where(index, line)
-            where.append(w)
             for key in ("category_id", "bbox", "score"):
                 if key not in rec:
-                    raise ValueError(f"{w}: missing key {key!r}")
+                    raise ValueError(f"{self._where(index, line)}: missing key {key!r}")
+            w = _Where(self, index, line)
             cat, bbox, score = rec["category_id"], rec["bbox"], rec["score"]
             if not _is_int(cat):
                 raise ValueError(f"{w}: 'category_id' must be an integer, got {cat!r}")
@@ -280,10 +291,10 @@ class _Source:
             if bool(mask.any()):
                 i = int(mask.nonzero()[0])
                 what = "finite and positive" if key == "variance" else "finite (no NaN or inf)"
-                raise ValueError(f"{where[i]}: {key!r} must be {what}")
+                raise ValueError(f"{self._where(*recs[i][:2])}: {key!r} must be {what}")
         if bool(size_bad.any()):
             i = int(size_bad.nonzero()[0])
-            raise ValueError(f"{where[i]}: 'bbox' has a negative width or height: {boxes[i]}")
+            raise ValueError(f"{self._where(*recs[i][:2])}: 'bbox' has a negative width or height: {boxes[i]}")
         cand["boxes"] = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
         cand["bbox"] = boxes
         return cand
