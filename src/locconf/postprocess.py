@@ -46,6 +46,7 @@ Both backends can be chosen explicitly with ``backend="numba" | "torch"``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import numba
@@ -212,21 +213,42 @@ def nms(boxes: Tensor, scores: Tensor, labels: Optional[Tensor] = None, iou_thre
 # The greedy core, CPU: a numba kernel that computes overlaps on the fly
 # --------------------------------------------------------------------------------------------
 #
-# Memory is O(N): no pair is ever stored. Boxes are laid out by (class, x1); a selected box p
-# can only overlap a box q of its class with x1[p] - max_width < x1[q] < x2[p], found by binary
-# search. Removed and selected boxes are skipped by a "next remaining position" forest with
-# path halving (each dead position points further right), so a scan only visits remaining
-# boxes. Every IoU and decay is computed with the same floating-point operations, in the same
-# order, as the plain sequential algorithm, so scores are bit-identical to it.
+# Memory is O(N): no pair is ever stored. The remaining boxes of each class are split into
+# horizontal bands by y1 and packed by (class, band, x1) into "slots". A selected box p can only
+# overlap, in a band whose y-extent reaches its own, the slots with x1[p] - (widest box of the
+# band) < x1 < x2[p], found by two binary searches and filtered by a vectorised pass. A box
+# that leaves gets y1 = +inf, y2 = -inf, so it never passes the filter, and the slots are
+# re-packed once half of them are dead. Every IoU and decay is computed with the operations of
+# the plain sequential algorithm, in the same order, so output scores are bit-identical to it.
+#
+# The kernels are compiled once and cached on disk (``cache=True``): in ``__pycache__`` beside
+# this file when that is writable, else in numba's user-wide cache directory
+# (``$NUMBA_CACHE_DIR`` if set, else ``~/.cache/numba``). Where no cache location is writable
+# they are compiled in every process (a few seconds at the first call).
 
 
-@numba.njit(cache=True, inline="always")
+def _njit(**options):
+    """``numba.njit`` with an on-disk cache where one can be written."""
+
+    def wrap(fn):
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError as e:  # numba: "cannot cache function ...: no locator available"
+            warnings.warn(f"locconf.postprocess: numba cannot cache {fn.__name__} ({e}); it will be compiled "
+                          "in every process. Set NUMBA_CACHE_DIR to a writable directory to avoid this.",
+                          RuntimeWarning, stacklevel=2)
+            return numba.njit(**options)(fn)
+
+    return wrap
+
+
+@_njit(inline="always")
 def _nb_before(k1, t1, k2, t2):
     """(key, tie) pair ordering of the selection: higher key first, then lower index."""
     return k1 > k2 or (k1 == k2 and t1 < t2)
 
 
-@numba.njit(cache=True, inline="always")
+@_njit(inline="always")
 def _nb_sift_down(hk, ht, size, at):
     """Restore the max-heap (keys ``hk``, original indices ``ht``) below position ``at``."""
     k = hk[at]
@@ -247,17 +269,7 @@ def _nb_sift_down(hk, ht, size, at):
     ht[at] = t
 
 
-@numba.njit(cache=True, inline="always")
-def _nb_next_alive(nxt, q):
-    """Smallest remaining position >= q (position N is a sentinel), halving the path."""
-    while nxt[q] != q:
-        r = nxt[nxt[q]]
-        nxt[q] = r
-        q = r
-    return q
-
-
-@numba.njit(cache=True, inline="always")
+@_njit(inline="always")
 def _nb_decay(mode, iou, iou_threshold, sigma):
     if mode == 0:
         return 0.0 if iou > iou_threshold else 1.0
@@ -266,7 +278,7 @@ def _nb_decay(mode, iou, iou_threshold, sigma):
     return math.exp(-(iou * iou) / sigma)
 
 
-@numba.njit(cache=True)
+@_njit()
 def _nb_candidates(cx2, cy1, cy2, lo, hi, px1, py1, py2, mask, buf, k):
     """Append to ``buf[k:]`` the slots in [lo, hi) whose box reaches past px1 and overlaps
     [py1, py2] vertically (the caller bounds x1 below px2); returns the new length. Two simple
@@ -283,7 +295,7 @@ def _nb_candidates(cx2, cy1, cy2, lo, hi, px1, py1, py2, mask, buf, k):
     return k
 
 
-@numba.njit(cache=True)
+@_njit()
 def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, var, sigma_t, vote, band_size):
     """Greedy suppression (hard, linear or Gaussian decay), optionally with variance voting.
 
@@ -298,22 +310,20 @@ def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, va
     """
     n = s.shape[0]
     inf = np.inf
-    cur = s.copy()  # current scores, by original index
     alive = np.empty(n, np.bool_)  # remaining, by original index
-    area = np.empty(n)
     for i in range(n):
-        alive[i] = cur[i] >= min_score  # boxes that start below min_score are never candidates
-        area[i] = (b[i, 2] - b[i, 0]) * (b[i, 3] - b[i, 1])
+        alive[i] = s[i] >= min_score  # boxes that start below min_score are never candidates
 
-    # 1. Layout. The remaining boxes of each class are split into horizontal bands of equal
-    #    height by y1 and packed by (class, band, x1) into "slots"; a (class, band) is a
-    #    segment. A box that leaves gets y1 = +inf, y2 = -inf, so it never overlaps anything, and
-    #    the slots are re-packed once half of them are dead.
+    # 1. Layout: slots by (class, band, x1); a (class, band) is a segment. Per slot: the box,
+    #    its area, its current score, its inverse variances (voting) and its original index.
     cx1 = np.empty(n)
     cy1 = np.empty(n)
     cx2 = np.empty(n)
     cy2 = np.empty(n)
-    cid = np.empty(n, np.int64)  # original index of each slot
+    carea = np.empty(n)
+    ccur = np.empty(n)
+    civ = np.empty((n if vote else 0, 4))
+    cid = np.empty(n, np.int64)
     cseg = np.empty(n, np.int64)  # segment of each slot
     slot = np.empty(n, np.int64)  # slot of each original index
     seg_lo = np.empty(n, np.int64)  # slots [seg_lo, seg_hi) of each segment
@@ -321,10 +331,10 @@ def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, va
     seg_w = np.empty(n)  # its widest box
     seg_y1 = np.empty(n)  # its lowest y1
     seg_y2 = np.empty(n)  # its highest y2
-    seg_cls = np.empty(n, np.int64)  # the class of each segment (a number from 0)
+    seg_cls = np.empty(n, np.int64)  # its class (numbered from 0)
     cls_lo = np.empty(n + 1, np.int64)  # segments [cls_lo[c], cls_lo[c + 1]) of class c
     band = np.empty(n, np.int64)
-    count = np.empty(n + 1, np.int64)
+    count = np.empty(66, np.int64)
     nseg = 0
     ncls = 0
     m = 0
@@ -345,7 +355,7 @@ def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, va
                 cnt += 1
                 lo_y = min(lo_y, b[i, 1])
                 hi_y = max(hi_y, b[i, 1])
-        nb = max(1, min(cnt // band_size, 64))
+        nb = max(1, min(cnt // band_size, 64))  # bands of equal height in y1
         span = hi_y - lo_y
         if not (span > 0.0 and span < inf):
             nb = 1
@@ -367,13 +377,18 @@ def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, va
             seg_y1[nseg + g] = inf
             seg_y2[nseg + g] = -inf
             seg_cls[nseg + g] = ncls
-        for t in range(p, e):  # stable counting sort by band keeps x1 sorted in each band
+        for t in range(p, e):  # a stable counting sort by band keeps each band sorted by x1
             i = sweep[t]
             if alive[i]:
                 g = nseg + band[t]
                 q = m + count[band[t]]
                 count[band[t]] += 1
                 cx1[q], cy1[q], cx2[q], cy2[q] = b[i, 0], b[i, 1], b[i, 2], b[i, 3]
+                carea[q] = (b[i, 2] - b[i, 0]) * (b[i, 3] - b[i, 1])
+                ccur[q] = s[i]
+                if vote:
+                    for c in range(4):
+                        civ[q, c] = 1.0 / var[i, c]
                 cid[q] = i
                 cseg[q] = g
                 slot[i] = q
@@ -395,7 +410,7 @@ def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, va
     size = 0
     for r in range(n):
         if alive[rank[r]]:
-            hk[size] = cur[rank[r]]
+            hk[size] = s[rank[r]]
             ht[size] = rank[r]
             size += 1
     r = 0
@@ -428,8 +443,8 @@ def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, va
             if size == 0:
                 break
             i = ht[0]
-            if alive[i] and hk[0] != cur[i]:  # stale key: re-insert with the current score
-                hk[0] = cur[i]
+            if alive[i] and hk[0] != ccur[slot[i]]:  # stale key: re-insert with the current score
+                hk[0] = ccur[slot[i]]
                 _nb_sift_down(hk, ht, size, 0)
                 continue
             size -= 1
@@ -440,22 +455,24 @@ def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, va
                 continue
         # Select i.
         sp = slot[i]
-        px1, py1, px2, py2, pa = b[i, 0], b[i, 1], b[i, 2], b[i, 3], area[i]
+        px1, py1, px2, py2, pa = cx1[sp], cy1[sp], cx2[sp], cy2[sp], carea[sp]
         alive[i] = False
         cy1[sp] = inf
         cy2[sp] = -inf
         n_alive -= 1
         sel[ns] = i
-        sel_score[ns] = cur[i]
-        # 3. The remaining boxes of its class that overlap it: in each band that reaches
-        #    [py1, py2], the slots with px1 - (widest box) < x1 < px2, filtered.
+        sel_score[ns] = ccur[sp]
+        if vote:
+            for c in range(4):
+                den[c] = civ[sp, c]
+                num[c] = b[i, c] * den[c]
+        # 3. The remaining boxes of its class that may overlap it.
         k = 0
-        c = seg_cls[cseg[sp]]
-        for g in range(cls_lo[c], cls_lo[c + 1]):
+        for g in range(cls_lo[seg_cls[cseg[sp]]], cls_lo[seg_cls[cseg[sp]] + 1]):
             lo, hi = seg_lo[g], seg_hi[g]
             if lo == hi or seg_y1[g] >= py2 or seg_y2[g] <= py1:
                 continue
-            lim = px1 - seg_w[g] * 1.000001 - abs(px1) * 1e-15  # <= x1 of any box past px1
+            lim = px1 - seg_w[g] * 1.000001 - abs(px1) * 1e-15  # <= x1 of any box reaching past px1
             while lo < hi:
                 mid = (lo + hi) >> 1
                 if cx1[mid] < lim:
@@ -470,37 +487,40 @@ def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, va
                 else:
                     z = mid
             k = _nb_candidates(cx2, cy1, cy2, lo, a, px1, py1, py2, mask, buf, k)
-        if vote:
-            for c in range(4):
-                den[c] = 1.0 / var[i, c]
-                num[c] = b[i, c] * den[c]
-        # 4. Exactly the operations of the sequential algorithm, pair by pair.
+        # 4. The operations of the sequential algorithm, pair by pair.
         for t in range(k):
             q = buf[t]
-            j = cid[q]
             iw = min(px2, cx2[q]) - max(px1, cx1[q])
             ih = min(py2, cy2[q]) - max(py1, cy1[q])
             inter = iw * ih
-            union = pa + area[j] - inter
+            union = pa + carea[q] - inter
             iou = inter / union if union > 0.0 else 0.0
             if iou > 0.0:
                 if vote:
                     pv = math.exp(-((1.0 - iou) ** 2) / sigma_t)
-                    for c in range(4):
-                        w = pv / var[j, c]
-                        num[c] += w * b[j, c]
-                        den[c] += w
+                    w = pv * civ[q, 0]
+                    num[0] += w * cx1[q]
+                    den[0] += w
+                    w = pv * civ[q, 1]
+                    num[1] += w * cy1[q]
+                    den[1] += w
+                    w = pv * civ[q, 2]
+                    num[2] += w * cx2[q]
+                    den[2] += w
+                    w = pv * civ[q, 3]
+                    num[3] += w * cy2[q]
+                    den[3] += w
                 f = _nb_decay(mode, iou, iou_threshold, sigma)
                 if f < 1.0:
-                    new = cur[j] * f
+                    new = ccur[q] * f
                     if f == 0.0 or new < min_score:
-                        alive[j] = False
+                        alive[cid[q]] = False
                         cy1[q] = inf
                         cy2[q] = -inf
                         n_alive -= 1
-                        dropper[j] = i
+                        dropper[cid[q]] = i
                     else:
-                        cur[j] = new
+                        ccur[q] = new
         if vote:
             for c in range(4):
                 voted[ns, c] = num[c] / den[c]
@@ -509,12 +529,16 @@ def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, va
         if m - n_alive > max(n_alive, 32):
             w2 = 0
             for q in range(m):
-                j = cid[q]
-                if alive[j]:
+                if alive[cid[q]]:
                     cx1[w2], cy1[w2], cx2[w2], cy2[w2] = cx1[q], cy1[q], cx2[q], cy2[q]
-                    cid[w2] = j
+                    carea[w2] = carea[q]
+                    ccur[w2] = ccur[q]
+                    if vote:
+                        for c in range(4):
+                            civ[w2, c] = civ[q, c]
+                    cid[w2] = cid[q]
                     cseg[w2] = cseg[q]
-                    slot[j] = w2
+                    slot[cid[q]] = w2
                     w2 += 1
             m = w2
             seg_lo[:nseg] = 0
