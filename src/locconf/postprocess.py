@@ -52,7 +52,6 @@ from typing import Optional
 import numba
 import numpy as np
 import torch
-import torchvision
 from torch import Tensor
 
 from .boxes import check_boxes
@@ -172,6 +171,8 @@ def _hard_nms(boxes: Tensor, rank_scores: Tensor, labels: Optional[Tensor], iou_
         backend = "numba" if boxes.device.type == "cpu" else "torch"
     if backend == "numba":
         return _greedy(boxes, rank_scores, labels, _HARD, iou_threshold, backend="numba")[0]
+    import torchvision  # here: importing it costs seconds, and only this path needs it
+
     order = torch.sort(rank_scores, descending=True, stable=True).indices
     surrogate = torch.arange(order.numel(), 0, -1, device=boxes.device, dtype=torch.float64)  # fixes the order
     b = boxes[order].to(torch.float64)
