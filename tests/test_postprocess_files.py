@@ -260,6 +260,12 @@ def test_gt_scoring_counts_images_without_records_as_missed(tmp_path):
     src = write_json(tmp_path / "half.json", [r for r in perfect if r["image_id"] == 1])
     report = postprocess_file(src, tmp_path / "o.json", gt=gt, progress=False)
     assert report["metrics"]["output (nms)"]["AR100"] < 1.0  # image 2's objects are missed, not ignored
+    src = write_json(tmp_path / "none.json", [])
+    report = postprocess_file(src, tmp_path / "o.json", gt=gt, progress=False)
+    assert list(report["metrics"]) == ["input (nms)", "output (nms)"]
+    assert report["metrics"]["output (nms)"]["AP"] == 0.0 and report["correlation"]["input candidates"] == {}
+    report = fuse_files([src, src], tmp_path / "o.json", gt=gt, progress=False)
+    assert list(report["metrics"]) == [f"{src} [0] (nms)", f"{src} [1] (nms)", "fused (score)"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,8 +41,9 @@ Against ensemble-boxes (``ensemble_boxes.weighted_boxes_fusion``, v1.0.9), with 
 the fused boxes, scores and labels agree to 1e-6 (tests/test_fusion.py) where inputs are valid for
 both. Differences:
 
-* ensemble-boxes expects coordinates normalised to [0, 1]: it clips every coordinate into [0, 1]
-  with a warning, swaps ``x2 < x1``, and silently skips zero-area boxes. We take boxes in any unit
+* ensemble-boxes expects coordinates normalised to [0, 1]: it clips every coordinate into [0, 1],
+  swaps ``x2 < x1`` and skips zero-area boxes, each with only a warning (pixel boxes are clipped
+  to 1 rather than refused). We take boxes in any unit
   (pixels), reject ``x2 < x1`` with a ``ValueError``, and keep zero-area boxes (they match
   nothing, IoU 0, and form clusters of their own).
 * ensemble-boxes accumulates fused boxes in float32; we compute in float64 and return the input's

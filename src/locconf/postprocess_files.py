@@ -468,13 +468,17 @@ class _Scorer:
                 "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64)}}
         return self._targets[image_id]
 
+    def expect(self, rows: Sequence[str], correlated: Sequence[str]) -> None:
+        """Declare the rows in table order (so that a file without records still gets its row)."""
+        self.rows = {r: [] for r in rows}
+        self.matched = {r: [] for r in correlated}
+
     def add(self, row: str, image_id: int, records: list[dict]) -> None:
         keys = ("image_id", "category_id", "bbox", "score")
-        self.rows.setdefault(row, []).extend({k: r[k] for k in keys} for r in records)
+        self.rows[row].extend({k: r[k] for k in keys} for r in records)
 
     def correlate(self, row: str, image_id: int, cand: dict) -> None:
         """Keep the candidates whose true IoU is > 0.5 (all that the correlation uses)."""
-        self.matched.setdefault(row, [])
         if cand["scores"].shape[0] == 0:
             return
         target = self.target(image_id)
@@ -556,6 +560,8 @@ def postprocess_file(
     _check_signals(src, method)
     cats = scorer.categories if scorer else None
     moves_boxes = method.startswith("var-voting")
+    if scorer is not None:
+        scorer.expect(["input (nms)", f"output ({method})"], ["input candidates", f"output ({method})"])
     with contextlib.closing(src), _AtomicWriter(output) as out:
         for image_id in tqdm(src.image_ids, desc=f"postprocess {method}", unit="img", disable=not progress):
             cand = src.candidates(image_id, cats)
@@ -574,15 +580,8 @@ def postprocess_file(
     result = {"images": len(src.image_ids), "records": src.num_records, "detections": out.count,
               "output": str(output)}
     if scorer is not None:
-        result.update(_reordered(scorer.report(), ["input (nms)", f"output ({method})"]))
+        result.update(scorer.report())
     return result
-
-
-def _reordered(report: dict, first: Sequence[str]) -> dict:
-    """The report with its metric rows in the given order (the table rebuilt to match)."""
-    metrics = {k: report["metrics"][k] for k in first if k in report["metrics"]}
-    metrics.update({k: v for k, v in report["metrics"].items() if k not in metrics})
-    return dict(report, metrics=metrics, table=format_table(metrics))
 
 
 def fuse_files(
@@ -650,8 +649,11 @@ def _fuse_sources(sources, output, weight, fuse_args, method, params, max_detect
             raise ValueError(f"{src.path}: weight {weight!r} needs a {weight!r} in every record; record 0 has none")
     image_ids = sorted(set().union(*(s.image_ids for s in sources)))
     names = [str(s.path) for s in sources]
+    names = [f"{n} [{k}]" if names.count(n) > 1 else n for k, n in enumerate(names)]  # one row per input
     cats = scorer.categories if scorer else None
     fused_row = f"fused ({weight})"
+    if scorer is not None:
+        scorer.expect([f"{n} (nms)" for n in names] + [fused_row], [f"{n} candidates" for n in names] + [fused_row])
     with _AtomicWriter(output) as out:
         for image_id in tqdm(image_ids, desc=f"fuse {weight}", unit="img", disable=not progress):
             dets = []
@@ -678,5 +680,5 @@ def _fuse_sources(sources, output, weight, fuse_args, method, params, max_detect
     result = {"images": len(image_ids), "records": sum(s.num_records for s in sources), "detections": out.count,
               "output": str(output)}
     if scorer is not None:
-        result.update(_reordered(scorer.report(), [f"{n} (nms)" for n in names] + [fused_row]))
+        result.update(scorer.report())
     return result
