@@ -77,12 +77,25 @@ _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 # --------------------------------------------------------------------------------------------
 
 
+_INT64 = 2**63
+
+
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer that fits in int64 (bools are not integers here)."""
+    return isinstance(v, int) and not isinstance(v, bool) and -_INT64 <= v < _INT64
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A JSON number that float64 holds (an integer beyond ~1.8e308 is not)."""
+    if isinstance(v, float):
+        return True
+    if not isinstance(v, int) or isinstance(v, bool):
+        return False
+    try:
+        float(v)
+    except OverflowError:
+        return False
+    return True
 
 
 class _Where:
@@ -142,7 +155,7 @@ class _Source:
             raise ValueError(f"{self._where(index, line)}: missing key 'image_id'")
         image_id = rec["image_id"]
         if not _is_int(image_id):
-            raise ValueError(f"{self._where(index, line)}: 'image_id' must be an integer, got {image_id!r}")
+            raise ValueError(f"{self._where(index, line)}: 'image_id' must be a 64-bit integer, got {image_id!r}")
         if self.known_images is not None and image_id not in self.known_images:
             raise ValueError(f"{self._where(index, line)}: 'image_id' {image_id} is not an image of the ground truth")
         if index == 0:
@@ -252,11 +265,11 @@ class _Source:
             w = _Where(self, index, line)
             cat, bbox, score = rec["category_id"], rec["bbox"], rec["score"]
             if not _is_int(cat):
-                raise ValueError(f"{w}: 'category_id' must be an integer, got {cat!r}")
+                raise ValueError(f"{w}: 'category_id' must be a 64-bit integer, got {cat!r}")
             if known_categories is not None and cat not in known_categories:
                 raise ValueError(f"{w}: 'category_id' {cat} is not a category of the ground truth")
             if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
-                raise ValueError(f"{w}: 'bbox' must be a list of 4 numbers [x, y, w, h], got {bbox!r}")
+                raise ValueError(f"{w}: 'bbox' must be a list of 4 numbers [x, y, w, h], got {bbox!r:.200}")
             if not _is_num(score):
                 raise ValueError(f"{w}: 'score' must be a number, got {score!r}")
             for key, has, out in (("quality", self.has_quality, quality), ("variance", self.has_variance, variances)):
@@ -270,7 +283,7 @@ class _Source:
                 if key == "quality" and not _is_num(v):
                     raise ValueError(f"{w}: 'quality' must be a number, got {v!r}")
                 if key == "variance" and (not isinstance(v, list) or len(v) != 4 or not all(_is_num(x) for x in v)):
-                    raise ValueError(f"{w}: 'variance' must be a list of 4 numbers (x1, y1, x2, y2), got {v!r}")
+                    raise ValueError(f"{w}: 'variance' must be a list of 4 numbers (x1, y1, x2, y2), got {v!r:.200}")
                 out.append(v)
             boxes.append(bbox)
             scores.append(score)
