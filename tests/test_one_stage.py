@@ -77,7 +77,7 @@ def test_build_through_experiment_and_the_package():
     (dict(head_convs=-1), "head_convs"),
     (dict(extra_levels="p6"), "extra_levels"),
     (dict(min_size=96, max_size=64), "max_size"),
-    (dict(backbone="vgg16"), "backbone"),
+    (dict(backbone="not_a_timm_model"), "backbone"),
     (dict(norm="layer"), "norm"),
     (dict(focal_alpha=2.0), "focal_alpha"),
     (dict(qfl_beta=-1.0), "qfl_beta"),
