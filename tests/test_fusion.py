@@ -1,8 +1,10 @@
 """Localization-aware box fusion (locconf.fusion.fuse) against independent references.
 
 * Weighted by score, it is weighted boxes fusion: compared with ensemble-boxes'
-  ``weighted_boxes_fusion`` (the installed wheel ships no tests, so the vectors are the two-model
-  example of its README and random scenes in [0, 1], where its input rules hold).
+  ``weighted_boxes_fusion``. The installed wheel ships neither tests nor its README, so the vectors
+  are the two-model example of the project's README as we remember it (two models, weights 2 and 1,
+  IoU 0.5, skip 0.0001; whether every digit matches the original does not matter, ensemble-boxes
+  itself is run on it), and random scenes in [0, 1], where its input rules hold.
 * Every weighting is compared with a plain one-box-at-a-time reference written here (every
   cluster scanned for every box, the documented formulas), on pixel scenes with boxes from 1 to
   600 px, degenerate boxes, several classes and IoU thresholds on both sides of 0.5 (the fast
@@ -154,7 +156,7 @@ def _scene(seed, models=3, per_model=60, num_labels=3, size=1000.0, offset=0.0, 
 # Against ensemble-boxes (weight="score")
 # --------------------------------------------------------------------------------------------
 
-# The two-model example of ensemble-boxes' README: coordinates in [0, 1].
+# The two-model example of ensemble-boxes' README (as remembered): coordinates in [0, 1].
 README_BOXES = [
     [[0.00, 0.51, 0.81, 0.91], [0.10, 0.31, 0.71, 0.61], [0.01, 0.32, 0.83, 0.93], [0.02, 0.53, 0.11, 0.94],
      [0.03, 0.24, 0.12, 0.35]],
