@@ -298,19 +298,12 @@ def build_model(arch: str = "rcnn", num_classes: int = 1, raw_candidates: bool =
         candidates_per_image: how many candidates an image may return.
         **kwargs: the builder's own keyword arguments.
     """
-    if arch not in ARCHS:
+    builder = _model_builder(arch)
+    if builder is None:
         raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}")
-    if arch == "rcnn":
-        from .models.rcnn import build_rcnn
-
-        return _call(build_rcnn, "model", dict(kwargs, candidates_per_image=candidates_per_image), num_classes)
-    if arch == "one_stage":
-        from .models.one_stage import build_one_stage
-
-        return _call(build_one_stage, "model", dict(kwargs, candidates_per_image=candidates_per_image), num_classes)
-    from .models import build_torchvision_frcnn
-
-    model = _call(build_torchvision_frcnn, "model", kwargs, num_classes)
+    if arch != "torchvision_frcnn":  # locconf's detectors always return raw candidates
+        return _call(builder, "model", dict(kwargs, candidates_per_image=candidates_per_image), num_classes)
+    model = _call(builder, "model", kwargs, num_classes)
     if raw_candidates:
         model.roi_heads.nms_thresh = 1.0  # "suppress IoU > 1": nothing is suppressed
         model.roi_heads.detections_per_img = candidates_per_image
