@@ -188,23 +188,24 @@ def test_absent_signals_are_fine():
 # ------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(n=st.integers(0, 60), c=st.integers(1, 3), seed=st.integers(0, 10_000), chunk=st.integers(1, 50),
-       same=st.booleans())
-def test_torch_backend_in_small_chunks_matches_reference(n, c, seed, chunk, same):
-    """The torch backend never holds more than ``_PAIR_CHUNK`` pairs; tiny chunks change nothing."""
+       store=st.sampled_from([0, 30, 10**9]), same=st.booleans())
+def test_torch_backend_in_small_chunks_matches_reference(n, c, seed, chunk, store, same):
+    """The torch backend evaluates at most ``_PAIR_CHUNK`` candidate pairs at once and keeps at most
+    ``_PAIR_STORE`` overlapping pairs (else enumerates them afresh); neither changes the result."""
     boxes, scores, labels, quality, variances = detector_like(n, c, seed=seed, ties=True)
     if same:  # many identical boxes: every pair overlaps
         boxes[: n // 2] = boxes[:1]
     seen = []
-    original, original_chunks = pp._PAIR_CHUNK, pp._pair_chunks
+    original, original_store, original_chunks = pp._PAIR_CHUNK, pp._PAIR_STORE, pp._pair_chunks
 
     def recording(lo, hi, size):
         for r, c_ in original_chunks(lo, hi, size):
             seen.append(r.numel())
             yield r, c_
 
-    pp._PAIR_CHUNK, pp._pair_chunks = chunk, recording
+    pp._PAIR_CHUNK, pp._PAIR_STORE, pp._pair_chunks = chunk, store, recording
     try:
         for name in NAMES:
             keep, new_scores, new_boxes = run_method(name, boxes, scores, labels, quality, variances, "torch")
@@ -216,8 +217,17 @@ def test_torch_backend_in_small_chunks_matches_reference(n, c, seed, chunk, same
                 torch.testing.assert_close(new_boxes, torch.tensor([r[2] for r in ref], dtype=torch.float64),
                                            rtol=1e-9, atol=1e-9)
     finally:
-        pp._PAIR_CHUNK, pp._pair_chunks = original, original_chunks
+        pp._PAIR_CHUNK, pp._PAIR_STORE, pp._pair_chunks = original, original_store, original_chunks
     assert all(k <= chunk for k in seen)
+
+
+def test_torch_backend_keeps_at_most_the_store():
+    boxes, scores, labels, _, _ = detector_like(300, 1, seed=3)
+    sw = pp._Sweep(boxes.double(), None)
+    live = torch.ones(300, dtype=torch.bool)
+    everything = pp._Pairs(sw, live, 64, 10**9)
+    assert everything.stored is not None and 100 < everything.stored[0].numel() <= 300 * 299 // 2
+    assert pp._Pairs(sw, live, 64, everything.stored[0].numel() - 1).stored is None
 
 
 def test_numba_backend_bands_do_not_change_the_result():

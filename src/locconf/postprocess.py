@@ -8,7 +8,7 @@ empty output; bad input raises a ``ValueError`` that names the argument.
 Semantics (see ``DESIGN.md`` for the papers behind them):
 
 * ``nms``: a box is suppressed when its IoU with a kept box is **greater than** the threshold
-  (torchvision).
+  (as torchvision).
 * ``soft_nms`` (Bodla et al. 2017): linear decay by ``1 - IoU`` where ``IoU >= iou_threshold``
   (mmcv's convention); Gaussian decay by ``exp(-IoU^2 / sigma)`` for every overlap. A box is
   dropped as soon as its decayed score falls below ``min_score``; boxes that start below it are
@@ -23,24 +23,33 @@ Semantics (see ``DESIGN.md`` for the papers behind them):
   changes the later suppression.
 
 Ties in the ranking score are broken by the lower input index, so the result is deterministic.
+Suppression is per class for any finite coordinates and any integer labels: classes are grouped
+by sorting, never by shifting coordinates by a per-class offset (which loses precision).
 
-How the sequential methods stay exact and fast
-----------------------------------------------
-Soft-NMS, IoU-guided NMS and variance voting are greedy: pick the best remaining box, update its
-neighbours, repeat. Two facts make them cheap:
+How the methods stay exact, fast and small
+------------------------------------------
+All methods are greedy: pick the best remaining box, update its neighbours, repeat (hard NMS is
+the case where the update removes). Three facts make them cheap:
 
-1. Only boxes that overlap interact, so the work is over the sparse graph of overlapping pairs
-   (found by a sort-and-sweep over ``x1``), not over all N^2 pairs.
-2. A box whose (score, index) key beats that of every remaining neighbour it interacts with is
+1. Only boxes that overlap interact. Overlaps are computed on the fly from the boxes sorted by
+   x1 (and, on CPU, split into horizontal bands by y1), never stored, so memory is O(N) whatever
+   the number of overlapping pairs (100,000 identical boxes overlap in 5e9 pairs).
+2. Hard suppression never changes a score, so its selection order is the initial ranking; with
+   decays a lazy max-heap finds the best remaining box (its keys bound the current scores).
+3. A box whose (score, index) key beats that of every remaining neighbour it interacts with is
    selected, with its current score, before any of those neighbours, and the decays that
    different boxes apply to a common neighbour commute. Keys at selection time strictly decrease,
    so the selection order is the order of the output scores.
 
-On CPU a compiled numba kernel runs the greedy loop over the graph with a lazy max-heap. On other
-devices (CUDA) a vectorised torch version selects, in each round, every box that beats all its
-remaining neighbours at once (exact by fact 2); it synchronises with the host once per round,
-never per box, and reconstructs the selection times that voting needs from the round results.
-Both backends can be chosen explicitly with ``backend="numba" | "torch"``.
+On CPU a compiled numba kernel runs the greedy loop; each IoU and decay uses the operations of
+the plain sequential algorithm, so its output scores are bit-identical to it. The kernel is
+cached on disk (see the kernel section below for where). On other devices (CUDA) a vectorised
+torch version selects, in each round, every box that beats all its remaining neighbours at once
+(exact by fact 3), enumerating the candidate pairs in chunks of at most ``_PAIR_CHUNK``; it
+synchronises with the host a few times per round, never per box, and reconstructs the selection
+times that voting needs from the round results. Hard NMS on the torch backend uses torchvision
+where shifting classes apart is exact (checked), else the rounds. Both backends can be chosen
+explicitly with ``backend="numba" | "torch"``.
 """
 
 from __future__ import annotations
@@ -67,7 +76,8 @@ __all__ = [
 ]
 
 _HARD, _LINEAR, _GAUSSIAN = 0, 1, 2
-_PAIR_CHUNK = 1 << 19  # the torch backend materialises at most this many candidate pairs at once
+_PAIR_CHUNK = 1 << 20  # the torch backend evaluates at most this many candidate pairs at once
+_PAIR_STORE = 1 << 22  # and keeps the overlapping pairs across rounds only up to this many
 _BAND_SIZE = 512  # about how many boxes of a class the numba kernel puts in one horizontal band
 _SOFT_MODES = {"linear": _LINEAR, "gaussian": _GAUSSIAN}
 
@@ -645,6 +655,64 @@ def _pair_chunks(lo: Tensor, hi: Tensor, chunk: int):
         yield r, lo[r] + (k - starts[r])
 
 
+class _Pairs:
+    """The overlapping pairs (IoU > 0) of a sweep, as the rounds ask for them.
+
+    If there are at most ``store`` of them, they are found once (a chunk of candidates at a time)
+    and kept; otherwise every query enumerates the candidates afresh, a chunk at a time. Either
+    way memory is bounded: ``store`` pairs plus one chunk.
+    """
+
+    def __init__(self, sw: _Sweep, live: Tensor, chunk: int, store: int):
+        self.sw, self.chunk, self.stored = sw, chunk, None
+        pos = live.nonzero().squeeze(1)
+        lo = torch.arange(1, pos.numel() + 1, device=pos.device)  # each pair once: later positions only
+        found, count = [], 0
+        for ra, rc in _pair_chunks(lo, sw.windows(pos, pos)[1], chunk):  # one synchronisation per chunk
+            a, c = pos[ra], pos[rc]
+            iou = sw.iou(a, c)
+            keep = iou > 0
+            found.append((a[keep], c[keep], iou[keep]))
+            count += found[-1][0].numel()
+            if count > store:
+                return  # too many to keep: enumerate afresh at every query
+        self.stored = tuple(torch.cat([f[k] for f in found]) if found else pos[:0].to(dt)
+                            for k, dt in enumerate((torch.long, torch.long, torch.float64)))
+        self.current = self.stored  # the pairs among the boxes still live, shrinking
+
+    def among(self, live: Tensor):
+        """Chunks ``(a, c, iou)`` of the pairs with both boxes live (a bool mask that may only
+        shrink from one call to the next), each pair once."""
+        if self.stored is not None:
+            a, c, iou = self.current
+            keep = live[a] & live[c]
+            self.current = (a[keep], c[keep], iou[keep])
+            yield self.current
+            return
+        pos = live.nonzero().squeeze(1)
+        lo = torch.arange(1, pos.numel() + 1, device=pos.device)
+        for ra, rc in _pair_chunks(lo, self.sw.windows(pos, pos)[1], self.chunk):
+            a, c = pos[ra], pos[rc]
+            yield a, c, self.sw.iou(a, c)
+
+    def between(self, rows: Tensor, cols: Tensor, current: bool = False):
+        """Chunks ``(r, q, iou)``: each overlapping pair of a box ``rows[r]`` (positions, in that
+        order across chunks) and a box q with ``cols[q]`` (a bool mask). ``current``: only pairs
+        among the boxes of the last :meth:`among`."""
+        if self.stored is not None:
+            a, c, iou = self.current if current else self.stored
+            at = torch.full(cols.shape, -1, dtype=torch.long, device=cols.device)
+            at[rows] = torch.arange(rows.numel(), device=cols.device)
+            fw = (at[a] >= 0) & cols[c]  # a is the row
+            bw = (at[c] >= 0) & cols[a]  # c is the row
+            yield torch.cat([at[a][fw], at[c][bw]]), torch.cat([c[fw], a[bw]]), torch.cat([iou[fw], iou[bw]])
+            return
+        pos = cols.nonzero().squeeze(1)
+        for rr, rq in _pair_chunks(*self.sw.windows(rows, pos), self.chunk):
+            q = pos[rq]
+            yield rr, q, self.sw.iou(rows[rr], q)
+
+
 def _decay_factor(mode: int, iou: Tensor, iou_threshold: float, sigma: float) -> Tensor:
     if mode == _HARD:
         return torch.where(iou > iou_threshold, 0.0, 1.0).to(iou.dtype)
@@ -658,26 +726,20 @@ def _greedy_torch(boxes, scores, labels, mode, iou_threshold, sigma, min_score, 
     selected at once (exact: such a box would be selected before any of them), then the new
     selections decay their neighbours. A few host synchronisations per round, none per box."""
     n, dev = boxes.shape[0], boxes.device
-    chunk = _PAIR_CHUNK
     sw = _Sweep(boxes.detach().to(torch.float64), labels)
     orig = sw.order
     cur = scores.detach().to(torch.float64)[orig].clone()  # by sweep position
     alive = cur >= min_score
     initially = alive.clone()
+    pairs = _Pairs(sw, initially, _PAIR_CHUNK, _PAIR_STORE)
     pick_round = torch.full((n,), -1, dtype=torch.long, device=dev)
     death_round = torch.full((n,), -1, dtype=torch.long, device=dev)
     rnd = 0
-    while True:
-        live = alive.nonzero().squeeze(1)
-        if live.numel() == 0:
-            break
+    while bool(alive.any()):
         # 1. Which remaining boxes are beaten by a remaining interacting neighbour?
         beaten = torch.zeros(n, dtype=torch.uint8, device=dev)
-        lo = torch.arange(1, live.numel() + 1, device=dev)  # each pair once: later positions only
-        for ra, rc in _pair_chunks(lo, sw.windows(live, live)[1], chunk):
-            a, c = live[ra], live[rc]
-            f = _decay_factor(mode, sw.iou(a, c), iou_threshold, sigma)
-            inter = f < 1
+        for a, c, iou in pairs.among(alive):
+            inter = _decay_factor(mode, iou, iou_threshold, sigma) < 1
             c_wins = (cur[c] > cur[a]) | ((cur[c] == cur[a]) & (orig[c] < orig[a]))
             beaten.scatter_reduce_(0, a, (inter & c_wins).to(torch.uint8), "amax")
             beaten.scatter_reduce_(0, c, (inter & ~c_wins).to(torch.uint8), "amax")
@@ -685,11 +747,9 @@ def _greedy_torch(boxes, scores, labels, mode, iou_threshold, sigma, min_score, 
         pick_round.masked_fill_(pick, rnd)
         alive &= ~pick
         # 2. The new selections decay (or remove) their remaining neighbours.
-        rows, rest = pick.nonzero().squeeze(1), alive.nonzero().squeeze(1)
         killed = torch.zeros(n, dtype=torch.uint8, device=dev)
-        for rr, rq in _pair_chunks(*sw.windows(rows, rest), chunk):
-            p, q = rows[rr], rest[rq]
-            f = _decay_factor(mode, sw.iou(p, q), iou_threshold, sigma)
+        for _, q, iou in pairs.between(pick.nonzero().squeeze(1), alive, current=True):
+            f = _decay_factor(mode, iou, iou_threshold, sigma)
             cur.scatter_reduce_(0, q, f, "prod")
             killed.scatter_reduce_(0, q, (f == 0).to(torch.uint8), "amax")
         dead = alive & ((killed > 0) | (cur < min_score))
@@ -703,56 +763,50 @@ def _greedy_torch(boxes, scores, labels, mode, iou_threshold, sigma, min_score, 
     t_sel = torch.full((n,), -1, dtype=torch.long, device=dev)
     t_sel[sel] = torch.arange(sel.numel(), device=dev)
     removed = initially & (pick_round < 0)
-    dropper = _droppers_torch(sw, scores.detach().to(torch.float64)[orig], sel, t_sel, pick_round, death_round,
-                              removed, mode, iou_threshold, sigma, min_score, chunk)
+    dropper = _droppers_torch(pairs, scores.detach().to(torch.float64)[orig], sel, pick_round, death_round,
+                              removed, mode, iou_threshold, sigma, min_score)
     voted = None
     if variances is not None:
         var = variances.detach().to(torch.float64)[orig]
-        voted = _vote_torch(sw, var, sel, t_sel, dropper, initially, sigma_t, chunk)
+        voted = _vote_torch(pairs, var, sel, t_sel, dropper, initially, sigma_t)
     dropper_orig = torch.full((n,), -1, dtype=torch.long, device=dev)
     has = dropper >= 0
     dropper_orig[orig[has]] = orig[dropper[has]]
     return orig[sel], cur[sel], dropper_orig, voted
 
 
-def _droppers_torch(sw, scores, sel, t_sel, pick_round, death_round, removed, mode, iou_threshold, sigma,
-                    min_score, chunk):
+def _droppers_torch(pairs, scores, sel, pick_round, death_round, removed, mode, iou_threshold, sigma, min_score):
     """The selected box (sweep position) that removed each removed box, -1 for the others.
 
-    The pairs (selected box s, removed box m) are enumerated with s in selection order, so a
-    chunk holds the decays of each m in the order the sequential algorithm applies them: only
-    those of boxes selected in a round no later than the one that removed m. Hard suppression:
-    the first selected box that suppresses m. Decays: replays each m's score in log space from
-    one chunk to the next and finds where it first falls below ``min_score``.
+    The pairs (selected box s, removed box m) come with s in selection order, so the chunks hold
+    the decays of each m in the order the sequential algorithm applies them: only those of boxes
+    selected in a round no later than the one that removed m. Hard suppression: the first
+    selected box that suppresses m. Decays: replays each m's score in log space from one chunk to
+    the next and finds where it first falls below ``min_score``.
     """
     n, dev = scores.shape[0], scores.device
-    rest = removed.nonzero().squeeze(1)
     big = torch.iinfo(torch.long).max
     first_t = torch.full((n,), big, dtype=torch.long, device=dev)
     if mode == _HARD:
-        for rr, rq in _pair_chunks(*sw.windows(sel, rest), chunk):
-            s, m = sel[rr], rest[rq]
-            hit = sw.iou(s, m) > iou_threshold
-            first_t.scatter_reduce_(0, m, torch.where(hit, rr, big), "amin")
+        for rr, m, iou in pairs.between(sel, removed):
+            first_t.scatter_reduce_(0, m, torch.where(iou > iou_threshold, rr, big), "amin")
     else:
         logs = torch.zeros(n, dtype=torch.float64, device=dev)  # running log-decay of each box
         last_t = torch.full((n,), -1, dtype=torch.long, device=dev)
-        for rr, rq in _pair_chunks(*sw.windows(sel, rest), chunk):
-            s, m = sel[rr], rest[rq]
-            f = _decay_factor(mode, sw.iou(s, m), iou_threshold, sigma)
-            applied = (f < 1) & (pick_round[s] <= death_round[m]) & (first_t[m] == big)
-            t = torch.where(applied, rr, big)
-            # Sort this chunk's decays by (box, selection time); segment prefix sums per box.
-            key = torch.where(applied, m, n) * (sel.numel() + 1) + torch.where(applied, rr, 0)
-            o = torch.argsort(key)
-            m_o, t_o, ok = m[o], t[o], applied[o]
-            lf = torch.where(ok, torch.log(f[o].clamp(min=1e-300)), 0.0)
-            zero = ok & (f[o] == 0)
+        for rr, m, iou in pairs.between(sel, removed):
+            f = _decay_factor(mode, iou, iou_threshold, sigma)
+            applied = (f < 1) & (pick_round[sel[rr]] <= death_round[m]) & (first_t[m] == big)
+            # This chunk's decays by (box, selection time); prefix sums per box.
+            o = torch.argsort(torch.where(applied, m, n) * (sel.numel() + 1) + torch.where(applied, rr, 0))
+            m_o, t_o, ok, f_o = m[o], rr[o], applied[o], f[o]
+            lf = torch.where(ok, torch.log(f_o.clamp(min=1e-300)), 0.0)
+            m_key = torch.where(ok, m_o, n)
+            seg_first = torch.searchsorted(m_key, m_key, side="left")
             csum = torch.cumsum(lf, 0)
-            seg_first = torch.searchsorted(torch.where(ok, m_o, n), torch.where(ok, m_o, n), side="left")
-            before = torch.where(seg_first > 0, csum[(seg_first - 1).clamp(min=0)], 0.0)
-            zseen = torch.cumsum(zero.long(), 0)
-            zbefore = torch.where(seg_first > 0, zseen[(seg_first - 1).clamp(min=0)], 0)
+            zseen = torch.cumsum((ok & (f_o == 0)).long(), 0)
+            prev = (seg_first - 1).clamp(min=0)
+            before = torch.where(seg_first > 0, csum[prev], 0.0)
+            zbefore = torch.where(seg_first > 0, zseen[prev], 0)
             running = scores[m_o] * torch.exp(logs[m_o] + csum - before)
             gone = ok & (((zseen - zbefore) > 0) | (running < min_score * (1 + 1e-9)))
             first_t.scatter_reduce_(0, m_o, torch.where(gone, t_o, big), "amin")
@@ -766,22 +820,19 @@ def _droppers_torch(sw, scores, sel, t_sel, pick_round, death_round, removed, mo
     return dropper
 
 
-def _vote_torch(sw, var, sel, t_sel, dropper, initially, sigma_t, chunk):
+def _vote_torch(pairs, var, sel, t_sel, dropper, initially, sigma_t):
     """Variance voting from the selection order, chunk by chunk.
 
     A candidate m votes for the selected box s when it overlaps s and was still remaining when
     s was selected: selected after s, or removed by a box selected no earlier than s.
     """
-    n, dev = var.shape[0], var.device
-    b = sw.b
-    t_gone = torch.where(t_sel >= 0, t_sel, torch.full_like(t_sel, -1))
+    b = pairs.sw.b
     removed = dropper >= 0
+    t_gone = t_sel.clone()
     t_gone[removed] = t_sel[dropper[removed]]  # removed when its dropper was selected
-    cands = initially.nonzero().squeeze(1)
     num, den = b / var, 1.0 / var
-    for rr, rq in _pair_chunks(*sw.windows(sel, cands), chunk):
-        s, m = sel[rr], cands[rq]
-        iou = sw.iou(s, m)
+    for rr, m, iou in pairs.between(sel, initially):
+        s = sel[rr]
         votes = (iou > 0) & (m != s) & ((t_sel[m] > rr) | (removed[m] & (t_gone[m] >= rr)))
         w = torch.where(votes, torch.exp(-((1.0 - iou) ** 2) / sigma_t), 0.0)[:, None] / var[m]
         den.index_add_(0, s, w)
