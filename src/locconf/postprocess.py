@@ -45,7 +45,8 @@ On CPU a compiled numba kernel runs the greedy loop; each IoU and decay uses the
 the plain sequential algorithm, so its output scores are bit-identical to it. The kernel is
 cached on disk (see the kernel section below for where). On other devices (CUDA) a vectorised
 torch version selects, in each round, every box that beats all its remaining neighbours at once
-(exact by fact 3), enumerating the candidate pairs in chunks of at most ``_PAIR_CHUNK``; it
+(exact by fact 3), enumerating the candidate pairs in chunks of at most ``_PAIR_CHUNK`` and
+keeping the overlapping ones across rounds only while there are at most ``_PAIR_STORE``; it
 synchronises with the host a few times per round, never per box, and reconstructs the selection
 times that voting needs from the round results. Hard NMS on the torch backend uses torchvision
 where shifting classes apart is exact (checked), else the rounds. Both backends can be chosen
