@@ -1,12 +1,15 @@
-"""One-stage detectors with ATSS assignment: the ATSS baseline, GFL's quality focal loss and CLQ.
+"""One-stage detectors with ATSS assignment: the ATSS baseline, GFL and CLQ.
 
-All three share everything but the classification-side representation and its loss:
+All three share the backbone, the ATSS assignment and the towers; they differ in the
+classification-side representation and its loss (and GFL in its box branch):
 
     images ─► GeneralizedRCNNTransform ─► ResNet+FPN ─► shared dense head ─► ATSS assignment (train)
                                                           │                    or candidates (eval)
                             cls tower (GroupNorm) ────────┤─► class logits C  (A·K per location)
-                            reg tower (GroupNorm) ────────┴─► box deltas (A·4), ×Scale per level
-                                                              + centerness (atss) | predicted IoU (clq)
+                            reg tower (GroupNorm) ────────┴─► box output, ×Scale per level:
+                                                              deltas (A·4) | distribution (A·4·17, gfl)
+                                                              + centerness (atss) | predicted IoU
+                                                                and LQE (clq)
 
 Heads (``head=``)
 -----------------
@@ -19,22 +22,35 @@ x2). Score = ``sigmoid(C) x centerness`` (the candidates are first selected on
 ``sigmoid(C) > score_thresh``, as the reference implementations do). ``quality`` in the
 candidates is the predicted centerness; ``cls_scores`` is ``sigmoid(C)`` alone.
 
-``"gfl"`` — Generalized Focal Loss (Li et al., NeurIPS 2020), the quality-focal-loss half: the
-class output is itself the joint class x localization-quality score, trained with QFL (Sec. 3.2)
-whose soft target at the positive class is the IoU between the *decoded predicted box* (detached)
-and its ground truth; the GIoU loss is weighted by the detached maximum class score and
-normalised by the sum of the weights (as in GFL's code). Score = ``sigmoid(C)``. GFL predicts no
-separate localization quality, so its candidates have no ``quality``. Deviation: GFL's
-Distribution Focal Loss (general-distribution box regression, Sec. 3.3) is not used; the box
-branch is ATSS's, so that ``atss`` / ``gfl`` / ``clq`` differ only in the score representation.
+``"gfl"`` — Generalized Focal Loss (Li et al., NeurIPS 2020), both halves, on ATSS's anchor-based
+assignment as GFL itself is built:
+
+* QFL (Sec. 3.2): the class output is itself the joint class x localization-quality score,
+  trained with QFL whose soft target at the positive class is the IoU between the *decoded
+  predicted box* (detached) and its ground truth, normalised by the number of positives.
+  Score = ``sigmoid(C)``; GFL predicts no separate localization quality, so its candidates have no
+  ``quality``.
+* General distribution and DFL (Sec. 3.3): each of the four distances from the anchor centre to
+  the box sides (left, top, right, bottom), in units of the level's stride, is a discrete
+  distribution over ``0, 1, ..., reg_max`` (``reg_max = 16``, 17 bins, GFL's value), predicted as
+  ``4 (reg_max + 1)`` logits per anchor (scaled per level, as GFL's code scales them). The box is
+  decoded from the distributions' expectations ``sum_j softmax_j * j`` times the stride. DFL
+  (Eq. 6, :func:`locconf.losses.distribution_focal_loss`) against the ground-truth distances
+  (clamped to ``reg_max - 0.01`` as GFL's code does), weight 0.25, averaged over the four sides,
+  weighted per positive by the detached maximum class score and normalised by the sum of those
+  weights (GFL's code).
+* GIoU on the decoded box, weight 2, with the same weights and normalisation (GFL's code).
+
+``gfl_box="delta"`` keeps the former variant (ATSS's delta box branch with QFL, no DFL), in which
+``atss`` / ``gfl`` / ``clq`` differ only in the score representation.
 
 ``"clq"`` — CLQ (Liu, Wang, Guo, Tan, "Being Aware of Localization Accuracy By Generating
 Predicted-IoU-Guided Quality Scores", arXiv 2309.13269). Only the abstract and a summary of the
 paper's findings could be retrieved here (not its method section, equations or tables; no code is
 public), so no section of it can be cited for the details. What the abstract and findings state:
 
-1. CLQ is a one-stage detector (on ATSS's sample assignment, as the issue and DESIGN.md describe
-   it); extending ATSS with CLQ's design gives +1.2 AP;
+1. CLQ is a new one-stage detector (47.8 AP on COCO test-dev with ResNeXt-101, 11.5 FPS), and,
+   separately, *extending ATSS* with CLQ's design gives +1.2 AP;
 2. an LQE (localization-quality estimation) branch produces a localization quality score
    *guided by the predicted IoU* (exploiting the close relation of localization accuracy and IoU);
 3. the LQE branch is *embedded in the classification branch*: instead of a separate quality score
@@ -43,33 +59,49 @@ public), so no section of it can be cited for the details. What the abstract and
    classification output is one joint classification-localization-quality representation,
    trained as such.
 
-Our reading, every choice below marked as ours where the text we had does not fix it:
+**Which of the two ours is.** Our ``clq`` is the second, *CLQ's design extended to ATSS*: ATSS's
+anchor-based detector (assignment, one anchor per location, towers, delta box branch, GIoU loss)
+whose centerness is replaced by the predicted-IoU-guided LQE score embedded in the class score.
+Our ``atss`` head is the baseline of that comparison (the +1.2 AP). The full CLQ detector's other
+components are not known from the text we had and are not reproduced.
+
+Our reading of points 2-3, every choice marked as ours where the text we had does not fix it:
 
 * a predicted-IoU branch on the regression tower, ``p = sigmoid(conv(reg_tower))`` per anchor,
   trained with binary cross-entropy against the IoU of the decoded predicted box with its ground
   truth on the positive samples (the IoU-aware formulation of Wu et al. 2020; the form of this loss
-  is our choice);
-* the LQE branch maps the predicted IoU to a quality score ``q = sigmoid(MLP(p))`` (two linear
-  layers per anchor, i.e. 1x1 convolutions, ``lqe_channels`` wide; width and depth are ours,
-  after the small sub-network of GFLV2's DGQP that likewise turns a box statistic into a quality
-  score);
+  is ours);
+* the LQE branch (ours: inputs, width and depth) sees *features*, not only the scalar ``p``: the
+  regression tower's features concatenated with statistics of the predicted IoU at each anchor
+  (``p`` and its maximum and mean over the 3 x 3 neighbourhood, :func:`iou_statistics`), through
+  two 1x1 convolutions (``lqe_channels`` wide) to one logit ``l`` per anchor: the LQE score is
+  ``q = sigmoid(l)``. (A branch that sees only ``p`` is a learned 1-D recalibration of ``p`` and
+  cannot add information; GFLV2's DGQP is the model for a small branch on box statistics.)
+* ``p`` enters the LQE branch **detached** (ours, following the role the abstract gives it:
+  the predicted IoU *guides* the quality score). Without the detach the joint loss, whose target
+  is 0 on every negative, also trains ``p`` and drags it towards 0 wherever the class score is
+  low, so ``p`` stops being an IoU estimate on negatives; detached, ``p`` is trained by its own IoU
+  loss only. The tower features are not detached: the joint loss trains the LQE branch and the
+  towers end to end (as GFLV2 trains DGQP);
 * the joint score is ``J = sigmoid(C) * q`` for every class — the LQE score is embedded in the
-  classification output (the product is how GFLV2 embeds its DGQP score and is our choice here);
-* ``J`` is trained end to end (gradients reach C, the LQE branch and the IoU branch) with the
-  quality focal loss on probabilities, soft target = IoU of the decoded predicted box at the
-  positive class and 0 elsewhere (the joint representation of GFL; our choice of loss);
+  classification output (the product is how GFLV2 embeds its DGQP score; ours here);
+* ``J`` is trained with the quality focal loss, soft target = IoU of the decoded predicted box at
+  the positive class and 0 elsewhere (GFL's joint representation; ours as CLQ's loss), computed
+  from the logits in log space (:func:`locconf.losses.joint_quality_focal_loss`): exact for every
+  ``J``, where the former clamp of ``J`` at 1e-6 stopped the gradient of collapsed positives;
 * the box branch is ATSS's; the GIoU loss is weighted by the detached ``max_k J`` (as GFL).
 
-Score = ``J``; ``quality`` in the candidates is the predicted IoU ``p`` (a calibrated IoU estimate,
-so that the ``iou-guided`` and ``quality`` post-processing of :mod:`locconf.postprocess` rank by
-an IoU prediction, as in IoU-Net and DIR); ``cls_scores`` is ``sigmoid(C)``.
+Score = ``J``; ``quality`` in the candidates is the predicted IoU ``p`` (an IoU estimate, so that
+the ``iou-guided`` and ``quality`` post-processing of :mod:`locconf.postprocess` rank by an IoU
+prediction, as in IoU-Net and DIR); ``cls_scores`` is ``sigmoid(C)``.
 
 Default post-processing (``detect``): ``"nms"`` on the score for every head (ATSS's and GFL's own
 inference; for CLQ the joint score already carries the localization quality, which is the point of
 the joint representation).
 
 Losses are normalised by the number of positive anchors of the batch (at least 1), as in the three
-papers; an image without boxes contributes negatives only, and its box / quality losses are 0.
+papers, except GFL's box-side losses (above); an image without boxes contributes negatives only,
+and its box / quality losses are 0.
 """
 
 from __future__ import annotations
@@ -85,7 +117,14 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from ..boxes import _elementwise_intersection, box_area, decode_boxes
-from ..losses import centerness_loss, clq_loss, giou_loss, quality_focal_loss, sigmoid_focal_loss
+from ..losses import (
+    centerness_loss,
+    clq_loss,
+    distribution_focal_loss,
+    giou_loss,
+    quality_focal_loss,
+    sigmoid_focal_loss,
+)
 from ..postprocess import METHODS, postprocess
 from .atss import _atss_assign, centerness_targets
 from .backbone import NORMS, build_fpn_backbone, check_returned_layers
@@ -94,6 +133,7 @@ from .inputs import check_detection_inputs
 __all__ = ["build_one_stage", "OneStageDetector", "DenseHead", "HEADS"]
 
 HEADS = ("atss", "clq", "gfl")
+GFL_BOXES = ("distribution", "delta")
 EXTRA_LEVELS = ("pool", "p6p7", "none")
 BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # ATSS's anchor-based box coder
 
@@ -122,6 +162,19 @@ def _flatten(x: Tensor, num_anchors: int) -> Tensor:
     return x.view(b, num_anchors, -1, h, w).permute(0, 3, 4, 1, 2).reshape(b, h * w * num_anchors, -1)
 
 
+def iou_statistics(iou_map: Tensor) -> Tensor:
+    """CLQ's LQE input statistics of a predicted-IoU map (our choice, see the module docstring).
+
+    For every anchor ``a`` of a level's map ``p`` (B, A, H, W) of predicted IoUs, three channels per
+    anchor: ``p`` itself, and the maximum and the mean of ``p`` over its 3 x 3 neighbourhood (same
+    anchor shape, edges excluded from the mean), i.e. how well this location's box is expected to
+    fit and whether a neighbour expects to fit better. Returns (B, 3 A, H, W).
+    """
+    local_max = nn.functional.max_pool2d(iou_map, 3, stride=1, padding=1)
+    local_mean = nn.functional.avg_pool2d(iou_map, 3, stride=1, padding=1, count_include_pad=False)
+    return torch.cat([iou_map, local_max, local_mean], dim=1)
+
+
 class DenseHead(nn.Module):
     """The shared dense head: two GroupNorm towers and the per-anchor predictions.
 
@@ -131,53 +184,72 @@ class DenseHead(nn.Module):
         num_classes: ``K`` (sigmoid outputs, no background class).
         head: ``"atss"`` (adds a centerness output), ``"clq"`` (a predicted-IoU output and the
             LQE branch) or ``"gfl"`` (classes and boxes only).
-        num_levels: pyramid levels (one learnable box-delta scale each).
+        num_levels: pyramid levels (one learnable box-output scale each).
         num_convs: convolutions per tower (4 in ATSS / GFL).
         norm_groups: GroupNorm groups of the towers.
         lqe_channels: hidden width of CLQ's LQE branch.
         prior_prob: initial foreground probability of the class outputs (RetinaNet, Sec. 4.1).
+        reg_max: ``None``: the box output is ATSS's 4 deltas per anchor; an int ``n``: GFL's
+            general distribution, ``n + 1`` logits per box side (Sec. 3.3; ``n = 16`` in GFL).
 
     ``forward(features)`` takes the FPN maps (B, C, H_l, W_l) and returns a dict of tensors over all
-    N = sum_l H_l W_l A anchors: ``cls_logits`` (B, N, K), ``bbox_deltas`` (B, N, 4) and, by head,
-    ``centerness_logits`` (B, N) | ``iou_logits`` (B, N) and ``lqe`` (B, N) in (0, 1).
+    N = sum_l H_l W_l A anchors: ``cls_logits`` (B, N, K); ``bbox_deltas`` (B, N, 4) or, with
+    ``reg_max``, ``bbox_dist`` (B, N, 4, reg_max + 1) logits of the distances (left, top, right,
+    bottom) in strides; and, by head, ``centerness_logits`` (B, N) | ``iou_logits`` (B, N) and
+    ``lqe_logits`` (B, N) (the LQE score is their sigmoid).
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, head: str, num_levels: int,
-                 num_convs: int = 4, norm_groups: int = 32, lqe_channels: int = 64, prior_prob: float = 0.01) -> None:
+                 num_convs: int = 4, norm_groups: int = 32, lqe_channels: int = 64, prior_prob: float = 0.01,
+                 reg_max: int | None = None) -> None:
         super().__init__()
         self.head, self.num_anchors, self.num_classes = head, num_anchors, num_classes
+        self.reg_max = reg_max
         self.cls_tower = _tower(in_channels, num_convs, norm_groups)
         self.reg_tower = _tower(in_channels, num_convs, norm_groups)
         self.cls_logits = nn.Conv2d(in_channels, num_anchors * num_classes, 3, padding=1)
-        self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 3, padding=1)
+        box_outputs = 4 if reg_max is None else 4 * (reg_max + 1)
+        self.bbox_pred = nn.Conv2d(in_channels, num_anchors * box_outputs, 3, padding=1)
         self.quality_pred = nn.Conv2d(in_channels, num_anchors, 3, padding=1) if head != "gfl" else None
         self.scales = nn.ModuleList(Scale() for _ in range(num_levels))
+        self.lqe = None
+        if head == "clq":  # sees the regression tower's features and the predicted-IoU statistics
+            self.lqe = nn.Sequential(nn.Conv2d(in_channels + 3 * num_anchors, lqe_channels, 1), nn.ReLU(inplace=True),
+                                     nn.Conv2d(lqe_channels, num_anchors, 1))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
-        self.lqe = None
-        if head == "clq":
-            self.lqe = nn.Sequential(nn.Linear(1, lqe_channels), nn.ReLU(inplace=True), nn.Linear(lqe_channels, 1))
 
     def forward(self, features: Sequence[Tensor]) -> dict[str, Tensor]:
         if len(features) != len(self.scales):
             raise ValueError(f"features must have {len(self.scales)} levels, got {len(features)}")
-        cls, box, quality = [], [], []
+        cls, box, quality, lqe = [], [], [], []
         for level, x in enumerate(features):
             c, r = self.cls_tower(x), self.reg_tower(x)
             cls.append(_flatten(self.cls_logits(c), self.num_anchors))
             box.append(_flatten(self.scales[level](self.bbox_pred(r)), self.num_anchors))
             if self.quality_pred is not None:
-                quality.append(_flatten(self.quality_pred(r), self.num_anchors)[..., 0])
-        out = {"cls_logits": torch.cat(cls, dim=1), "bbox_deltas": torch.cat(box, dim=1)}
+                q = self.quality_pred(r)  # (B, A, H, W)
+                quality.append(_flatten(q, self.num_anchors)[..., 0])
+                if self.lqe is not None:
+                    # the predicted IoU guides the LQE branch but is detached: it stays an IoU
+                    # estimate trained by its own loss only (the joint loss would pull it to 0 on
+                    # every negative); the tower features are not detached (trained end to end)
+                    stats = iou_statistics(torch.sigmoid(q.detach()))
+                    lqe.append(_flatten(self.lqe(torch.cat([r, stats.to(r.dtype)], dim=1)), self.num_anchors)[..., 0])
+        box_out = torch.cat(box, dim=1)
+        if self.reg_max is None:
+            out = {"cls_logits": torch.cat(cls, dim=1), "bbox_deltas": box_out}
+        else:
+            out = {"cls_logits": torch.cat(cls, dim=1),
+                   "bbox_dist": box_out.view(*box_out.shape[:2], 4, self.reg_max + 1)}
         if self.head == "atss":
             out["centerness_logits"] = torch.cat(quality, dim=1)
         elif self.head == "clq":
-            out["iou_logits"] = iou_logits = torch.cat(quality, dim=1)
-            # LQE guided by the predicted IoU (not detached: the joint score trains it end to end)
-            out["lqe"] = torch.sigmoid(self.lqe(torch.sigmoid(iou_logits).unsqueeze(-1).float())[..., 0])
+            out["iou_logits"] = torch.cat(quality, dim=1)
+            out["lqe_logits"] = torch.cat(lqe, dim=1)
         return out
 
 
@@ -188,11 +260,29 @@ def _elementwise_iou(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
 
 
+def distribution_expectation(logits: Tensor) -> Tensor:
+    """GFL's integral (Sec. 3.3): ``(..., n + 1)`` logits over the values ``0..n`` -> ``(...)``
+    expectation ``sum_j softmax(logits)_j * j``."""
+    values = torch.arange(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    return torch.softmax(logits, dim=-1) @ values
+
+
+def distances_to_boxes(centers: Tensor, distances: Tensor) -> Tensor:
+    """Boxes from centres (M, 2) and distances (M, 4) ``(left, top, right, bottom)`` -> (M, 4) xyxy."""
+    return torch.cat([centers - distances[:, :2], centers + distances[:, 2:]], dim=1)
+
+
+def boxes_to_distances(centers: Tensor, boxes: Tensor) -> Tensor:
+    """Distances (M, 4) ``(left, top, right, bottom)`` from centres (M, 2) to the sides of boxes (M, 4)."""
+    return torch.cat([centers - boxes[:, :2], boxes[:, 2:] - centers], dim=1)
+
+
 class OneStageDetector(nn.Module):
     """A dense detector with ATSS assignment and an ``atss`` | ``gfl`` | ``clq`` head.
 
     Build it with :func:`build_one_stage`. ``model(images, targets)`` returns the losses in
-    training (``loss_cls``, ``loss_box`` and ``loss_centerness`` (atss) | ``loss_iou`` (clq)) and,
+    training (``loss_cls``, ``loss_box`` and ``loss_centerness`` (atss) | ``loss_iou`` (clq) |
+    ``loss_dfl`` (gfl with its distribution box branch)) and,
     in evaluation, one dict of candidates per image (every anchor-class pair whose score passes
     ``score_thresh`` among the ``topk_candidates`` best of its level, at most
     ``candidates_per_image``, before any NMS), in the input image's coordinates:
@@ -205,12 +295,12 @@ class OneStageDetector(nn.Module):
                  transform: GeneralizedRCNNTransform, *, topk: int = 9, focal_alpha: float = 0.25,
                  focal_gamma: float = 2.0, qfl_beta: float = 2.0, box_loss_weight: float = 2.0,
                  quality_loss_weight: float = 1.0, score_thresh: float = 0.05, topk_candidates: int = 1000,
-                 candidates_per_image: int = 1000, channels_last: bool = False) -> None:
+                 candidates_per_image: int = 1000, channels_last: bool = False, dfl_weight: float = 0.25) -> None:
         super().__init__()
         self.backbone, self.anchor_generator, self.head, self.transform = backbone, anchor_generator, head, transform
         self.head_type, self.num_classes = head.head, head.num_classes
         self.topk, self.focal_alpha, self.focal_gamma, self.qfl_beta = topk, focal_alpha, focal_gamma, qfl_beta
-        self.box_loss_weight, self.quality_loss_weight = box_loss_weight, quality_loss_weight
+        self.box_loss_weight, self.quality_loss_weight, self.dfl_weight = box_loss_weight, quality_loss_weight, dfl_weight
         self.score_thresh, self.topk_candidates = score_thresh, topk_candidates
         self.candidates_per_image, self.channels_last = candidates_per_image, channels_last
         self.default_method = "nms"
@@ -223,7 +313,12 @@ class OneStageDetector(nn.Module):
     # -- forward ----------------------------------------------------------------------------
 
     def _run(self, images: Sequence[Tensor], targets: Sequence[dict] | None):
-        """Resize and batch, backbone, head, anchors: what training and inference share."""
+        """Resize and batch, backbone, head, anchors: what training and inference share.
+
+        Returns ``(image_list, targets, out, anchors (N, 4), strides (N, 2), counts)`` with
+        ``strides`` the ``(x, y)`` stride of each anchor's level, as the anchor generator spaces
+        them (padded image size // feature size).
+        """
         image_list, targets = self.transform(list(images), [dict(t) for t in targets] if targets is not None else None)
         x = image_list.tensors
         if self.channels_last:
@@ -232,16 +327,34 @@ class OneStageDetector(nn.Module):
         out = self.head(features)
         anchors = self.anchor_generator(image_list, features)[0]  # (N, 4), the same for every image
         counts = [f.shape[-2] * f.shape[-1] * self.head.num_anchors for f in features]
-        return image_list, targets, out, anchors, counts
+        h, w = x.shape[-2:]
+        strides = torch.cat([anchors.new_tensor([w // f.shape[-1], h // f.shape[-2]]).expand(c, 2)
+                             for f, c in zip(features, counts)])
+        return image_list, targets, out, anchors, strides, counts
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict] | None = None):
         self._check_inputs(images, targets, need_targets=self.training)
         original_sizes = [tuple(img.shape[-2:]) for img in images]
-        image_list, targets, out, anchors, counts = self._run(images, targets)
+        image_list, targets, out, anchors, strides, counts = self._run(images, targets)
         if self.training:
-            return self._losses(out, anchors, counts, targets)
-        cands = self._candidates(out, anchors, counts, image_list.image_sizes)
+            return self._losses(out, anchors, strides, counts, targets)
+        cands = self._candidates(out, anchors, strides, counts, image_list.image_sizes)
         return self.transform.postprocess(cands, image_list.image_sizes, original_sizes)
+
+    # -- boxes ----------------------------------------------------------------------------------
+
+    def _box_out(self, out: dict[str, Tensor]) -> Tensor:
+        """The box output: deltas (B, N, 4) or distribution logits (B, N, 4, reg_max + 1)."""
+        return (out["bbox_deltas"] if self.head.reg_max is None else out["bbox_dist"]).float()
+
+    def _decode(self, box_out: Tensor, anchors: Tensor, strides: Tensor) -> Tensor:
+        """Boxes (M, 4) from the box outputs of M anchors (M, 4) | (M, 4, n + 1), their boxes (M, 4)
+        and strides (M, 2): ATSS's delta coder, or GFL's expected distances (in strides) from the
+        anchor centre."""
+        if self.head.reg_max is None:
+            return decode_boxes(box_out, anchors, BOX_CODER_WEIGHTS)
+        centers = (anchors[:, :2] + anchors[:, 2:]) / 2
+        return distances_to_boxes(centers, distribution_expectation(box_out) * strides.repeat(1, 2))
 
     # -- training -----------------------------------------------------------------------------
 
@@ -260,14 +373,13 @@ class OneStageDetector(nn.Module):
         gt_idx = matched[b_idx, a_idx]
         return b_idx, a_idx, gt_boxes[gt_idx], gt_labels[gt_idx] - 1
 
-    def _losses(self, out: dict[str, Tensor], anchors: Tensor, counts: list[int],
+    def _losses(self, out: dict[str, Tensor], anchors: Tensor, strides: Tensor, counts: list[int],
                 targets: list[dict]) -> dict[str, Tensor]:
         cls_logits = out["cls_logits"].float()
-        deltas = out["bbox_deltas"].float()
         b_idx, a_idx, pos_gt, pos_cls = self._assign(anchors, counts, targets)
         num_pos = max(b_idx.numel(), 1)  # known on the host since the assignment's nonzero()
-        pos_anchors = anchors[a_idx]
-        pred = decode_boxes(deltas[b_idx, a_idx], pos_anchors, BOX_CODER_WEIGHTS)  # (P, 4)
+        pos_anchors, pos_box_out = anchors[a_idx], self._box_out(out)[b_idx, a_idx]
+        pred = self._decode(pos_box_out, pos_anchors, strides[a_idx])  # (P, 4)
         giou = giou_loss(pred, pos_gt)  # (P,)
         losses: dict[str, Tensor] = {}
 
@@ -288,13 +400,21 @@ class OneStageDetector(nn.Module):
             losses["loss_cls"] = quality_focal_loss(cls_logits, soft, self.qfl_beta) / num_pos
             weight = torch.sigmoid(cls_logits[b_idx, a_idx]).detach().amax(dim=1)
         else:
-            joint = torch.sigmoid(cls_logits) * out["lqe"].float().unsqueeze(-1)  # (B, N, K)
+            lqe_logits = out["lqe_logits"].float().unsqueeze(-1)  # (B, N, 1), shared by the K classes
             iou_logits = out["iou_logits"].float()[b_idx, a_idx]
-            joint_loss, iou_loss = clq_loss(joint, soft, iou_logits, iou, beta=self.qfl_beta)
+            joint_loss, iou_loss = clq_loss(cls_logits, lqe_logits, soft, iou_logits, iou, beta=self.qfl_beta)
             losses["loss_cls"] = joint_loss / num_pos
             losses["loss_iou"] = self.quality_loss_weight * iou_loss / num_pos
-            weight = joint[b_idx, a_idx].detach().amax(dim=1)
-        losses["loss_box"] = self.box_loss_weight * (weight * giou).sum() / weight.sum().clamp(min=1e-6)
+            joint = torch.sigmoid(cls_logits[b_idx, a_idx]) * torch.sigmoid(lqe_logits[b_idx, a_idx])
+            weight = joint.detach().amax(dim=1)
+        weight_sum = weight.sum().clamp(min=1e-6)
+        losses["loss_box"] = self.box_loss_weight * (weight * giou).sum() / weight_sum
+        if self.head.reg_max is not None:  # GFL's DFL on the 4 sides, in strides, as its code
+            centers = (pos_anchors[:, :2] + pos_anchors[:, 2:]) / 2
+            target = boxes_to_distances(centers, pos_gt) / strides[a_idx].repeat(1, 2)
+            target = target.clamp(0, self.head.reg_max - 0.01)
+            dfl = distribution_focal_loss(pos_box_out, target, reduction="none").mean(dim=1)  # (P,)
+            losses["loss_dfl"] = self.dfl_weight * (weight * dfl).sum() / weight_sum
         return losses
 
     # -- inference ------------------------------------------------------------------------------
@@ -306,11 +426,11 @@ class OneStageDetector(nn.Module):
             ctr = torch.sigmoid(out["centerness_logits"].float())
             return cls, cls * ctr.unsqueeze(-1), {"quality": ctr}
         if self.head_type == "clq":
-            joint = cls * out["lqe"].float().unsqueeze(-1)
+            joint = cls * torch.sigmoid(out["lqe_logits"].float()).unsqueeze(-1)
             return joint, joint, {"quality": torch.sigmoid(out["iou_logits"].float())}
         return cls, cls, {}
 
-    def _candidates(self, out: dict[str, Tensor], anchors: Tensor, counts: list[int],
+    def _candidates(self, out: dict[str, Tensor], anchors: Tensor, strides: Tensor, counts: list[int],
                     image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         select, score, extras = self._scores(out)
         bsz, n, k = score.shape
@@ -328,8 +448,11 @@ class OneStageDetector(nn.Module):
         flat_idx = flat_idx.gather(1, best.indices)  # (B, C), sorted by the selection score
         valid_counts = (best.values > self.score_thresh).sum(dim=1).tolist()  # one sync for the batch
         anchor_idx, cls_idx = flat_idx // k, flat_idx % k
-        deltas = out["bbox_deltas"].float().gather(1, anchor_idx.unsqueeze(-1).expand(-1, -1, 4))
-        boxes = decode_boxes(deltas.reshape(-1, 4), anchors[anchor_idx.reshape(-1)], BOX_CODER_WEIGHTS)
+        box_out = self._box_out(out)
+        flat = box_out.reshape(bsz, box_out.shape[1], -1)
+        picked = flat.gather(1, anchor_idx.unsqueeze(-1).expand(-1, -1, flat.shape[-1]))
+        rows = anchor_idx.reshape(-1)
+        boxes = self._decode(picked.reshape(-1, *box_out.shape[2:]), anchors[rows], strides[rows])
         sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)  # (B, 2) as (h, w)
         limit = sizes.flip(1).repeat(1, 2).repeat_interleave(anchor_idx.shape[1], dim=0)  # (B*C, 4)
         boxes = torch.minimum(boxes.clamp(min=0), limit).reshape(bsz, -1, 4)
@@ -389,10 +512,10 @@ class OneStageDetector(nn.Module):
             self.train(was_training)
 
     def _positive_samples(self, images, targets, original_sizes) -> list[dict[str, Tensor]]:
-        image_list, targets, out, anchors, counts = self._run(images, targets)
+        image_list, targets, out, anchors, strides, counts = self._run(images, targets)
         b_idx, a_idx, pos_gt, pos_cls = self._assign(anchors, counts, targets)
         _, score, extras = self._scores(out)
-        boxes = decode_boxes(out["bbox_deltas"].float()[b_idx, a_idx], anchors[a_idx], BOX_CODER_WEIGHTS)
+        boxes = self._decode(self._box_out(out)[b_idx, a_idx], anchors[a_idx], strides[a_idx])
         fields = {"boxes": boxes, "iou": _elementwise_iou(boxes, pos_gt), "labels": pos_cls + 1,
                   "scores": score[b_idx, a_idx, pos_cls]}
         for name, value in extras.items():
@@ -441,6 +564,9 @@ def build_one_stage(
     box_loss_weight: float = 2.0,
     quality_loss_weight: float = 1.0,
     lqe_channels: int = 64,
+    gfl_box: str = "distribution",
+    reg_max: int = 16,
+    dfl_weight: float = 0.25,
     min_size: int = 400,
     max_size: int = 1333,
     score_thresh: float = 0.05,
@@ -470,6 +596,12 @@ def build_one_stage(
         box_loss_weight: weight of the GIoU loss (2, as ATSS and GFL).
         quality_loss_weight: weight of the centerness (atss) / predicted-IoU (clq) loss.
         lqe_channels: hidden width of CLQ's LQE branch.
+        gfl_box: the box branch of ``head="gfl"``: ``"distribution"`` (GFL's general distribution
+            of the four side distances, ``reg_max + 1`` bins each, with the DFL; the paper's) or
+            ``"delta"`` (ATSS's deltas, so that ``atss`` / ``gfl`` / ``clq`` differ only in the
+            score representation). Ignored by the other heads.
+        reg_max: largest distance of the distribution, in strides (16 in GFL: 17 bins per side).
+        dfl_weight: weight of the Distribution Focal Loss (0.25 in GFL).
         min_size, max_size: the resize rule of ``GeneralizedRCNNTransform``.
         score_thresh: candidates need a score above this (for ``atss`` the class probability).
         topk_candidates: best (anchor, class) pairs kept per level before merging levels.
@@ -479,6 +611,8 @@ def build_one_stage(
     _positive_int(num_classes, "num_classes")
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if gfl_box not in GFL_BOXES:
+        raise ValueError(f"gfl_box must be one of {GFL_BOXES}, got {gfl_box!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if extra_levels not in EXTRA_LEVELS:
@@ -487,6 +621,7 @@ def build_one_stage(
     _positive_int(head_convs, "head_convs", minimum=0)
     _positive_int(head_norm_groups, "head_norm_groups")
     _positive_int(lqe_channels, "lqe_channels")
+    _positive_int(reg_max, "reg_max")
     _positive_int(topk, "topk")
     _positive_int(topk_candidates, "topk_candidates")
     _positive_int(candidates_per_image, "candidates_per_image")
@@ -516,6 +651,7 @@ def build_one_stage(
     _number(qfl_beta, "qfl_beta", 0.0, 10.0)
     _number(box_loss_weight, "box_loss_weight", 0.0, 1e6)
     _number(quality_loss_weight, "quality_loss_weight", 0.0, 1e6)
+    _number(dfl_weight, "dfl_weight", 0.0, 1e6)
     _number(score_thresh, "score_thresh", 0.0, 1.0)
     if score_thresh >= 1.0:
         raise ValueError(f"score_thresh must be < 1, got {score_thresh}")
@@ -529,14 +665,15 @@ def build_one_stage(
     anchor_gen = AnchorGenerator(sizes=tuple((float(s),) for s in anchor_sizes),
                                  aspect_ratios=(tuple(float(r) for r in aspect_ratios),) * len(strides))
     dense = DenseHead(fpn_channels, len(aspect_ratios), num_classes, head, len(strides), num_convs=head_convs,
-                      norm_groups=groups, lqe_channels=lqe_channels)
+                      norm_groups=groups, lqe_channels=lqe_channels,
+                      reg_max=reg_max if head == "gfl" and gfl_box == "distribution" else None)
     transform = GeneralizedRCNNTransform(min_size, max_size, image_mean=list(body.image_mean),
                                          image_std=list(body.image_std))
     model = OneStageDetector(body, anchor_gen, dense, transform, topk=topk, focal_alpha=focal_alpha,
                              focal_gamma=focal_gamma, qfl_beta=qfl_beta, box_loss_weight=box_loss_weight,
                              quality_loss_weight=quality_loss_weight, score_thresh=score_thresh,
                              topk_candidates=topk_candidates, candidates_per_image=candidates_per_image,
-                             channels_last=channels_last)
+                             channels_last=channels_last, dfl_weight=dfl_weight)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
