@@ -10,10 +10,11 @@ Three parts:
    scores uniform in [0, 1], 1 or 80 classes. Every repeat times every method once, in turn
    (interleaved, so that the load of a shared machine hits all of them alike); the table gives
    medians, and ratios against ``torchvision.ops.batched_nms`` on the same boxes.
-2. Memory. Each (input, method) runs in a fresh process: the time of one call and the growth of
-   the peak resident memory over the process's memory just before the call (an upper bound on
-   what the call needed), for 100,000 detector-like boxes and for 100,000 / 10,000 identical
-   boxes (every pair overlaps), with torchvision's hard NMS in the same rows.
+2. Memory. Each (input, method) runs in a fresh process: the time of one call and its peak
+   resident memory above the process's memory just before the call (the kernel's peak-RSS mark
+   is reset before the call; ``ru_maxrss`` would not do, as it survives fork and exec from this
+   1 GB parent), for 100,000 detector-like boxes and for 100,000 / 10,000 identical boxes (every
+   pair overlaps), with torchvision's hard NMS in the same rows.
 3. First call. A fresh process imports locconf and times its first call: with an empty numba
    cache (the one-time compilation), with the cache filled, and with numba's own one-time
    initialisation done beforehand (what remains is locconf's: loading its cached kernel).
@@ -144,26 +145,38 @@ def speed_table(sizes, classes, repeats, ensemble_max) -> tuple[str, list[str]]:
 # --------------------------------------------------------------------------------------------
 
 _MEMORY_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
 import postprocess as bench
+
+def status(key):  # MiB, from /proc/self/status
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+
 case, n, method = sys.argv[2], int(sys.argv[3]), sys.argv[4]
 fn = bench.torchvision_nms if method == bench.PEER else bench.METHODS[method]
 args = bench.detector_like(n, 1) if case == "detector-like" else bench.identical(n)
 fn(*(a[:64] for a in args))  # warm-up: loads the numba kernel
-rss = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+try:  # reset the peak resident memory to the current one (Linux >= 4.0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    reset = True
+except OSError:
+    reset = False
+rss = status("VmRSS")
 t = time.perf_counter()
 fn(*args)
 dt = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"s": dt, "growth_mb": peak - rss, "peak_mb": peak}))
+peak = status("VmHWM")
+print(json.dumps({"s": dt, "growth_mb": peak - rss, "peak_mb": peak, "reset": reset}))
 """
 
 
 def memory_table(cases, timeout: float) -> str:
     names = [PEER] + list(METHODS)
-    header = ["input", "N"] + [f"{m}: s / MB" for m in names]
+    header = ["input", "N"] + [f"{m}: s / MiB" for m in names]
     rows = []
     for case, n in cases:
         row = [case, str(n)]
@@ -177,7 +190,7 @@ def memory_table(cases, timeout: float) -> str:
                     row.append(f"failed: {last[:60]}")
                 else:
                     r = json.loads(res.stdout.strip().splitlines()[-1])
-                    row.append(f"{r['s']:.3f} / {r['growth_mb']:.0f}")
+                    row.append(f"{r['s']:.3f} / {r['growth_mb']:.0f}" + ("" if r["reset"] else " (upper bound)"))
             except subprocess.TimeoutExpired:
                 row.append(f"> {timeout:.0f} s")
             print(case, n, name, row[-1], flush=True)
@@ -255,9 +268,9 @@ def main() -> None:
     ), ""] + [f"- {x}" for x in notes]
     if not args.no_memory:
         cases = [("detector-like", 100000), ("identical", 100000), ("identical", 10000)]
-        parts += ["", "One call in a fresh process (one class): seconds / growth of the peak resident memory "
-                  "in MiB over the process's memory before the call (an upper bound on what the call "
-                  "needed; the process itself holds about 0.8 GB of torch and numba).", "",
+        parts += ["", "One call in a fresh process (one class): seconds / MiB, the peak resident memory "
+                  "during the call (reset before it through /proc/self/clear_refs) less the resident "
+                  "memory just before it; the process itself holds about 0.8 GB of torch and numba.", "",
                   memory_table(cases, args.memory_timeout)]
     if not args.no_first_call:
         parts += ["", "First call in a fresh process (4 processes, in this order, sharing one numba cache "

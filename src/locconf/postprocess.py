@@ -633,7 +633,7 @@ class _Sweep:
         ih = (torch.minimum(bp[:, 3], bq[:, 3]) - torch.maximum(bp[:, 1], bq[:, 1])).clamp(min=0)
         inter = iw * ih
         union = self.area[p] + self.area[q] - inter
-        return torch.where(union > 0, inter / union.clamp(min=1e-300), torch.zeros_like(inter))
+        return torch.where(union > 0, inter / torch.where(union > 0, union, 1.0), 0.0)
 
     def windows(self, rows: Tensor, cands: Tensor) -> tuple[Tensor, Tensor]:
         """For each row position, the range [lo, hi) of ``cands`` (sorted positions) it may overlap."""
