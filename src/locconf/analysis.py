@@ -37,7 +37,10 @@ __all__ = [
     "spearman",
     "match_to_ground_truth",
     "confidence_correlation",
+    "calibration_bins",
+    "reliability_diagram",
     "plot_confidence",
+    "plot_reliability",
     "draw_detections",
 ]
 
@@ -257,6 +260,60 @@ def confidence_correlation(
 
 
 # --------------------------------------------------------------------------------------------
+# Calibration: does a predicted IoU of 0.8 mean an IoU of 0.8?
+# --------------------------------------------------------------------------------------------
+
+
+def calibration_bins(pred: Tensor | Sequence[float], true: Tensor | Sequence[float], bins: int = 10) -> dict:
+    """Reliability diagram of predictions ``pred`` (n,) of ``true`` (n,) values, and its ECE.
+
+    ``bins`` equal-width bins of [0, 1] by ``pred`` (bin ``k`` holds ``k/bins <= pred < (k+1)/bins``,
+    the last one includes 1; predictions outside [0, 1] fall into the end bins). The expected
+    calibration error is ``sum_k n_k / n * |mean pred_k - mean true_k|``.
+
+    Returns:
+        JSON-ready ``{"edges": [bins + 1], "count": [bins], "mean_pred": [bins], "mean_true": [bins],
+        "ece": float, "n": int}``; the means of an empty bin are None, the ECE of no data is NaN.
+    """
+    pred, true = _as_pair(pred, true)
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be a positive int, got {bins!r}")
+    index = (pred * bins).floor().clamp(0, bins - 1).long()
+    count = torch.bincount(index, minlength=bins).to(torch.float64)
+    sum_pred = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, pred)
+    sum_true = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, true)
+    n = int(pred.numel())
+    ece = float((sum_pred - sum_true).abs().sum() / n) if n else math.nan
+    safe = count.clamp(min=1)
+    mean_pred, mean_true = (sum_pred / safe).tolist(), (sum_true / safe).tolist()
+    empty = (count == 0).tolist()
+    return {"edges": [k / bins for k in range(bins + 1)], "count": [int(c) for c in count.tolist()],
+            "mean_pred": [None if e else m for m, e in zip(mean_pred, empty)],
+            "mean_true": [None if e else m for m, e in zip(mean_true, empty)], "ece": ece, "n": n}
+
+
+def reliability_diagram(
+    candidates: Sequence[Mapping],
+    gts: Any,
+    signals: Sequence[str] = SIGNALS,
+    bins: int = 10,
+    min_iou: float = 0.5,
+    min_score: float = 0.0,
+) -> dict[str, dict]:
+    """Each confidence signal read as a predicted IoU: :func:`calibration_bins` against the true IoU.
+
+    The candidates are matched as in :func:`confidence_correlation` (best IoU with a ground truth of
+    their class, kept when it is greater than ``min_iou`` and the score is at least ``min_score``);
+    a signal the candidates lack is skipped.
+
+    Returns:
+        ``{signal: calibration_bins(...)}``.
+    """
+    iou, values = _matched_signals(candidates, gts, signals, min_iou, min_score)
+    return {s: calibration_bins(v, iou, bins) for s, v in values.items()}
+
+
+# --------------------------------------------------------------------------------------------
 # Plots (matplotlib's Agg canvas, no pyplot: no global backend state)
 # --------------------------------------------------------------------------------------------
 
@@ -325,6 +382,56 @@ def plot_confidence(
     fig.tight_layout()
     _save(fig, out_path, dpi=110)
     return stats
+
+
+def plot_reliability(
+    diagrams: Mapping[str, Mapping[str, Mapping]],
+    out_path: str | os.PathLike,
+    title: str | None = None,
+) -> Path:
+    """Reliability diagrams, one panel per signal, one curve per series (e.g. raw and calibrated).
+
+    Args:
+        diagrams: ``{series: {signal: calibration_bins(...)}}`` (:func:`reliability_diagram` per series).
+        out_path: PNG path. Each panel plots the mean true IoU against the mean prediction of each
+            non-empty bin (the diagonal is perfect calibration), gives each series' ECE in the
+            legend, and shows the bin counts of the first series as bars below.
+        title: optional figure title.
+
+    Returns:
+        ``out_path`` as a ``Path``.
+    """
+    if not isinstance(diagrams, Mapping) or not diagrams:
+        raise ValueError("diagrams must be a non-empty dict {series: {signal: bins}}")
+    signals = list(dict.fromkeys(s for d in diagrams.values() for s in d)) or ["score"]
+    fig = _figure(4.2 * len(signals), 5.2)
+    grid = fig.add_gridspec(2, len(signals), height_ratios=(3, 1))
+    for col, s in enumerate(signals):
+        ax = fig.add_subplot(grid[0, col])
+        hist = fig.add_subplot(grid[1, col], sharex=ax)
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="mean true IoU", title=_SIGNAL_LABELS.get(s, s))
+        ax.grid(alpha=0.3)
+        first = True
+        for k, (series, per_signal) in enumerate(diagrams.items()):
+            d = per_signal.get(s)
+            if d is None:
+                continue
+            pts = [(p, t) for p, t in zip(d["mean_pred"], d["mean_true"]) if p is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", ms=4, color=f"C{k}", label=f"{series}: ECE {d['ece']:.3f} (n={d['n']})")
+            if first:
+                edges = d["edges"]
+                widths = [b - a for a, b in zip(edges, edges[1:])]
+                hist.bar(edges[:-1], d["count"], width=widths, align="edge", color="0.7", edgecolor="0.4", lw=0.5)
+                first = False
+        ax.legend(fontsize=8, loc="upper left")
+        hist.set(xlabel="signal value (read as a predicted IoU)", ylabel="boxes")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out_path, dpi=110)
 
 
 def draw_detections(

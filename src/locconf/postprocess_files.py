@@ -446,6 +446,19 @@ def _apply(cand: dict, method: str, params: dict, max_detections: int, score_thr
     return postprocess(fields, method, max_detections, **params)
 
 
+def _load_calibration(calibration: Any, sources: Sequence[_Source]) -> Any:
+    """``calibration`` (a :class:`locconf.calibration.Calibration` or its JSON file) checked against the files."""
+    if calibration is None:
+        return None
+    from .calibration import Calibration
+
+    cal = calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
+    for src in sources:
+        if "quality" in cal.knots and not src.has_quality and src.num_records:
+            raise ValueError(f"{src.path}: the calibration maps 'quality' but record 0 has none")
+    return cal
+
+
 def _check_signals(src: _Source, method: str) -> None:
     need = REQUIRED_SIGNALS.get(method)
     if need == "quality" and not src.has_quality and src.num_records:
@@ -546,6 +559,7 @@ def postprocess_file(
     class_agnostic: bool = False,
     gt: str | os.PathLike | None = None,
     progress: bool = True,
+    calibration: Any = None,
 ) -> dict:
     """Post-process a COCO results file of candidates into a COCO results file of detections.
 
@@ -559,6 +573,9 @@ def postprocess_file(
         gt: a COCO instances json: check ids against it and score the output (and the input under
             plain NMS) with COCO metrics and the correlation of each signal with the true IoU.
         progress: a tqdm progress bar over images.
+        calibration: a :class:`locconf.calibration.Calibration` or its JSON file (``locconf eval``
+            writes one): each image's ``quality`` is calibrated before anything else, and the
+            output records carry the calibrated quality.
 
     Returns:
         ``{"images", "records", "detections"}`` counts, and with ``gt`` also ``"metrics"``
@@ -571,6 +588,7 @@ def postprocess_file(
     if _same_file(src.path, output):
         raise ValueError(f"output {output} is the input file; write to another file")
     _check_signals(src, method)
+    calibration = _load_calibration(calibration, [src])
     cats = scorer.categories if scorer else None
     moves_boxes = method.startswith("var-voting")
     if scorer is not None:
@@ -578,6 +596,8 @@ def postprocess_file(
     with contextlib.closing(src), _AtomicWriter(output) as out:
         for image_id in tqdm(src.image_ids, desc=f"postprocess {method}", unit="img", disable=not progress):
             cand = src.candidates(image_id, cats)
+            if calibration is not None:
+                cand = calibration.apply(cand)
             det = _apply(cand, method, params, max_detections, score_threshold, class_agnostic)
             records = _records(image_id, det, None if moves_boxes else cand["bbox"])
             for rec in records:
