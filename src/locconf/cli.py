@@ -47,8 +47,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, _ = load_trained(args.checkpoint, cfg, device=args.device)
     methods = args.methods.split(",") if args.methods else None
     out_dir = args.out or Path(args.checkpoint).parent / "eval"
-    report = run_eval(model, cfg, out_dir, methods=methods, device=args.device)
+    report = run_eval(model, cfg, out_dir, methods=methods, device=args.device, html=args.html, gallery=args.gallery)
     _print_report(report)
+    if report.get("calibrator") is not None:  # saved with the model: <checkpoint>.calibration.json
+        beside = report["calibrator"].save(Path(args.checkpoint).with_suffix(".calibration.json"))
+        print(f"quality calibration (isotonic, for predict/postprocess --calibration): {beside}")
+    if report.get("html"):
+        print(f"report: {report['html']}")
     return 0
 
 
@@ -59,18 +64,32 @@ def _print_report(report: dict) -> None:
         print("\ncorrelation with the true IoU (candidates with IoU > 0.5):")
         for signal, c in corr.items():
             print(f"  {signal:9s} pearson {c['pearson']:+.3f}  spearman {c['spearman']:+.3f}  n={c['n']}")
+    ece = (report.get("calibration") or {}).get("ece") or {}
+    if ece:
+        print("\nexpected calibration error as a predicted IoU (raw -> calibrated out-of-fold):")
+        for signal, e in ece.items():
+            after = f"{e['calibrated']:.3f}" if e.get("calibrated") is not None else "-"
+            print(f"  {signal:9s} {e['raw']:.3f} -> {after}  n={e['n']}")
     print(f"\nresults, table and plots in {report['out_dir']}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .experiment import load_config, load_trained, predict
+    from .experiment import categories_of, load_config, load_trained, predict
 
     cfg = load_config(args.config) if args.config else None
-    model, _ = load_trained(args.checkpoint, cfg, device=args.device)
+    model, cfg = load_trained(args.checkpoint, cfg, device=args.device)
+    class_names, label_to_cat_id = categories_of(cfg)
+    merge = {k: v for k, v in (("max_detections", args.max_detections),
+                               ("candidates_per_tile", args.candidates_per_tile)) if v is not None}
+    csv_path, json_path = args.csv or args.out.with_suffix(".csv"), args.json or args.out.with_suffix(".json")
     dets = predict(model, args.image, args.out, method=args.method, score_threshold=args.score_threshold,
-                   device=args.device)
+                   device=args.device, tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
+                   border=args.border, params=_method_params(args.param, args.params), calibration=args.calibration,
+                   csv_path=csv_path, json_path=json_path, class_names=class_names, label_to_cat_id=label_to_cat_id,
+                   max_side=args.max_side, progress=not args.no_progress, **merge)
     shown = int((dets["scores"] >= args.score_threshold).sum())
-    print(f"{len(dets['scores'])} detections ({shown} with score >= {args.score_threshold}) drawn in {args.out}")
+    print(f"{len(dets['scores'])} detections ({shown} with score >= {args.score_threshold}) drawn in {args.out}; "
+          f"CSV {csv_path}, COCO results {json_path}")
     return 0
 
 
@@ -128,6 +147,8 @@ def _cmd_postprocess(args: argparse.Namespace) -> int:
 
     if (args.input is None) == (args.fuse is None):
         raise ValueError("locconf postprocess needs either one INPUT file or --fuse FILE [FILE ...]")
+    if args.calibration is not None and args.fuse is not None:
+        raise ValueError("--calibration applies to one INPUT file, not to --fuse")
     common = dict(method=args.method, params=_method_params(args.param, args.params),
                   max_detections=args.max_detections, score_threshold=args.score_threshold,
                   class_agnostic=args.class_agnostic, gt=args.gt, progress=not args.no_progress)
@@ -136,7 +157,7 @@ def _cmd_postprocess(args: argparse.Namespace) -> int:
                             model_weights=args.model_weights, conf_type=args.conf_type, **common)
         what = f"fused ({args.weight}-weighted, after {args.method} per file)"
     else:
-        report = postprocess_file(args.input, args.out, **common)
+        report = postprocess_file(args.input, args.out, calibration=args.calibration, **common)
         what = f"post-processed with {args.method}"
     print(f"{report['records']} records in {report['images']} images {what}: "
           f"{report['detections']} detections written to {report['output']}")
@@ -181,15 +202,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", default=None, help="comma-separated, e.g. nms,soft-gaussian,quality")
     ev.add_argument("--out", type=Path, default=None, help="folder for results.json, table.md and plots")
     ev.add_argument("--device", default=None)
+    ev.add_argument("--html", type=Path, default=None, help="also write one self-contained HTML report here")
+    ev.add_argument("--gallery", type=int, default=8, help="images in the report's gallery of detections")
     ev.set_defaults(func=_cmd_eval)
 
-    pr = sub.add_parser("predict", help="draw a checkpoint's detections on an image")
-    pr.add_argument("image", type=Path)
+    pr = sub.add_parser("predict", help="detect objects in an image of any size (tiled) and draw them",
+                        description="Tile the image, run the checkpoint on batches of tiles, merge the tiles' "
+                        "candidates (handling boxes cut by tile borders) and write a drawing, a CSV "
+                        "(xmin, ymin, xmax, ymax, label, score[, quality]) and COCO results.")
+    pr.add_argument("image", type=Path, help="PNG/JPEG (decoded whole) or GeoTIFF (read tile by tile with rasterio)")
     pr.add_argument("--checkpoint", type=Path, required=True)
     pr.add_argument("--config", type=Path, default=None, help="default: config.yaml beside the checkpoint")
-    pr.add_argument("--out", type=Path, required=True)
-    pr.add_argument("--method", default="nms")
-    pr.add_argument("--score-threshold", type=float, default=0.3)
+    pr.add_argument("--out", type=Path, required=True, help="the drawing (PNG, downscaled to --max-side)")
+    pr.add_argument("--csv", type=Path, default=None, help="detections as CSV (default: --out with .csv)")
+    pr.add_argument("--json", type=Path, default=None, help="detections as COCO results (default: --out with .json)")
+    pr.add_argument("--method", default="nms", help="post-processing method that merges the tiles' candidates")
+    pr.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a keyword of the method")
+    pr.add_argument("--params", default=None, metavar="JSON", help="the method's keywords as a JSON object")
+    pr.add_argument("--tile-size", type=int, default=400, help="tile side in pixels")
+    pr.add_argument("--overlap", type=int, default=100, help="least overlap of neighbouring tiles in pixels")
+    pr.add_argument("--batch-size", type=int, default=4, help="tiles per model call")
+    pr.add_argument("--border", default="drop", help="boxes cut by a tile border: drop (when a neighbouring "
+                    "tile sees the whole object), down-weight or none")
+    pr.add_argument("--max-detections", type=int, default=None, help="detections kept (default: 100 per tile)")
+    pr.add_argument("--candidates-per-tile", type=int, default=None, help="cap on each tile's candidates")
+    pr.add_argument("--calibration", type=Path, default=None, help="quality calibration JSON (from locconf eval)")
+    pr.add_argument("--score-threshold", type=float, default=0.3, help="smallest score drawn")
+    pr.add_argument("--max-side", type=int, default=2000, help="longer side of the drawing in pixels")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.add_argument("--device", default=None)
     pr.set_defaults(func=_cmd_predict)
 
@@ -224,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--model-weights", type=float, nargs="+", default=None, help="one weight per --fuse file")
     pp.add_argument("--conf-type", default="avg",
                     help="fused score: avg, max, box_and_model_avg or absent_model_aware_avg")
+    pp.add_argument("--calibration", type=Path, default=None,
+                    help="calibrate each record's quality with this JSON (from locconf eval) first")
     pp.add_argument("--no-progress", action="store_true", help="no progress bar")
     pp.set_defaults(func=_cmd_postprocess)
     return parser

@@ -482,21 +482,31 @@ def _num_classes_from_state(state: dict) -> int:
 
 
 def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
-             methods: Sequence[str] | None = None, device: str | None = None, progress: bool = True) -> dict:
+             methods: Sequence[str] | None = None, device: str | None = None, progress: bool = True,
+             html: str | os.PathLike | None = None, gallery: int = 8) -> dict:
     """Candidates once, every method scored; writes results.json, table.md and the plots.
 
     ``results.json`` holds ``methods`` (metrics per method, overall and per site), ``correlation``
-    (Pearson / Spearman of each confidence signal with the true IoU) and ``correlation_sites``
-    (the same per site, where the images record one).
+    (Pearson / Spearman of each confidence signal with the true IoU), ``correlation_sites``
+    (the same per site, where the images record one) and ``calibration``: the expected calibration
+    error of each signal read as a predicted IoU, as predicted and after out-of-fold isotonic
+    calibration, and the metrics of the quality-ranked methods on calibrated quality
+    (:func:`locconf.calibration.evaluate_calibration`). ``reliability.png`` draws the reliability
+    diagrams; ``calibration.json`` is the quality's map fitted on every image (where the detector
+    predicts a quality). With ``html``, one self-contained page (:mod:`locconf.report`) with a
+    gallery of the first ``gallery`` images' detections.
     """
-    from .analysis import confidence_correlation, draw_detections, plot_confidence
+    from .analysis import confidence_correlation, draw_detections, plot_confidence, plot_reliability
+    from .calibration import evaluate_calibration
     from .data import collate_fn
-    from .engine.evaluate import collect_candidates, evaluate_methods, format_table
+    from .engine.evaluate import REQUIRED_SIGNALS, collect_candidates, evaluate_methods, format_table
     from .postprocess import postprocess
 
     eval_cfg = dict(cfg["eval"])
     methods = list(methods or eval_cfg.pop("methods", ["nms", "soft-linear", "soft-gaussian"]))
     eval_cfg.pop("methods", None)
+    if isinstance(gallery, bool) or not isinstance(gallery, int) or gallery < 0:
+        raise ValueError(f"gallery must be a non-negative int, got {gallery!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _, val_ds, val_json = _call(build_datasets, "data", cfg["data"])
@@ -513,28 +523,144 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
         for site in sites
     }
     plot_confidence(candidates, val_ds, out_dir / "confidence.png")
+    cal = evaluate_calibration(candidates, targets)
+    calibration = {"ece": cal["ece"], "diagrams": cal["diagrams"]}
+    quality_methods = [m for m in results if REQUIRED_SIGNALS.get(m) == "quality"]
+    if cal["quality_calibrated"] and quality_methods:
+        params = {m: p for m, p in (eval_cfg.get("method_params") or {}).items() if m in quality_methods}
+        calibrated = _call(evaluate_methods, "eval", dict(eval_cfg, method_params=params, progress=progress),
+                           cal["quality_calibrated"], str(val_json), quality_methods, val_ds.label_to_cat_id)
+        calibration["methods"] = {}
+        for m in quality_methods:
+            calibration["methods"][m] = results[m]
+            calibration["methods"][f"{m} (calibrated quality)"] = calibrated[m]
+    if cal["diagrams"]:
+        plot_reliability(cal["diagrams"], out_dir / "reliability.png",
+                         title="confidence read as a predicted IoU (matched boxes, IoU > 0.5)")
+    if cal["calibration"] is not None:
+        cal["calibration"].save(out_dir / "calibration.json")
     first = methods[0] if methods[0] in results else next(iter(results))
     image, target = val_ds[0]
     dets = postprocess(candidates[0], first, **(eval_cfg.get("method_params") or {}).get(first, {}))
     draw_detections(image, dets, out_dir / "detections.png", gt=target, class_names=val_ds.class_names)
     table = format_table(results, per_site=True)
+    if calibration.get("methods"):
+        table += "\n\n" + format_table(calibration["methods"])
     (out_dir / "results.json").write_text(json.dumps(
-        {"methods": results, "correlation": correlation, "correlation_sites": correlation_sites}, indent=1))
+        {"methods": results, "correlation": correlation, "correlation_sites": correlation_sites,
+         "calibration": calibration}, indent=1))
     (out_dir / "table.md").write_text(table + "\n")
-    return {"results": results, "correlation": correlation, "correlation_sites": correlation_sites, "table": table,
-            "out_dir": str(out_dir)}
+    report = {"results": results, "correlation": correlation, "correlation_sites": correlation_sites,
+              "calibration": calibration, "calibrator": cal["calibration"], "table": table, "out_dir": str(out_dir)}
+    if html is not None:
+        from .report import write_report
+
+        shown = next((m for m in quality_methods), first)
+        report["html"] = str(write_report(
+            html, "locconf evaluation", results, correlation=correlation, correlation_sites=correlation_sites,
+            calibration={"ece": cal["ece"], "methods": calibration.get("methods"),
+                         "note": "ECE: mean |predicted - true IoU| over equal-width bins, on candidates matched "
+                                 "to a ground truth with IoU > 0.5; calibrated: isotonic map fitted on the other "
+                                 "half of the images (2-fold)."},
+            figures=_report_figures(out_dir),
+            gallery=_gallery(val_ds, candidates, shown, (eval_cfg.get("method_params") or {}).get(shown, {}), gallery),
+            meta=f"{len(val_ds)} images of {val_json}; model {cfg['model'].get('arch', 'rcnn')} "
+                 f"{cfg['model'].get('quality') or cfg['model'].get('head') or ''}; gallery: {shown}"))
+    return report
+
+
+def _report_figures(out_dir: Path) -> dict[str, Path]:
+    """The plots of :func:`run_eval` that exist, with their captions."""
+    captions = {"confidence.png": "Each confidence signal against the true IoU of the matched candidates",
+                "reliability.png": "Reliability diagrams: mean true IoU per bin of the signal (diagonal: calibrated)"}
+    return {c: out_dir / f for f, c in captions.items() if (out_dir / f).is_file()}
+
+
+def _gallery(val_ds, candidates: list[dict], method: str, params: dict, count: int) -> list[dict]:
+    """PNG thumbnails of the first ``count`` images' detections, coloured by predicted quality."""
+    from .postprocess import postprocess
+    from .report import detections_png
+
+    items = []
+    for i in range(min(count, len(val_ds))):
+        image, target = val_ds[i]
+        dets = postprocess(candidates[i], method, **params)
+        caption = f"image {target.get('image_id')}" + (f" ({target['site']})" if "site" in target else "")
+        items.append({"png": detections_png(image, dets, gt=target),
+                      "caption": f"{caption}: {int((dets['scores'] >= 0.3).sum())} detections (score >= 0.3), "
+                                 f"{len(target['boxes'])} objects"})
+    return items
 
 
 def predict(model: nn.Module, image_path: str | os.PathLike, out_path: str | os.PathLike, method: str = "nms",
-            score_threshold: float = 0.3, device: str | None = None) -> dict:
-    """Detect objects in one image and draw them (score and, where predicted, quality)."""
-    from .analysis import draw_detections
-    from .data import load_image
-    from .postprocess import postprocess
+            score_threshold: float = 0.3, device: str | None = None, tile_size: int = 400, overlap: int = 100,
+            batch_size: int = 4, border: str = "drop", params: dict | None = None, calibration: Any = None,
+            csv_path: str | os.PathLike | None = None, json_path: str | os.PathLike | None = None,
+            class_names: Sequence[str] | None = None, label_to_cat_id: dict[int, int] | None = None,
+            max_side: int = 2000, progress: bool = False, **merge_args: Any) -> dict:
+    """Detect objects in an image of any size, tile by tile (:mod:`locconf.tiling`), and write them.
 
-    image = load_image(image_path)
-    with torch.no_grad():
-        candidates = model([image.to(_device(device))])[0]
-    dets = postprocess({k: v.cpu() for k, v in candidates.items()}, method)
-    draw_detections(image, dets, out_path, score_threshold=score_threshold)
+    Writes the drawing ``out_path`` (PNG, downscaled so that its longer side is at most
+    ``max_side``; boxes with a score below ``score_threshold`` are not drawn), a DeepForest CSV
+    (``csv_path``, default ``out_path`` with ``.csv``; map coordinates for GeoTIFFs read with
+    rasterio) and COCO results (``json_path``, default ``.json``). Everything is checked before
+    the model runs, and each file is written through a temporary file.
+
+    Args:
+        tile_size, overlap, batch_size, border, **merge_args: :func:`locconf.tiling.predict_tiled`
+            (``max_detections``, ``candidates_per_tile``, ``margin``, ``cover``, ...).
+        method, params: the post-processing method that merges the tiles, and its keywords.
+        calibration: a :class:`locconf.calibration.Calibration` (or its JSON file) applied to
+            each tile's quality before merging.
+        class_names, label_to_cat_id: name the labels in the CSV and map them to category ids in
+            the JSON (default: the label numbers).
+
+    Returns:
+        The detections in image coordinates (``boxes``, ``scores``, ``labels``, ...), best first.
+    """
+    from .calibration import Calibration
+    from .tiling import TileMerger, draw_overview, open_raster, predict_tiled, tile_grid, write_coco_results, write_csv
+
+    image_path, out_path = Path(image_path), Path(out_path)
+    csv_path = Path(csv_path) if csv_path is not None else out_path.with_suffix(".csv")
+    json_path = Path(json_path) if json_path is not None else out_path.with_suffix(".json")
+    outputs = {"out": out_path, "csv": csv_path, "json": json_path}
+    for name, path in outputs.items():
+        if path.resolve() == image_path.resolve():
+            raise ValueError(f"the {name} file {path} is the input image; write to another file")
+    if len({p.resolve() for p in outputs.values()}) < len(outputs):
+        raise ValueError(f"the drawing, CSV and JSON files must differ, got {out_path}, {csv_path}, {json_path}")
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = Calibration.load(calibration)
+    with open_raster(image_path) as raster:
+        windows = tile_grid(raster.height, raster.width, tile_size, overlap)  # checks the grid arguments
+        TileMerger(windows, (raster.height, raster.width), method, params, border, **merge_args)  # and the rest
+        dets = predict_tiled(model, raster, tile_size, overlap, batch_size, method, params, border,
+                             device=_device(device), progress=progress, calibration=calibration, **merge_args)
+        write_csv(dets, csv_path, class_names, raster.transform, raster.crs)
+        write_coco_results(dets, json_path, label_to_cat_id=label_to_cat_id)
+        draw_overview(raster, dets, out_path, max_side=max_side, score_threshold=score_threshold,
+                      class_names=class_names)
     return dets
+
+
+def categories_of(cfg: dict[str, dict]) -> tuple[list[str] | None, dict[int, int] | None]:
+    """``(class_names, label_to_cat_id)`` of a configuration's data, read from its category list.
+
+    Labels number the categories sorted by id from 1, as :class:`locconf.data.CocoDetection` does
+    (``class_names[0]`` is the background). ``(None, None)`` when the data's JSON file is not
+    there (nothing is fetched or generated).
+    """
+    from .data.coco import read_json
+
+    data = cfg.get("data") or {}
+    root = Path(data.get("root", "data/neon"))
+    source = data.get("source", "neon-trees")
+    name = data.get("val_json") or data.get("train_json") if source == "coco" else "val.json"
+    if not name or not (root / name).is_file():
+        return None, None
+    cats = read_json(root / name).get("categories") or []
+    ordered = sorted((int(c["id"]), str(c.get("name", c["id"]))) for c in cats if isinstance(c, dict) and "id" in c)
+    if not ordered:
+        return None, None
+    return ["__background__"] + [n for _, n in ordered], {k + 1: cid for k, (cid, _) in enumerate(ordered)}
