@@ -89,3 +89,54 @@ def test_shipped_configs_build(tmp_path):
         cfg = load_config(path)
         model = build_model(num_classes=1, **cfg["model"])
         assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_eval_html_calibration_and_tiled_predict(tmp_path, capsys):
+    """`eval --html` writes the report and a calibration beside the checkpoint; `predict` tiles a larger
+    image and applies it; `postprocess --calibration` reads predict's COCO results."""
+    import csv
+
+    import numpy as np
+    import torch
+    import yaml
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model_cfg, _ = VARIANTS["dir"]
+    cfg = {
+        "model": dict(model_cfg, backbone="resnet18", fpn_channels=16, min_size=96, max_size=96,
+                      candidates_per_image=200),
+        "data": dict(source="synthetic", root=str(tmp_path / "data"),
+                     synthetic=dict(num_train=4, num_val=4, image_size=96, num_classes=2)),
+        "train": dict(iterations=2, batch_size=2, lr=0.01, warmup_iters=1, out_dir=str(tmp_path / "run"),
+                      checkpoint_every=2, log_every=1, progress=False),
+        "eval": dict(methods=["nms", "quality"]),
+    }
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(config)]) == 0
+    ckpt = sorted((tmp_path / "run").glob("checkpoint_*.pth"))[-1]
+    assert main(["eval", str(config), "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev"),
+                 "--html", str(tmp_path / "report.html"), "--gallery", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "expected calibration error" in out and "report:" in out
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4  # scatter, reliability, two gallery images
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert set(results["calibration"]["ece"]) <= {"score", "quality", "combined"}
+    calibration = ckpt.with_suffix(".calibration.json")
+    assert (tmp_path / "ev" / "reliability.png").exists()
+    if not calibration.exists():  # an untrained model may match no box with IoU > 0.5: nothing to fit
+        pytest.skip("no candidate matched a ground truth, so there was no calibration to fit")
+    assert json.loads(calibration.read_text())["format"] == "locconf-calibration"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (250, 300, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    assert main(["predict", str(tmp_path / "big.png"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "p.png"),
+                 "--tile-size", "96", "--overlap", "32", "--batch-size", "3", "--method", "quality",
+                 "--calibration", str(calibration), "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert rows and list(rows[0])[:7] == ["xmin", "ymin", "xmax", "ymax", "label", "score", "quality"]
+    assert max(float(r["xmax"]) for r in rows) > 96  # boxes beyond the first tile: image coordinates
+    assert main(["postprocess", str(tmp_path / "p.json"), "--out", str(tmp_path / "pp.json"), "--method", "none",
+                 "--calibration", str(calibration), "--no-progress"]) == 0
+    assert len(json.loads((tmp_path / "pp.json").read_text())) == min(100, len(rows))

@@ -411,3 +411,58 @@ def test_predict_checks_before_writing(tmp_path):
     dets = predict(BoxTheGreyLevels(), image, tmp_path / "out.png", tile_size=128, overlap=64, max_side=100)
     assert len(dets["boxes"]) == 25
     assert Image.open(tmp_path / "out.png").size[0] >= 100  # draw_detections enlarges small drawings for text
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/tiled_neon.py: the held-out bands as whole images
+# --------------------------------------------------------------------------------------------
+
+
+def _tiled_neon():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench))  # for `from common import cpu_name`
+    spec = importlib.util.spec_from_file_location("locconf_bench_tiled_neon", bench / "tiled_neon.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _voc(path, width, height, boxes):
+    objects = "".join(f"<object><name>Tree</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax>"
+                      f"<ymax>{b[3]}</ymax></bndbox></object>" for b in boxes)
+    path.write_text(f"<annotation><filename>{path.stem}.png</filename><size><width>{width}</width>"
+                    f"<height>{height}</height><depth>3</depth></size>{objects}</annotation>")
+    Image.fromarray(np.full((height, width, 3), 90, dtype=np.uint8)).save(path.with_suffix(".png"))
+
+
+def test_neon_bands_are_whole_images_with_their_crowns(tmp_path):
+    bench = _tiled_neon()
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir(), out.mkdir()
+    # a 500 x 600 image (band: y 400..600) and a small one from another site (whole)
+    _voc(src / "2019_YELL_1_big.xml", 500, 600, [[10, 450, 60, 500],    # inside the band
+                                                   [100, 380, 140, 440],  # 40 of 60 px inside: kept, clipped
+                                                   [200, 300, 240, 420],  # 20 of 120 px inside: not kept
+                                                   [300, 100, 340, 150]])  # above the band
+    _voc(src / "OSBS_002.xml", 300, 200, [[5, 5, 25, 30]])
+    gt = json.loads(bench.held_out_bands(src, out, val_height=200, tile_size=400).read_text())
+    images = {im["source"]: im for im in gt["images"]}
+    big, small = images["2019_YELL_1_big.png"], images["OSBS_002.png"]
+    assert (big["width"], big["height"], big["window"], big["site"]) == (500, 200, [0, 400, 500, 600], "YELL")
+    assert (small["width"], small["height"], small["site"]) == (300, 200, "OSBS")
+    boxes = {a["image_id"]: [] for a in gt["annotations"]}
+    for a in gt["annotations"]:
+        boxes[a["image_id"]].append(a["bbox"])
+    assert sorted(boxes[big["id"]]) == [[10.0, 50.0, 50.0, 50.0], [100.0, 0.0, 40.0, 40.0]]
+    assert boxes[small["id"]] == [[5.0, 5.0, 20.0, 25.0]]
+    assert Image.open(out / big["file_name"]).size == (500, 200)
+    # perfect detections score AP 1 with the benchmark's evaluation
+    from locconf.engine.evaluate import _load_coco
+
+    coco = _load_coco(out / "bands.json")
+    records = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]]
+    assert bench.coco_scores(coco, records, [big["id"], small["id"]])["AP75"] == pytest.approx(1.0)

@@ -555,13 +555,15 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
     if html is not None:
         from .report import write_report
 
-        shown = next((m for m in quality_methods), first)
+        own = getattr(model, "default_method", None)  # the head's own method (DIR: quality), else a quality one
+        shown = own if own in results else next((m for m in quality_methods), first)
         report["html"] = str(write_report(
             html, "locconf evaluation", results, correlation=correlation, correlation_sites=correlation_sites,
             calibration={"ece": cal["ece"], "methods": calibration.get("methods"),
                          "note": "ECE: mean |predicted - true IoU| over equal-width bins, on candidates matched "
                                  "to a ground truth with IoU > 0.5; calibrated: isotonic map fitted on the other "
-                                 "half of the images (2-fold)."},
+                                 "half of the images (2-fold). Calibration changes what the values mean, not how "
+                                 "well they rank boxes (the correlation below)."},
             figures=_report_figures(out_dir),
             gallery=_gallery(val_ds, candidates, shown, (eval_cfg.get("method_params") or {}).get(shown, {}), gallery),
             meta=f"{len(val_ds)} images of {val_json}; model {cfg['model'].get('arch', 'rcnn')} "
