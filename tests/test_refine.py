@@ -1,4 +1,5 @@
-"""Tests of IoU-Net box refinement with analytic, differentiable scores."""
+"""Tests of IoU-Net box refinement with analytic, differentiable scores, and against a plain
+per-box reference of Algorithm 2 written here."""
 
 from __future__ import annotations
 
@@ -28,12 +29,69 @@ def jittered(gt: torch.Tensor, n: int, scale: float, seed: int = 0) -> torch.Ten
 GT = torch.tensor([40.0, 30.0, 120.0, 90.0])
 
 
+def algorithm2(score_fn, boxes, steps, step_size, omega_1, omega_2):
+    """IoU-Net's Algorithm 2 as printed, one box at a time in plain Python: a box leaves the loop
+    (joins A) after the step for which |PrevScore - NewScore| < Omega_1 or NewScore - PrevScore <
+    Omega_2, and keeps that step. Returns the final boxes, their scores and the steps each took."""
+    out_boxes, out_scores, out_steps = [], [], []
+    for b in boxes.unbind(0):
+        b = b.clone()
+        score, taken = score_fn(b[None])[0].item(), 0
+        for _ in range(steps):
+            x = b.clone().requires_grad_(True)
+            prev = score_fn(x[None])[0]
+            (grad,) = torch.autograd.grad(prev, x)
+            w, h = (b[2] - b[0]).item(), (b[3] - b[1]).item()
+            b = b + step_size * grad * torch.tensor([w, h, w, h], dtype=b.dtype)
+            assert (b[2:] - b[:2] >= 1).all()  # refine_boxes' own min-size guard (ours) stays idle
+            score, taken = score_fn(b[None])[0].item(), taken + 1
+            if abs(prev.item() - score) < omega_1 or score - prev.item() < omega_2:
+                break
+        out_boxes.append(b)
+        out_scores.append(score)
+        out_steps.append(taken)
+    return torch.stack(out_boxes), torch.tensor(out_scores, dtype=boxes.dtype), out_steps
+
+
+def bumpy_iou(b: torch.Tensor) -> torch.Tensor:
+    """A score with local maxima and cliffs: the IoU with GT plus a ripple in the box's corners."""
+    gt = GT.to(b.dtype)
+    return true_iou(b, gt) + 0.03 * torch.sin(b.sum(dim=1) / 4) - 0.2 * torch.sigmoid((b[:, 2] - 118.0) * 4)
+
+
+def test_default_is_algorithm2_as_printed():
+    g = torch.Generator().manual_seed(3)
+    gt = GT.double()
+    boxes = gt + (torch.rand(40, 4, generator=g, dtype=torch.float64) * 2 - 1) * 0.2 * (gt[2:] - gt[:2]).repeat(2)
+    for steps, step_size in ((5, 0.5), (8, 2.0), (8, 4.0)):
+        res = refine_boxes(bumpy_iou, boxes, steps=steps, step_size=step_size, min_gain=1e-3, max_drop=1e-2)
+        ref_boxes, ref_scores, ref_steps = algorithm2(bumpy_iou, boxes, steps, step_size, 1e-3, -1e-2)
+        torch.testing.assert_close(res.boxes, ref_boxes)
+        torch.testing.assert_close(res.scores, ref_scores)
+        assert res.steps.tolist() == ref_steps
+    # every stopping reason occurs in the last setting: converged, degenerated (score fell) and T reached
+    gains = res.scores - bumpy_iou(boxes)
+    assert (gains < -1e-2).any()  # a box may end below where it started: the step is not undone
+    assert set(ref_steps) >= {8} and min(ref_steps) < 8
+
+
+def test_keep_best_returns_the_best_box_visited():
+    g = torch.Generator().manual_seed(3)
+    gt = GT.double()
+    boxes = gt + (torch.rand(40, 4, generator=g, dtype=torch.float64) * 2 - 1) * 0.2 * (gt[2:] - gt[:2]).repeat(2)
+    res = refine_boxes(bumpy_iou, boxes, steps=8, step_size=6.0, keep_best=True)
+    assert torch.all(res.scores >= bumpy_iou(boxes))
+    torch.testing.assert_close(res.scores, bumpy_iou(res.boxes))
+    with pytest.raises(ValueError, match="keep_best"):
+        refine_boxes(bumpy_iou, boxes, keep_best=1)
+
+
 def test_scores_never_decrease_and_boxes_approach_gt():
     boxes = jittered(GT, 64, 0.25)
     boxes = torch.cat([boxes[:, :2].minimum(boxes[:, 2:] - 2), boxes[:, 2:]], 1)
     before = boxes.clone()
     # step_size 2.0: the value a reimplementation of IoU-Net found better than the paper's 0.5
-    res = refine_boxes(lambda b: true_iou(b, GT), boxes, steps=10, step_size=2.0, min_gain=1e-4)
+    res = refine_boxes(lambda b: true_iou(b, GT), boxes, steps=10, step_size=2.0, min_gain=1e-4, keep_best=True)
     assert isinstance(res, RefineResult)
     assert torch.equal(boxes, before)  # input untouched
     iou0 = true_iou(boxes, GT)
@@ -47,9 +105,13 @@ def test_scores_never_decrease_and_boxes_approach_gt():
     assert err1 < 0.4 * err0
     assert res.steps.dtype == torch.int64 and torch.all(res.steps >= 1) and torch.all(res.steps <= 10)
     assert torch.all(res.boxes[:, 2:] > res.boxes[:, :2])
-    # paper defaults (T=5, lambda=0.5): small but strict improvement of every box
+    # paper defaults (T=5, lambda=0.5, Algorithm 2's rule): small but strict improvement of every box
     res = refine_boxes(lambda b: true_iou(b, GT), boxes)
     assert torch.all(res.scores > iou0) and res.steps.tolist() == [5] * 64
+    # the paper's rule on the larger steps: a box may stop after a drop, but on average they improve
+    res = refine_boxes(lambda b: true_iou(b, GT), boxes, steps=10, step_size=2.0, min_gain=1e-4)
+    torch.testing.assert_close(res.scores, true_iou(res.boxes, GT))
+    assert res.scores.mean() > iou0.mean() + 0.1
 
 
 def test_step_is_gradient_times_size_times_step_size():
@@ -74,24 +136,31 @@ def test_min_gain_stops():
     assert res0.steps.tolist() == [5, 5]
 
 
-def test_max_drop_rolls_back_to_best_box():
+def test_max_drop_stops_after_the_cliff_or_rolls_back_with_keep_best():
     """The score climbs with x2 (gradient 0.002) until a cliff at x2 = 60 where it falls by 0.3.
     With step_size 50, x2 moves by 50 * 0.002 * w: 50 -> 55 -> 60.5 (over the cliff)."""
     score = lambda b: 0.002 * b[:, 2] - 0.3 * (b[:, 2] > 60).to(b.dtype)  # noqa: E731
     boxes = torch.tensor([[0.0, 0.0, 50.0, 10.0]])
+    # Algorithm 2: the step over the cliff is kept and the box stops there
     res = refine_boxes(score, boxes, steps=5, step_size=50.0, min_gain=0.0, max_drop=0.01)
+    torch.testing.assert_close(res.boxes, torch.tensor([[0.0, 0.0, 60.5, 10.0]]))
+    assert res.steps.item() == 2
+    assert res.scores.item() == pytest.approx(0.002 * 60.5 - 0.3, abs=1e-6)
+    # keep_best: the second step falls off the cliff and is undone; the box stops
+    res = refine_boxes(score, boxes, steps=5, step_size=50.0, min_gain=0.0, max_drop=0.01, keep_best=True)
     torch.testing.assert_close(res.boxes, torch.tensor([[0.0, 0.0, 55.0, 10.0]]))
-    assert res.steps.item() == 1  # the second step falls off the cliff and is undone; the box stops
+    assert res.steps.item() == 1
     assert res.scores.item() == pytest.approx(0.11, abs=1e-6)
-    # with a tolerant max_drop the box goes over the cliff, yet returns its best box
-    res2 = refine_boxes(score, boxes, steps=2, step_size=50.0, min_gain=0.0, max_drop=1.0)
+    # with a tolerant max_drop the box goes over the cliff, yet keep_best returns its best box
+    res2 = refine_boxes(score, boxes, steps=2, step_size=50.0, min_gain=0.0, max_drop=1.0, keep_best=True)
     assert res2.steps.item() == 2
     torch.testing.assert_close(res2.boxes, res.boxes)
 
 
-def test_moderate_drop_continues_but_best_is_returned():
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_moderate_drop_continues(keep_best):
     """A drop smaller than max_drop (and larger than min_gain) does not stop the box (as in the
-    paper); the returned box is still the best one visited."""
+    paper); here the last box is also the best one visited, so both rules return it."""
     calls = []
 
     def score(b):
@@ -100,23 +169,25 @@ def test_moderate_drop_continues_but_best_is_returned():
         return b[:, 0] * 0 + base + 1e-3 * b[:, 0]
 
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-    res = refine_boxes(score, boxes, steps=3, step_size=1.0, min_gain=1e-3, max_drop=1e-2)
+    res = refine_boxes(score, boxes, steps=3, step_size=1.0, min_gain=1e-3, max_drop=1e-2, keep_best=keep_best)
     assert res.steps.item() == 3
     assert res.scores.item() == pytest.approx(0.7 + 1e-3 * res.boxes[0, 0].item())
 
 
-def test_image_clipping_and_min_size():
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_image_clipping_and_min_size(keep_best):
     gt = torch.tensor([-30.0, -20.0, 60.0, 70.0])  # partly outside a 50 x 40 (h x w) image
     boxes = torch.tensor([[5.0, 5.0, 30.0, 30.0], [10.0, 10.0, 39.0, 49.0]])
-    res = refine_boxes(lambda b: true_iou(b, gt), boxes, steps=8, step_size=1.0, image_size=(50, 40))
+    res = refine_boxes(lambda b: true_iou(b, gt), boxes, steps=8, step_size=1.0, image_size=(50, 40),
+                       keep_best=keep_best)
     b = res.boxes
     assert torch.all(b[:, 0] >= 0) and torch.all(b[:, 1] >= 0)
     assert torch.all(b[:, 2] <= 40) and torch.all(b[:, 3] <= 50)
-    assert torch.all(res.scores >= true_iou(boxes, gt) - 1e-7)
+    assert torch.all(res.scores >= true_iou(boxes, gt) - 1e-7)  # the IoU rises monotonically here
     # a score that shrinks boxes: they keep the minimum size
     shrink = lambda b: -(b[:, 2] - b[:, 0]) - (b[:, 3] - b[:, 1])  # noqa: E731
     res = refine_boxes(shrink, torch.tensor([[10.0, 10.0, 14.0, 13.0]]), steps=5, step_size=2.0,
-                       max_drop=10.0, min_size=2.0, image_size=(50, 40))
+                       max_drop=10.0, min_size=2.0, image_size=(50, 40), keep_best=keep_best)
     wh = res.boxes[0, 2:] - res.boxes[0, :2]
     assert torch.all(wh >= 2.0 - 1e-6)
 
@@ -136,7 +207,7 @@ def test_no_grad_context_and_prroi_score():
 
     boxes = torch.tensor([[12.0, 10.0, 25.0, 20.0], [18.0, 14.0, 33.0, 28.0]])
     with torch.no_grad():
-        res = refine_boxes(score, boxes, steps=10, step_size=0.5)
+        res = refine_boxes(score, boxes, steps=10, step_size=0.5, keep_best=True)
     assert not res.boxes.requires_grad
     assert torch.all(res.scores >= score(boxes) - 1e-6)
     assert true_iou(res.boxes, gt).mean() > true_iou(boxes, gt).mean()
@@ -159,6 +230,6 @@ def test_empty_and_zero_steps_and_validation():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_refine():
     boxes = jittered(GT, 16, 0.2).cuda()
-    res = refine_boxes(lambda b: true_iou(b, GT.cuda()), boxes, steps=5)
+    res = refine_boxes(lambda b: true_iou(b, GT.cuda()), boxes, steps=5, keep_best=True)
     assert res.boxes.is_cuda
     assert torch.all(res.scores >= true_iou(boxes, GT.cuda()) - 1e-6)
