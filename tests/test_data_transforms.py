@@ -176,6 +176,23 @@ def test_build_transforms_structure():
     assert build_transforms(train=True, flips=False, rot90=False, jitter=False).transforms == []
 
 
+def test_horizontal_only_flips():
+    """vertical_flip=False: half the draws mirror left-right, none moves a box vertically."""
+    tr = build_transforms(train=True, rot90=False, jitter=False, vertical_flip=False)
+    assert [type(t).__name__ for t in tr.transforms] == ["RandomHorizontalFlip"]
+    img, t = _block_image(20, 30, (2, 3, 10, 15))
+    torch.manual_seed(0)
+    outs = [tr(img, t)[1]["boxes"][0].tolist() for _ in range(200)]
+    assert all(b[1] == 3 and b[3] == 15 for b in outs)
+    flipped = sum(b == [20.0, 3.0, 28.0, 15.0] for b in outs)
+    assert flipped + sum(b == [2.0, 3.0, 10.0, 15.0] for b in outs) == 200 and 70 < flipped < 130
+    # the default keeps both flips
+    assert [type(t).__name__ for t in build_transforms(train=True, rot90=False, jitter=False).transforms] == [
+        "RandomHorizontalFlip", "RandomVerticalFlip"]
+    with pytest.raises(ValueError, match="vertical_flip"):
+        build_transforms(train=True, vertical_flip="no")
+
+
 def test_empty_boxes_pass_through():
     img = torch.rand(3, 10, 20)
     t = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}

@@ -381,6 +381,7 @@ def build_transforms(
     generator: torch.Generator | None = None,
     scale_jitter: Sequence[float] | None = None,
     jitter_strength: float = 0.2,
+    vertical_flip: bool = True,
 ) -> Compose:
     """The default pipeline.
 
@@ -389,14 +390,23 @@ def build_transforms(
     Eval: resize only. ``min_size=None`` skips the resize; ``max_size=None`` means
     ``max(1333, min_size)``.
 
+    ``flips`` switches flipping on; ``vertical_flip=False`` keeps the horizontal flip only (p = 0.5),
+    the augmentation of the COCO papers (Faster R-CNN, IoU-Net, KL-Loss, ATSS, GFL, DIR), for
+    photographs with an up and a down; set ``rot90=False`` there too. The default (both flips)
+    suits overhead imagery such as NEON's.
+
     ``scale_jitter=(lo, hi)`` adds :class:`RandomScaleJitter` (zoom by a log-uniform factor in
     ``[lo, hi]`` at constant image size); ``None`` (default) leaves it out. ``jitter_strength`` is
     the brightness/contrast/saturation strength of the photometric jitter (default 0.2).
     """
+    if not isinstance(vertical_flip, bool):
+        raise ValueError(f"vertical_flip must be a bool, got {vertical_flip!r}")
     ts: list[Transform] = []
     if train:
         if flips:
-            ts += [RandomHorizontalFlip(0.5, generator), RandomVerticalFlip(0.5, generator)]
+            ts.append(RandomHorizontalFlip(0.5, generator))
+            if vertical_flip:
+                ts.append(RandomVerticalFlip(0.5, generator))
         if rot90:
             ts.append(RandomRot90(0.75, generator))
         if scale_jitter is not None:
