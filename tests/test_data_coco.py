@@ -61,12 +61,31 @@ def test_valid_dataset(tmp_path):
     assert t["iscrowd"].tolist() == [0, 0]
     assert t["image_id"] == 10 and t["site"] == "YELL"
 
-    _, t = ds[1]
-    assert "site" not in t and t["iscrowd"].tolist() == [1]
+    _, t = ds[1]  # its only annotation is a crowd box: not a training target
+    assert "site" not in t and t["boxes"].shape == (0, 4) and t["iscrowd"].tolist() == []
     _, t = ds[2]  # no objects
     assert t["boxes"].shape == (0, 4) and t["labels"].shape == (0,) and t["area"].shape == (0,)
-    assert ds.num_boxes() == 3 and ds.image_ids == [10, 11, 12]
-    assert ds.clipped == 0 and sum(ds.skipped.values()) == 0
+    assert ds.num_boxes() == 2 and ds.image_ids == [10, 11, 12]
+    assert ds.clipped == 0 and sum(ds.skipped.values()) == 0 and ds.crowd == 1
+
+
+def test_crowd_boxes_are_dropped_and_counted_or_kept_on_request(tmp_path, caplog):
+    coco = _valid_coco()
+    coco["annotations"].append({"id": 4, "image_id": 10, "category_id": 7, "bbox": [5, 5, 4, 4], "iscrowd": 1})
+    coco["annotations"].append({"id": 5, "image_id": 10, "category_id": 7, "bbox": [0, 0, 0, 3], "iscrowd": 1})
+    path = _write(tmp_path, coco)
+    with caplog.at_level(logging.INFO, logger="locconf.data.coco"):
+        ds = CocoDetection(tmp_path, path)
+    assert ds.crowd == 3 and sum(ds.skipped.values()) == 0  # a crowd box is counted as crowd, whatever its size
+    assert "3 crowd annotations" in caplog.text
+    assert ds.target(0)["boxes"].tolist() == [[1.0, 2.0, 4.0, 6.0], [0.5, 0.5, 2.5, 2.0]]
+    assert all(ds.target(i)["iscrowd"].sum() == 0 for i in range(len(ds)))
+    kept = CocoDetection(tmp_path, path, keep_crowd=True)
+    assert kept.crowd == 0 and kept.skipped == {"zero_or_negative_size": 1}
+    assert kept.target(0)["iscrowd"].tolist() == [0, 0, 1] and kept.target(1)["iscrowd"].tolist() == [1]
+    assert kept.target(0)["boxes"][2].tolist() == [5.0, 5.0, 9.0, 9.0]
+    with pytest.raises(ValueError, match="keep_crowd"):
+        CocoDetection(tmp_path, path, keep_crowd=1)
 
 
 def test_category_ids_rejects_out_of_range(tmp_path):

@@ -6,6 +6,13 @@ that names the file and the record. Per-box problems are repaired or skipped and
 boxes reaching outside the image are clipped to it (``dataset.clipped``), boxes with zero or
 negative area after clipping are dropped (``dataset.skipped``), and both are logged once.
 
+Crowd annotations (``iscrowd = 1``: one box around a group of objects, e.g. a crowd of people) are
+not objects to detect: COCO's evaluation ignores detections matched to them, and the detectors'
+reference implementations (Detectron, MMDetection, torchvision's references) keep them out of the
+training targets. They are dropped here too and counted in ``dataset.crowd``; ``keep_crowd=True``
+keeps them as ordinary targets (with ``iscrowd`` 1). Evaluation reads the annotation file itself,
+so this changes training only.
+
 Boxes: COCO ``bbox = [x, y, w, h]`` becomes ``(x, y, x + w, y + h)``, absolute continuous pixel
 coordinates, area ``w * h`` (no ``+1``).
 """
@@ -100,11 +107,13 @@ class CocoDetection(torch.utils.data.Dataset):
         ann_file: COCO JSON with ``images``, ``annotations`` and ``categories`` lists.
         transforms: callable ``(image, target) -> (image, target)`` (see ``data.transforms``).
         check_files: check at construction that every image file exists (one ``stat`` each).
+        keep_crowd: keep crowd annotations as targets (default: dropped and counted, see above).
 
     Item ``i`` is ``(image, target)``: ``image`` float ``(3, H, W)`` in ``[0, 1]``; ``target`` has
     ``boxes`` float32 ``(N, 4)`` xyxy, ``labels`` int64 ``(N,)`` in ``1..num_classes`` (0 is the
     background, torchvision's convention: a torchvision model needs ``num_classes + 1`` outputs),
-    ``area`` float32 ``(N,)``, ``iscrowd`` int64 ``(N,)``, ``image_id`` (int, the COCO id) and
+    ``area`` float32 ``(N,)``, ``iscrowd`` int64 ``(N,)`` (all 0 unless ``keep_crowd``),
+    ``image_id`` (int, the COCO id) and
     ``site`` (str) when the image record has one. Images without objects give ``boxes`` ``(0, 4)``.
 
     Category mapping: labels are the categories sorted by COCO id, numbered from 1.
@@ -118,7 +127,11 @@ class CocoDetection(torch.utils.data.Dataset):
         ann_file: str | os.PathLike,
         transforms: Callable | None = None,
         check_files: bool = True,
+        keep_crowd: bool = False,
     ) -> None:
+        if not isinstance(keep_crowd, bool):
+            raise ValueError(f"keep_crowd must be a bool, got {keep_crowd!r}")
+        self.keep_crowd = keep_crowd
         self.root = Path(root)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
@@ -196,6 +209,7 @@ class CocoDetection(torch.utils.data.Dataset):
         crowd: list[list[int]] = [[] for _ in self.images]
         self.skipped: Counter = Counter()
         self.clipped = 0
+        self.crowd = 0
         ann_ids: set[int] = set()
         for i, a in enumerate(anns):
             if not isinstance(a, dict):
@@ -224,6 +238,9 @@ class CocoDetection(torch.utils.data.Dataset):
                                       "(COCO evaluation needs unique ids: duplicates corrupt AP)")
                 ann_ids.add(a["id"])
 
+            if iscrowd == 1 and not self.keep_crowd:
+                self.crowd += 1
+                continue
             k = self._index[a["image_id"]]
             im = self.images[k]
             x, y, w, h = (float(v) for v in bbox)
@@ -247,6 +264,8 @@ class CocoDetection(torch.utils.data.Dataset):
             logger.warning(
                 "%s: clipped %d boxes to their image, skipped %s", self.ann_file, self.clipped, dict(self.skipped)
             )
+        if self.crowd:
+            logger.info("%s: %d crowd annotations (iscrowd=1) are not training targets", self.ann_file, self.crowd)
         self._targets = [
             {
                 "boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
