@@ -466,3 +466,15 @@ def test_neon_bands_are_whole_images_with_their_crowns(tmp_path):
     coco = _load_coco(out / "bands.json")
     records = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]]
     assert bench.coco_scores(coco, records, [big["id"], small["id"]])["AP75"] == pytest.approx(1.0)
+
+
+def test_sixteen_bit_grey_tiles_and_overview(tmp_path):
+    pixels = (np.arange(300 * 400).reshape(300, 400) * 7 % 65536).astype(np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "g16.png")
+    with open_raster(tmp_path / "g16.png") as raster:
+        tile = raster.read((100, 50, 228, 178))
+        assert tile.shape == (3, 128, 128)
+        assert torch.allclose(tile[0], torch.from_numpy(pixels[50:178, 100:228].astype(np.float32)) / 65535)
+        overview, scale = raster.overview(100)
+        assert scale == 0.25 and overview.shape == (3, 75, 100)
+        assert float(overview.mean()) == pytest.approx(pixels.mean() / 65535, abs=0.05)  # not saturated

@@ -594,7 +594,8 @@ class _PillowRaster:
         im = self._im
         if scale < 1.0:
             size = (max(1, round(self.width * scale)), max(1, round(self.height * scale)))
-            im = im.convert("RGB") if im.mode not in ("RGB", "L") else im
+            if not (im.mode in ("RGB", "L") or im.mode.startswith("I;16")):  # 16-bit grey keeps its depth
+                im = im.convert("RGB")
             im = im.resize(size, resample=3)  # bicubic
         return self._to_tensor(im, self.path), scale
 
