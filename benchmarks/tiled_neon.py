@@ -17,8 +17,8 @@ with faster-coco-eval over the four images at once (maxDets 1000: a band holds u
 
 The source images come from the deepforest wheel cached by ``locconf.data.neon`` (``--cache-dir``,
 default ``$LOCCONF_CACHE`` or ``~/.cache/locconf``); a missing cache is fetched with pip once.
-Every model label counts as a tree (NEON has one class). Writes ``--out`` (markdown) and the
-numbers as JSON beside it.
+Every model label counts as a tree (NEON has one class). Writes ``--out`` (markdown: one table
+per ``--checkpoint``) and, with ``--json``, every number.
 """
 
 from __future__ import annotations
@@ -154,43 +154,57 @@ def _cell(v: float) -> str:
     return "-" if v is None or v < 0 or math.isnan(v) else f"{100 * v:.1f}"
 
 
-def format_markdown(result: dict, args: argparse.Namespace, seconds: float) -> str:
+def _section(checkpoint: Path, result: dict, seconds: float) -> list[str]:
     rows = result["rows"]
     sites = sorted({s for r in rows.values() for s in r["sites"]})
     reference = rows.get("nms / none")
-    sizes = ", ".join(f"{im['source']} {im['width']}x{im['height']}" for im in result["images"])
-    lines = [
-        "# Tiled prediction on whole NEON images: merging and cut boxes",
-        "",
-        f"- Checkpoint: `{args.checkpoint}` ({', '.join(f'{k} {v}' for k, v in result['model'].items())}).",
-        f"- Images: the held-out data of `locconf data neon-trees` as {len(result['images'])} whole images "
-        f"({sizes}), "
-        f"{result['boxes']} crowns; tiles {args.tile_size} px with overlap {args.overlap} ({result['tiles']} tiles, "
-        f"model run once: {result['inference_s']} s).",
-        f"- Merge: `locconf.tiling.TileMerger` (margin 4 px, cover 0.7, score ratio 0.5, cut weight 0.5), "
-        f"at most {MAX_DETS} detections per image; COCO maxDets (1, 10, {MAX_DETS}).",
-        f"- Hardware: {cpu_name()}, {torch.get_num_threads()} torch threads; {seconds:.0f} s in all.",
-        f"- Command: `python benchmarks/tiled_neon.py --checkpoint {args.checkpoint}"
-        + (f" --tile-size {args.tile_size}" if args.tile_size != 400 else "")
-        + (f" --overlap {args.overlap}" if args.overlap != 100 else "") + "`",
-    ]
+    model = ", ".join(f"{k} {v}" for k, v in result["model"].items())
+    lines = [f"## `{checkpoint}`", "", f"{model}; {result['tiles']} tiles, the model run once on them in "
+             f"{result['inference_s']} s; {seconds:.0f} s in all."]
     if result["skipped"]:
-        lines.append(f"- Skipped (the detector predicts no quality / variances): {', '.join(result['skipped'])}.")
-    lines += ["", "Metrics x 100 over the four images; d: against `nms / none` (DeepForest's merge). "
-              "Per-site columns give AP.", "",
-              "| method / border | " + " | ".join(COLUMNS) + " | dAP | dAP75 | "
+        lines.append(f"Skipped (the detector predicts no quality / variances): {', '.join(result['skipped'])}.")
+    lines += ["", "| method / border | " + " | ".join(COLUMNS) + " | dAP | dAP75 | "
               + " | ".join(f"AP {s}" for s in sites) + " | detections |",
               "|---|" + "---:|" * (len(COLUMNS) + 2 + len(sites) + 1)]
     for name, r in rows.items():
         d = [f"{100 * (r[c] - reference[c]):+.1f}" if reference else "" for c in ("AP", "AP75")]
         lines.append(f"| {name} | " + " | ".join(_cell(r[c]) for c in COLUMNS) + " | " + " | ".join(d) + " | "
                      + " | ".join(_cell(r["sites"][s]["AP"]) for s in sites) + f" | {r['detections']} |")
-    return "\n".join(lines) + "\n"
+    return lines + [""]
+
+
+def format_markdown(runs: list[tuple[Path, dict, float]], args: argparse.Namespace) -> str:
+    """The report: how the images were built and merged, then one table per checkpoint."""
+    first = runs[0][1]
+    sizes = ", ".join(f"{im['source']} {im['width']}x{im['height']}" for im in first["images"])
+    lines = [
+        "# Tiled prediction on whole NEON images: merging and cut boxes",
+        "",
+        f"- Images: the held-out data of `locconf data neon-trees` as {len(first['images'])} whole images "
+        f"({sizes}), {first['boxes']} crowns (at least half inside), each predicted tile by tile: tiles "
+        f"{args.tile_size} px with overlap {args.overlap}, {args.batch_size} tiles per model call.",
+        f"- Merge: `locconf.tiling.TileMerger` (margin 4 px, cover 0.7, score ratio 0.5, cut weight 0.5), "
+        f"at most {MAX_DETS} detections per image; COCO maxDets (1, 10, {MAX_DETS}).",
+        "- Border: `none` pools every tile's candidates and suppresses (DeepForest's merge); `drop` removes a "
+        "candidate cut by an interior tile edge when a neighbouring tile has a whole counterpart covering it; "
+        "`down-weight` halves the score of cut candidates.",
+        f"- Hardware: {cpu_name()}, {torch.get_num_threads()} torch threads.",
+        "- Command: `python benchmarks/tiled_neon.py --checkpoint " + " ".join(str(c) for c, _, _ in runs)
+        + (f" --tile-size {args.tile_size}" if args.tile_size != 400 else "")
+        + (f" --overlap {args.overlap}" if args.overlap != 100 else "") + "`",
+        "",
+        "Metrics x 100 over the four images; d: against `nms / none`. Per-site columns give AP.",
+        "",
+    ]
+    for checkpoint, result, seconds in runs:
+        lines += _section(checkpoint, result, seconds)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="config.yaml must be beside it")
+    parser.add_argument("--checkpoint", type=Path, nargs="+", required=True,
+                        help="one or more checkpoints (config.yaml beside each): one table each")
     parser.add_argument("--methods", default="nms,soft-linear,soft-gaussian,quality,quality+soft-gaussian,iou-guided")
     parser.add_argument("--borders", default=",".join(BORDERS))
     parser.add_argument("--tile-size", type=int, default=400)
@@ -201,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tiled_neon.md"))
+    parser.add_argument("--json", type=Path, default=None, help="also write every number here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     methods, borders = args.methods.split(","), args.borders.split(",")
@@ -210,14 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     for b in borders:
         if b not in BORDERS:
             parser.error(f"--borders: {b!r} is not one of {', '.join(BORDERS)}")
+    for c in args.checkpoint:
+        if not c.is_file() or not (c.parent / "config.yaml").is_file():
+            parser.error(f"--checkpoint: {c} is not a file with a config.yaml beside it")
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    result = run(args.checkpoint, methods, borders, args.tile_size, args.overlap, args.val_height, args.batch_size,
-                 args.cache_dir, args.device, not args.no_progress)
-    text = format_markdown(result, args, time.perf_counter() - t0)
+    runs = []
+    for checkpoint in args.checkpoint:
+        t0 = time.perf_counter()
+        result = run(checkpoint, methods, borders, args.tile_size, args.overlap, args.val_height, args.batch_size,
+                     args.cache_dir, args.device, not args.no_progress)
+        runs.append((checkpoint, result, time.perf_counter() - t0))
+    text = format_markdown(runs, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    if args.json is not None:
+        args.json.write_text(json.dumps({str(c): r for c, r, _ in runs}, indent=1))
     print(text)
     return 0
 
