@@ -3,7 +3,10 @@
 DIR (seed 002, Figure 4) matches each box to its ground truth and correlates the true IoU with the
 detector's confidence: the classification score correlates poorly (Pearson 0.209 for Faster R-CNN)
 for boxes with IoU > 0.5, a predicted IoU much better (0.755). This module computes those numbers
-for any candidates, and draws the scatter plots and detection visualisations.
+for any candidates, and draws the scatter plots and detection visualisations. It also reads each
+signal as a predicted IoU and asks whether it is calibrated: :func:`reliability_diagram` bins it
+against the true IoU and gives the expected calibration error (:func:`calibration_bins`), drawn by
+:func:`plot_reliability` (the maps that calibrate a signal are in :mod:`locconf.calibration`).
 
 Signals: ``"score"`` (classification score), ``"quality"`` (predicted IoU / localization quality)
 and ``"combined"`` (``sqrt(score * quality)``, the ranking of DIR / PAA). A signal that the
