@@ -171,11 +171,17 @@ def test_refinement_raises_predicted_iou():
     with torch.no_grad():
         plain = model(images)
     model.roi_heads.refine_steps = 3
+    model.roi_heads.quality_head.refine_keep_best = True  # the option that returns the best box visited
     with torch.no_grad():
         refined = model(images)
     for p, r in zip(plain, refined):
         assert r["boxes"].shape == p["boxes"].shape
         assert bool((r["quality"] >= p["quality"] - 1e-5).all())  # never below the starting box
+    # the paper's Algorithm 2 (the default) may end a box below its start by at most max_drop per step
+    model.roi_heads.quality_head.refine_keep_best = False
+    with torch.no_grad():
+        paper = model(images)
+    assert all(r["boxes"].shape == p["boxes"].shape for p, r in zip(plain, paper))
 
 
 def test_mask_rcnn_with_quality_head():

@@ -31,10 +31,9 @@ As described in Sec. 3 of the paper:
   :func:`locconf.refine.refine_boxes`).
 
 Choices: the predictor is class-agnostic (one output, like DIR's regressors) where the paper's is
-class-aware; with one or few classes this is the same model. ``refine_keep_best`` (default True,
-ours) makes the detector's refinement return the best box each candidate visited instead of
-Algorithm 2's last box: the two-stage detector's tests pin that guarantee, and the detector builder
-(which passes no value) is not changed here; ``refine_keep_best=False`` is the paper's rule.
+class-aware; with one or few classes this is the same model. ``refine_keep_best=True`` (an option,
+ours) makes the refinement return the best box each candidate visited instead of Algorithm 2's
+box at the stopping step; ``build_rcnn`` passes ``refine_keep_best=False``, the paper's rule.
 """
 
 from __future__ import annotations
