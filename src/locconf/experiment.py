@@ -312,7 +312,7 @@ def build_model(arch: str = "rcnn", num_classes: int = 1, raw_candidates: bool =
 
 def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/neon", fetch: bool = True,
                    train_json: str | None = None, val_json: str | None = None, train_images: str | None = None,
-                   val_images: str | None = None, flips: bool = True,
+                   val_images: str | None = None, flips: bool = True, vertical_flip: bool = True,
                    rot90: bool = True, jitter: bool = True, scale_jitter: Sequence[float] | None = None,
                    jitter_strength: float = 0.2, synthetic: dict | None = None):
     """Build ``(train_dataset, val_dataset, val_json_path)`` from the ``data`` section.
@@ -323,7 +323,8 @@ def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/n
             ``"coco"`` (``train_json`` and ``val_json`` relative to ``root``).
         train_images, val_images: folders (relative to ``root``) that the splits' ``file_name``
             entries are relative to, e.g. ``train2017`` / ``val2017`` for COCO (default: ``root``).
-        flips, rot90, jitter: training augmentations (resizing is the model's job).
+        flips, rot90, jitter: training augmentations (resizing is the model's job); ``flips`` flips
+            horizontally and, unless ``vertical_flip`` is false (COCO's papers), vertically.
         scale_jitter: ``[lo, hi]`` zoom range of ``RandomScaleJitter`` (off by default: on NEON at
             1,000 iterations it cost about 3 AP, ``benchmarks/results/recipe.md``).
         jitter_strength: strength of the colour jitter.
@@ -349,7 +350,8 @@ def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/n
         raise ValueError(f"data.source must be 'neon-trees', 'synthetic' or 'coco', got {source!r}")
     if not train_json or not val_json:
         raise ValueError("data.train_json and data.val_json are required for data.source 'coco'")
-    train_tf = build_transforms(train=True, flips=flips, rot90=rot90, jitter=jitter, scale_jitter=scale_jitter,
+    train_tf = build_transforms(train=True, flips=flips, vertical_flip=vertical_flip, rot90=rot90, jitter=jitter,
+                                scale_jitter=scale_jitter,
                                 jitter_strength=jitter_strength)
     train_ds = CocoDetection(root / (train_images or ""), root / train_json, transforms=train_tf)
     val_ds = CocoDetection(root / (val_images or ""), root / val_json)
