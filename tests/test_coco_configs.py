@@ -65,7 +65,8 @@ def test_papers_settings(name):
     assert m["candidates_per_image"] == 1000
     assert d == {"source": "coco", "root": "data/coco", "train_json": "annotations/instances_train2017.json",
                  "val_json": "annotations/instances_val2017.json", "train_images": "train2017",
-                 "val_images": "val2017", "flips": False, "rot90": False, "jitter": False}
+                 "val_images": "val2017", "flips": True, "vertical_flip": False, "rot90": False,
+                 "jitter": False}  # the papers' horizontal flips only
     assert (t["iterations"], t["batch_size"] * 8, t["momentum"], t["weight_decay"]) == (90000, 16, 0.9, 1e-4)
     assert (t["warmup_iters"], t["warmup_factor"], t["schedule"], t["gamma"]) == (500, 0.333, "step", 0.1)
     assert t["out_dir"] == f"runs/{name}"
