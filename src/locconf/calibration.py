@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .files import atomic_write_text
+
 __all__ = ["isotonic_regression", "Calibration", "fit_calibration", "calibrate_out_of_fold", "CALIBRATED_SIGNALS"]
 
 #: Signals a calibration may map (the candidate fields of the same name).
@@ -188,15 +190,7 @@ class Calibration:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON (through a temporary file renamed at the end)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Calibration":

@@ -42,6 +42,8 @@ import torch
 import yaml
 from torch import nn
 
+from .files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 SECTIONS = ("model", "data", "train", "eval")
@@ -421,7 +423,7 @@ def run_train(cfg: dict[str, dict], resume: bool = False) -> dict:
     saved = dict(cfg, model=dict(cfg["model"], num_classes=train_ds.num_classes))
 
     def write_config() -> None:
-        _write_text(config_file, yaml.safe_dump(saved, sort_keys=False))
+        atomic_write_text(config_file, yaml.safe_dump(saved, sort_keys=False))
 
     return _call(train, "train", dict(train_cfg, resume=resume, on_start=write_config), model, train_ds)
 
@@ -444,17 +446,6 @@ def _run_differences(saved: dict, cfg: dict[str, dict]) -> list[str]:
             if old.get(key, "(not set)") != new.get(key, "(not set)"):
                 out.append(f"{section}.{key}: {old.get(key, '(not set)')!r} -> {new.get(key, '(not set)')!r}")
     return out
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_trained(checkpoint: str | os.PathLike, cfg: dict[str, dict] | None = None,

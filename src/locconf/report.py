@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .boxes import check_boxes
+from .files import atomic_write_text
 
 __all__ = ["write_report", "render_report", "detections_png", "METRIC_COLUMNS"]
 
@@ -183,16 +184,7 @@ def render_report(
 def write_report(path: str | os.PathLike, title: str, results: Mapping[str, Mapping], **sections: Any) -> Path:
     """Write :func:`render_report`'s page to ``path`` (through a temporary file renamed at the end)."""
     text = render_report(title, results, **sections)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 def detections_png(

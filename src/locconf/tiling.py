@@ -88,6 +88,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .boxes import box_area, check_boxes
+from .files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -750,20 +751,6 @@ def predict_tiled(model: torch.nn.Module, raster: Any, tile_size: int = 400, ove
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then rename the temporary file to ``path`` (never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def map_boxes(boxes: Tensor, transform: Sequence[float]) -> Tensor:
     """Boxes (N, 4) in pixels -> (N, 4) ``(xmin, ymin, xmax, ymax)`` in map units (float64).
 
@@ -817,7 +804,7 @@ def write_csv(dets: Mapping[str, Tensor], path: str | os.PathLike, class_names: 
                     row += [repr(v) for v in mapped[i].tolist()] + [crs or ""]
                 w.writerow(row)
 
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def write_coco_results(dets: Mapping[str, Tensor], path: str | os.PathLike, image_id: int = 1,
@@ -843,7 +830,7 @@ def write_coco_results(dets: Mapping[str, Tensor], path: str | os.PathLike, imag
         if variances is not None:
             rec["variance"] = variances[i].tolist()
         records.append(rec)
-    return _atomic(path, lambda tmp: tmp.write_text(json.dumps(records), encoding="utf-8"))
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(records), encoding="utf-8"))
 
 
 def draw_overview(raster: Any, dets: Mapping[str, Tensor], path: str | os.PathLike, max_side: int = 2000,
@@ -855,5 +842,5 @@ def draw_overview(raster: Any, dets: Mapping[str, Tensor], path: str | os.PathLi
     image, scale = raster.overview(max_side)
     shown = {k: v for k, v in dets.items() if k in ("scores", "labels", "quality")}
     shown["boxes"] = dets["boxes"] * scale
-    return _atomic(path, lambda tmp: draw_detections(image, shown, tmp, score_threshold=score_threshold,
+    return atomic_write(path, lambda tmp: draw_detections(image, shown, tmp, score_threshold=score_threshold,
                                                      class_names=class_names))

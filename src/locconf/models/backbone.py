@@ -34,7 +34,6 @@ import os
 from collections import OrderedDict
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
