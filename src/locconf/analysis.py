@@ -429,7 +429,8 @@ def plot_reliability(
                 widths = [b - a for a, b in zip(edges, edges[1:])]
                 hist.bar(edges[:-1], d["count"], width=widths, align="edge", color="0.7", edgecolor="0.4", lw=0.5)
                 first = False
-        ax.legend(fontsize=8, loc="upper left")
+        if ax.get_legend_handles_labels()[0]:  # no matched candidate: nothing to label
+            ax.legend(fontsize=8, loc="upper left")
         hist.set(xlabel="signal value (read as a predicted IoU)", ylabel="boxes")
     if title:
         fig.suptitle(title)
