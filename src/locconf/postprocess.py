@@ -295,6 +295,18 @@ def _nb_decay(mode, iou, iou_threshold, sigma):
     return math.exp(-(iou * iou) / sigma)
 
 
+@_njit(inline="always")
+def _nb_lower_bound(values, lo, hi, value):
+    """First index in [lo, hi) of the sorted ``values`` whose value is not below ``value``."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if values[mid] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 @_njit()
 def _nb_candidates(cx2, cy1, cy2, lo, hi, px1, py1, py2, mask, buf, k):
     """Append to ``buf[k:]`` the slots in [lo, hi) whose box reaches past px1 and overlaps
@@ -490,19 +502,8 @@ def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, va
             if lo == hi or seg_y1[g] >= py2 or seg_y2[g] <= py1:
                 continue
             lim = px1 - seg_w[g] * 1.000001 - abs(px1) * 1e-15  # <= x1 of any box reaching past px1
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if cx1[mid] < lim:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            a, z = lo, seg_hi[g]
-            while a < z:
-                mid = (a + z) >> 1
-                if cx1[mid] < px2:
-                    a = mid + 1
-                else:
-                    z = mid
+            lo = _nb_lower_bound(cx1, lo, hi, lim)
+            a = _nb_lower_bound(cx1, lo, hi, px2)
             k = _nb_candidates(cx2, cy1, cy2, lo, a, px1, py1, py2, mask, buf, k)
         # 4. The operations of the sequential algorithm, pair by pair.
         for t in range(k):
