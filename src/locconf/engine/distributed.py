@@ -23,7 +23,6 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "is_main_process",
-    "barrier",
     "reduce_dict",
     "all_gather_object",
     "wrap_model",
@@ -91,11 +90,6 @@ def get_world_size() -> int:
 def is_main_process() -> bool:
     """True on rank 0 (and in a single process): the one process that writes logs and checkpoints."""
     return get_rank() == 0
-
-
-def barrier() -> None:
-    if is_distributed() and get_world_size() > 1:
-        dist.barrier()
 
 
 @torch.no_grad()
