@@ -219,6 +219,8 @@ def make_config(setting: Setting, variant: Variant, seed: int, out_dir: str | Pa
         raise ValueError(f"variant {variant.name!r}: family must be 'two_stage' or 'one_stage', got {variant.family!r}")
     model = {**copy.deepcopy(setting.model), **copy.deepcopy(setting.family_model.get(variant.family, {})),
              **copy.deepcopy(dict(variant.model))}
+    if model.get("arch") == "torchvision_frcnn":  # torchvision's box head has no quality branch
+        model.pop("quality_representation_size", None)
     if num_classes is not None:
         model["num_classes"] = int(num_classes)
     train = {**copy.deepcopy(setting.train), **copy.deepcopy(setting.family_train.get(variant.family, {})),

@@ -97,6 +97,7 @@ PRETRAINED: dict = {
 }
 BASES = {"scratch": BASE, "pretrained": PRETRAINED}
 TABLES = {"scratch": TABLE, "pretrained": TABLE.with_name("recipe_pretrained.md")}
+TABLES_DIR: Path | None = None  # --tables: write the tables there instead
 
 #: name -> (what changes, overrides by section; ``"base": "pretrained"`` picks the pretrained base,
 #: ``"aug"`` extra augmentation). Ordered as they were run.
@@ -216,6 +217,8 @@ def run_variant(name: str) -> None:
     info["train_seconds"] += summary["seconds"]
     info["threads"] = torch.get_num_threads()
     info["cpu"] = cpu_name()
+    info["device"] = (f"CUDA ({torch.cuda.get_device_name()}), mixed precision" if torch.cuda.is_available()
+                      else "CPU")
     info_file.write_text(json.dumps(info, indent=1))
     ckpts = sorted(out.glob("checkpoint_*.pth"))
     final = ckpts[-1]
@@ -262,10 +265,10 @@ def _fmt(x) -> str:
 
 
 HEADERS = {
-    "scratch": ["# From-scratch Faster R-CNN recipes on NEON tree crowns (CPU, one thread)", "",
+    "scratch": ["# From-scratch Faster R-CNN recipes on NEON tree crowns", "",
                 "torchvision Faster R-CNN from random weights, batch 2, SGD momentum 0.9, weight decay 1e-4,",
                 "warm-up 100 iterations, one seed (0)."],
-    "pretrained": ["# Pretrained Faster R-CNN recipes on NEON tree crowns (CPU, one thread)", "",
+    "pretrained": ["# Pretrained Faster R-CNN recipes on NEON tree crowns", "",
                    "locconf's Faster R-CNN (`arch: rcnn`) on ImageNet EfficientNet-Lite0 (`weights: imagenet`, frozen",
                    "BatchNorm and stem), C2-C4 -> P2-P5 FPN of 64 channels, 256 RoIs/img, batch 2, SGD momentum 0.9,",
                    "weight decay 1e-4, lr 0.01, gradient clipping 10, warm-up 100 iterations, steps at 70/90 %, one",
@@ -274,7 +277,7 @@ HEADERS = {
 
 
 def write_table(fam: str = "scratch") -> str:
-    rows, curves = [], []
+    rows, curves, devices = [], [], set()
     speed_file = RUNS / "speed.json"
     alone = json.loads(speed_file.read_text()) if speed_file.is_file() else {}
     for name, (desc, over) in VARIANTS.items():
@@ -287,6 +290,7 @@ def write_table(fam: str = "scratch") -> str:
         times = [json.loads(line).get("time") for line in (out / "metrics.jsonl").read_text().splitlines()]
         times = [t for t in times if t is not None]
         info = json.loads((out / "run_info.json").read_text())
+        devices.add(info.get("device", "CPU"))
         per_site = m.get("sites") or {}
         site = " / ".join(f"{s} {_fmt(per_site[s]['AP'])}/{_fmt(per_site[s]['AP50'])}/{_fmt(per_site[s]['AP75'])}"
                           for s in sorted(per_site))
@@ -305,7 +309,8 @@ def write_table(fam: str = "scratch") -> str:
         "",
         "Written by `benchmarks/recipe.py`. Train: 64 YELL tiles of 400 x 400 (1,149 boxes); val: 11 images",
         "(YELL 9 / 206 boxes, OSBS 1 / 61, SOAP 1 / 37).",
-        f"CPU: {cpu_name()}, `OMP_NUM_THREADS=1`, 2 cores shared with other jobs (timings +-15 %).",
+        f"Trained on: {', '.join(sorted(devices)) or 'CPU'}; CPU {cpu_name()}, `OMP_NUM_THREADS=1`"
+        + (", 2 cores shared with other jobs (timings +-15 %)." if devices <= {"CPU"} else "."),
         "Metrics: COCO bbox AP of `locconf`'s evaluation after hard NMS (IoU 0.5), in percent;",
         "per site AP/AP50/AP75. Val is small: one evaluation swings by a few AP50 points.",
         "",
@@ -324,8 +329,9 @@ def write_table(fam: str = "scratch") -> str:
         *curves,
         *([""] + NOTES if fam == "scratch" else []),
     ])
-    TABLES[fam].parent.mkdir(parents=True, exist_ok=True)
-    TABLES[fam].write_text(text + "\n")
+    table = TABLES[fam] if TABLES_DIR is None else TABLES_DIR / TABLES[fam].name
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(text + "\n")
     return text
 
 
@@ -336,8 +342,11 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table")
     parser.add_argument("--speed", action="store_true", help="time each variant's training iteration alone")
     parser.add_argument("--runs", type=Path, default=RUNS, help="folder of the runs (default runs/recipe)")
+    parser.add_argument("--tables", type=Path, default=None,
+                        help="folder for the tables (default benchmarks/results/; e.g. results/device/ on a GPU)")
     args = parser.parse_args()
     globals()["RUNS"] = args.runs
+    globals()["TABLES_DIR"] = args.tables
     if args.list:
         for name, (desc, over) in VARIANTS.items():
             print(f"{name:16s} {desc}  {json.dumps(over)}")

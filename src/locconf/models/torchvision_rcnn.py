@@ -43,13 +43,16 @@ def build_torchvision_frcnn(
     box_detections_per_img: int = 100,
     box_score_thresh: float = 0.05,
     channels_last: bool = False,
+    weights: str | None = None,
+    frozen_stages: int = -1,
 ) -> FasterRCNN:
-    """Build a randomly initialised Faster R-CNN with a ResNet + FPN backbone.
+    """Build torchvision's Faster R-CNN on locconf's FPN backbone (random, ImageNet or local weights).
 
     Args:
         num_classes: number of object classes, *without* the background (labels ``1..num_classes``
             as produced by ``locconf.data``); the classifier gets ``num_classes + 1`` outputs.
-        backbone: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"`` (``weights=None``).
+        backbone: a torchvision ResNet (``"resnet18"``, ...) or a timm model, as
+            :func:`locconf.models.backbone.build_fpn_backbone` takes.
         fpn_channels: FPN output channels.
         returned_layers: ResNet stages fed to the FPN (1..4 = strides 4..32); a max-pool level is
             added on top, so ``(2, 3, 4)`` gives P3-P6.
@@ -64,6 +67,10 @@ def build_torchvision_frcnn(
         rpn_batch_size_per_image, box_batch_size_per_image: sampled anchors / RoIs per image.
         box_detections_per_img, box_score_thresh: evaluation-time output limits.
         channels_last: convert the model to ``torch.channels_last`` memory format (faster on CPU).
+        weights, frozen_stages: the trunk's initial weights and frozen early stages, as in
+            :func:`locconf.models.backbone.build_fpn_backbone`, so that this reference can be built
+            from the same backbone and settings as locconf's detectors; the input normalisation
+            follows the weights, as theirs does.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1 (background excluded), got {num_classes}")
@@ -83,7 +90,7 @@ def build_torchvision_frcnn(
         raise ValueError(f"need 1 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
 
     body = build_fpn_backbone(backbone, fpn_channels=fpn_channels, returned_layers=layers, norm=norm,
-                              norm_groups=norm_groups)
+                              norm_groups=norm_groups, weights=weights, frozen_stages=frozen_stages)
     anchors = AnchorGenerator(
         sizes=tuple((float(s),) for s in anchor_sizes),
         aspect_ratios=(tuple(float(a) for a in aspect_ratios),) * num_levels,
@@ -101,6 +108,8 @@ def build_torchvision_frcnn(
         box_batch_size_per_image=box_batch_size_per_image,
         box_detections_per_img=box_detections_per_img,
         box_score_thresh=box_score_thresh,
+        image_mean=list(body.image_mean),
+        image_std=list(body.image_std),
     )
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
