@@ -78,12 +78,12 @@ for stage in $STAGES; do
         [ "$rc" = 0 ] || status=1
         ;;
     bench)
-        timeout 240 $PY benchmarks/gpu.py postprocess --repeats 7 --out "$RES/postprocess.md" > "$LOG/postprocess.log" 2>&1 || status=1
+        timeout 150 $PY benchmarks/gpu.py postprocess --repeats 7 --out "$RES/postprocess.md" > "$LOG/postprocess.log" 2>&1 || status=1
         pack
-        timeout 90 $PY benchmarks/pooling.py --device cuda --out "$RES/pooling.md" > "$LOG/pooling.log" 2>&1 || status=1
+        timeout 60 $PY benchmarks/pooling.py --device cuda --out "$RES/pooling.md" > "$LOG/pooling.log" 2>&1 || status=1
         timeout 120 $PY benchmarks/inference.py --device cuda --candidates 100 1000 --repeats 5 --out "$RES/inference.md" \
             > "$LOG/inference.log" 2>&1 || status=1
-        timeout 240 $PY benchmarks/gpu.py train-step --iters 15 --warmup 3 --out "$RES/train_step.md" > "$LOG/train_step.log" 2>&1 || status=1
+        timeout 150 $PY benchmarks/gpu.py train-step --iters 15 --warmup 3 --out "$RES/train_step.md" > "$LOG/train_step.log" 2>&1 || status=1
         ;;
     probe)
         for i in $(seq "$PARALLEL"); do
