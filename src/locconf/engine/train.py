@@ -31,19 +31,15 @@ batches, averages the logged losses over ranks and lets only rank 0 write logs a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import numbers
 import os
-import random
 import re
 import time
 import warnings
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -58,12 +54,13 @@ from locconf.engine.checkpoint import (
     checkpoint_path,
     clean_temp_files,
     get_rng_state,
-    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
+from locconf.engine.sampler import InfiniteBatchSampler, SeededDataset, isolated_rng, sample_seed, seed_everything
+from locconf.engine.schedule import build_lr_scheduler, check_schedule, is_int, is_number, lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +77,6 @@ __all__ = [
 ]
 
 METRICS_FILE = "metrics.jsonl"
-_SCHEDULES = ("step", "cosine")
 
 
 class NonFiniteLossError(ValueError):
@@ -92,200 +88,6 @@ class NonFiniteLossError(ValueError):
 
 
 _NON_FINITE = re.compile(r"\bnan\b|\binf\b|infinite|non-finite", re.IGNORECASE)
-
-
-# -- learning-rate schedule -------------------------------------------------------------------
-
-
-def lr_factor(
-    iteration: int,
-    *,
-    iterations: int,
-    warmup_iters: int = 0,
-    warmup_factor: float = 0.001,
-    schedule: str = "step",
-    steps: Sequence[float] = (0.7, 0.9),
-    gamma: float = 0.1,
-) -> float:
-    """Multiplier of the base learning rate for (0-based) ``iteration``.
-
-    ``factor = warmup(i) * decay(i)`` where
-
-    - ``warmup(i) = warmup_factor + (1 - warmup_factor) * i / warmup_iters`` for
-      ``i < warmup_iters``, else 1 (linear ramp from ``warmup_factor`` to 1);
-    - step decay: ``gamma ** k``, ``k`` the number of milestones ``floor(s * iterations)``
-      (``s`` in ``steps``) that are ``<= i``;
-    - cosine decay: ``0.5 * (1 + cos(pi * i / iterations))`` (1 at the start, 0 at the end).
-    """
-    if schedule not in _SCHEDULES:
-        raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
-    if schedule == "step":
-        decay = gamma ** sum(1 for s in steps if iteration >= math.floor(s * iterations))
-    else:
-        decay = 0.5 * (1.0 + math.cos(math.pi * min(iteration, iterations) / iterations))
-    if iteration < warmup_iters:
-        alpha = iteration / warmup_iters
-        return (warmup_factor * (1.0 - alpha) + alpha) * decay
-    return decay
-
-
-def _is_int(value: Any) -> bool:
-    """An integer that is not a bool (``True`` is an ``int`` to Python, never a count here)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A finite real number that is not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_schedule(
-    iterations: int, warmup_iters: int, warmup_factor: float, schedule: str, steps: Sequence[float], gamma: float
-) -> None:
-    if not _is_int(iterations) or iterations < 1:
-        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
-    if not _is_int(warmup_iters) or warmup_iters < 0:
-        raise ValueError(f"warmup_iters must be an int >= 0, got {warmup_iters!r}")
-    if not _is_number(warmup_factor) or not 0.0 < warmup_factor <= 1.0:
-        raise ValueError(f"warmup_factor must be a number in (0, 1], got {warmup_factor!r}")
-    if schedule not in _SCHEDULES:
-        raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
-    if (not isinstance(steps, (list, tuple)) or not all(_is_number(s) and 0.0 < s < 1.0 for s in steps)
-            or list(steps) != sorted(steps)):
-        raise ValueError(f"steps must be increasing fractions of iterations in (0, 1), got {steps!r}")
-    if not _is_number(gamma) or not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
-
-
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer,
-    *,
-    iterations: int,
-    warmup_iters: int = 0,
-    warmup_factor: float = 0.001,
-    schedule: str = "step",
-    steps: Sequence[float] = (0.7, 0.9),
-    gamma: float = 0.1,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration ``LambdaLR`` of :func:`lr_factor` (call ``scheduler.step()`` after every update)."""
-    _check_schedule(iterations, warmup_iters, warmup_factor, schedule, steps, gamma)
-    fn = partial(
-        lr_factor, iterations=iterations, warmup_iters=warmup_iters, warmup_factor=warmup_factor,
-        schedule=schedule, steps=tuple(steps), gamma=gamma,
-    )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
-
-
-# -- deterministic data pipeline ---------------------------------------------------------------
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for sample ``index`` in ``epoch`` of a run seeded with ``seed``."""
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-class InfiniteBatchSampler:
-    """Endless per-rank batches of ``(index, sample_seed)`` keys, reshuffled every epoch.
-
-    Epoch ``e`` is a permutation of ``range(num_samples)`` drawn from a generator seeded with
-    ``(seed, e)`` (or the identity with ``shuffle=False``). It is cut into
-    ``num_samples // (batch_size * world_size)`` global batches (the remainder is dropped); rank
-    ``r`` yields the ``r``-th ``batch_size`` slice of each. Iteration starts at batch ``position``
-    of ``epoch``, which is how a resumed run continues where its checkpoint left off.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = True,
-        epoch: int = 0,
-        position: int = 0,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if num_samples < batch_size * world_size:
-            raise ValueError(
-                f"the dataset has {num_samples} samples, fewer than one global batch "
-                f"(batch_size={batch_size} x world_size={world_size})"
-            )
-        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
-        self.batches_per_epoch = num_samples // (batch_size * world_size)
-        if epoch < 0 or not 0 <= position < self.batches_per_epoch:
-            raise ValueError(
-                f"need epoch >= 0 and 0 <= position < {self.batches_per_epoch}, got epoch={epoch}, position={position}"
-            )
-        self.epoch, self.position = epoch, position
-
-    def permutation(self, epoch: int) -> Tensor:
-        """The sample order of ``epoch``."""
-        if not self.shuffle:
-            return torch.arange(self.num_samples)
-        g = torch.Generator()
-        g.manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1))
-        return torch.randperm(self.num_samples, generator=g)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        global_batch = self.batch_size * self.world_size
-        while True:
-            order = self.permutation(self.epoch).tolist()
-            while self.position < self.batches_per_epoch:
-                start = self.position * global_batch + self.rank * self.batch_size
-                indices = order[start:start + self.batch_size]
-                self.position += 1
-                yield [(i, sample_seed(self.seed, self.epoch, i)) for i in indices]
-            self.epoch, self.position = self.epoch + 1, 0
-
-
-@contextlib.contextmanager
-def _isolated_rng(seed: int | None = None, cuda: bool = False) -> Iterator[None]:
-    """Run a block with its own RNG states (seeded with ``seed`` when given), then restore the caller's."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if cuda and torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            if seed is not None:
-                torch.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed % 2**32)
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-
-
-class SeededDataset(Dataset):
-    """Index ``dataset`` with ``(index, sample_seed)`` keys; load each sample under its own seed.
-
-    Torch's CPU RNG, NumPy's and Python's global RNGs are seeded with ``sample_seed`` while
-    ``dataset[index]`` runs and restored afterwards, so random transforms depend only on the key.
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        with _isolated_rng(seed):
-            return self.dataset[index]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -335,17 +137,17 @@ def _check_train_arguments(
     for name, value, low in (("batch_size", batch_size, 1), ("log_every", log_every, 1),
                              ("checkpoint_every", checkpoint_every, 0), ("num_workers", num_workers, 0),
                              ("seed", seed, 0)):
-        if not _is_int(value) or value < low:
+        if not is_int(value) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     for name, value, low in (("keep_checkpoints", keep_checkpoints, 1), ("eval_every", eval_every, 1)):
-        if value is not None and (not _is_int(value) or value < low):
+        if value is not None and (not is_int(value) or value < low):
             raise ValueError(f"{name} must be an int >= {low} or None, got {value!r}")
-    if not _is_number(lr) or lr <= 0:
+    if not is_number(lr) or lr <= 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
-        if not _is_number(value) or value < 0:
+        if not is_number(value) or value < 0:
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    if clip_grad_norm is not None and (not _is_number(clip_grad_norm) or clip_grad_norm <= 0):
+    if clip_grad_norm is not None and (not is_number(clip_grad_norm) or clip_grad_norm <= 0):
         raise ValueError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
     if amp is not None and not isinstance(amp, bool):
         raise ValueError(f"amp must be true, false or None, got {amp!r}")
@@ -494,7 +296,7 @@ def train(
         CheckpointError: no checkpoint of ``out_dir`` (or the given one) can be read.
         OSError: e.g. no space left on device for a checkpoint (naming it).
     """
-    _check_schedule(iterations, warmup_iters, warmup_factor, schedule, steps, gamma)
+    check_schedule(iterations, warmup_iters, warmup_factor, schedule, steps, gamma)
     _check_train_arguments(
         batch_size=batch_size, log_every=log_every, checkpoint_every=checkpoint_every, num_workers=num_workers,
         lr=lr, momentum=momentum, weight_decay=weight_decay, clip_grad_norm=clip_grad_norm, amp=amp,
@@ -607,7 +409,7 @@ def train(
     def evaluate(step: int) -> dict:
         model.eval()
         try:
-            with _isolated_rng(cuda=True):
+            with isolated_rng(cuda=True):
                 metrics = eval_fn(model, step) or {}
         finally:
             model.train()
