@@ -395,6 +395,29 @@ def test_postprocess_errors():
     assert pp.postprocess(empty, "soft-gaussian")["boxes"].shape == (0, 4)
 
 
+def test_each_row_of_the_methods_table_is_what_postprocess_runs():
+    """A row: its function, called with its fixed keywords on the signals it names, gives what
+    ``postprocess`` keeps; it moves boxes exactly when the row says so; a fixed keyword can not be
+    passed again."""
+    boxes, scores, labels, quality, var = detector_like(80, 2, seed=4)
+    cand = dict(boxes=boxes, scores=scores, labels=labels, quality=quality, variances=var, row=torch.arange(80))
+    for name, m in pp.METHODS.items():
+        assert set(m.needs) <= set(pp.SIGNALS) == {"quality", "variances"}
+        assert pp.REQUIRED_SIGNALS[name] == (m.needs[0] if m.needs else None) and len(m.needs) <= 1
+        result = m.function(boxes, scores, *(cand[k] for k in m.needs), labels, **m.fixed)
+        keep = result if isinstance(result, torch.Tensor) else result[0]
+        assert m.moves_boxes == (isinstance(result, tuple) and len(result) == 3), name
+        out = pp.postprocess(cand, name, max_detections=1000)
+        assert sorted(out["row"].tolist()) == sorted(keep.tolist()), name
+        if m.fixed:
+            with pytest.raises(TypeError, match="multiple values"):
+                pp.postprocess(cand, name, **m.fixed)
+    assert pp.check_method("quality") is pp.METHODS["quality"]
+    for bad in ("soft", ["nms"], None):
+        with pytest.raises(ValueError, match="methods must be one of nms, soft-linear"):
+            pp.check_method(bad, "methods")
+
+
 # ------------------------------------------------------------------------------------------
 # CUDA
 # ------------------------------------------------------------------------------------------

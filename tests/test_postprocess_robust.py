@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from locconf import postprocess as pp
+from locconf.postprocess import kernel, rounds
 from test_postprocess import assert_matches, detector_like, gaussian, hard, linear, ref_greedy, ref_iou_guided
 
 BACKENDS = ["numba", "torch"]
@@ -198,14 +199,14 @@ def test_torch_backend_in_small_chunks_matches_reference(n, c, seed, chunk, stor
     if same:  # many identical boxes: every pair overlaps
         boxes[: n // 2] = boxes[:1]
     seen = []
-    original, original_store, original_chunks = pp._PAIR_CHUNK, pp._PAIR_STORE, pp._pair_chunks
+    original, original_store, original_chunks = rounds._PAIR_CHUNK, rounds._PAIR_STORE, rounds._pair_chunks
 
     def recording(lo, hi, size):
         for r, c_ in original_chunks(lo, hi, size):
             seen.append(r.numel())
             yield r, c_
 
-    pp._PAIR_CHUNK, pp._PAIR_STORE, pp._pair_chunks = chunk, store, recording
+    rounds._PAIR_CHUNK, rounds._PAIR_STORE, rounds._pair_chunks = chunk, store, recording
     try:
         for name in NAMES:
             keep, new_scores, new_boxes = run_method(name, boxes, scores, labels, quality, variances, "torch")
@@ -217,23 +218,23 @@ def test_torch_backend_in_small_chunks_matches_reference(n, c, seed, chunk, stor
                 torch.testing.assert_close(new_boxes, torch.tensor([r[2] for r in ref], dtype=torch.float64),
                                            rtol=1e-9, atol=1e-9)
     finally:
-        pp._PAIR_CHUNK, pp._PAIR_STORE, pp._pair_chunks = original, original_store, original_chunks
+        rounds._PAIR_CHUNK, rounds._PAIR_STORE, rounds._pair_chunks = original, original_store, original_chunks
     assert all(k <= chunk for k in seen)
 
 
 def test_torch_backend_keeps_at_most_the_store():
     boxes, scores, labels, _, _ = detector_like(300, 1, seed=3)
-    sw = pp._Sweep(boxes.double(), None)
+    sw = rounds._Sweep(boxes.double(), None)
     live = torch.ones(300, dtype=torch.bool)
-    everything = pp._Pairs(sw, live, 64, 10**9)
+    everything = rounds._Pairs(sw, live, 64, 10**9)
     assert everything.stored is not None and 100 < everything.stored[0].numel() <= 300 * 299 // 2
-    assert pp._Pairs(sw, live, 64, everything.stored[0].numel() - 1).stored is None
+    assert rounds._Pairs(sw, live, 64, everything.stored[0].numel() - 1).stored is None
 
 
 def test_numba_backend_bands_do_not_change_the_result():
     boxes, scores, labels, _, variances = detector_like(400, 2, seed=8, ties=True)
     for mode, thr, floor in ((0, 0.5, -math.inf), (1, 0.3, 1e-3), (2, 0.3, 1e-3)):
-        outs = [pp._greedy_numba(boxes, scores, labels, mode, thr, 0.5, floor, variances, 0.02, band_size=bs)
+        outs = [kernel._greedy_numba(boxes, scores, labels, mode, thr, 0.5, floor, variances, 0.02, band_size=bs)
                 for bs in (1, 7, 64, 10**9)]
         for o in outs[1:]:
             assert torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1]) and torch.equal(o[2], outs[0][2])

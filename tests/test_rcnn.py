@@ -23,6 +23,7 @@ from locconf.engine.train import train
 from locconf.heads import DIRHead, RoIBatch, kl_loss
 from locconf.models import build_rcnn
 from locconf.models.rcnn import DEFAULT_METHODS, QUALITY_HEADS
+from locconf.postprocess import METHODS
 
 HEADS = [q for q in QUALITY_HEADS if q is not None]
 TINY = dict(fpn_channels=16, representation_size=32, min_size=96, max_size=128, rpn_post_nms_top_n_test=200,
@@ -146,6 +147,15 @@ def test_train_eval_switch_and_detect_restores_mode():
     dets = model.detect(images, method="nms")
     assert model.training and len(dets) == 2
     assert model.default_method == "quality" == DEFAULT_METHODS["dir"]
+    with pytest.raises(ValueError, match="method must be one of"):  # before the network runs
+        model.detect(images, method="quality+soft-cubic")
+    assert model.training
+
+
+def test_default_methods_read_the_signal_their_head_predicts():
+    for quality in QUALITY_HEADS:
+        head = build_rcnn(2, quality=quality, **TINY).roi_heads.quality_head
+        assert set(METHODS[DEFAULT_METHODS[quality]].needs) == ({head.signal} if head is not None else set())
 
 
 def test_quality_threshold_a():

@@ -249,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fuse the detections of these files (one per model or test-time pass)")
     pp.add_argument("--out", "-o", type=Path, required=True, help="output file (.jsonl: JSON Lines, else a JSON array)")
     pp.add_argument("--method", default="nms",
-                    help="a locconf.postprocess method (nms, soft-linear, soft-gaussian, iou-guided, quality, "
-                    "quality+soft-linear, quality+soft-gaussian, var-voting, var-voting+soft) or none; "
+                    help="a method named in locconf.postprocess.METHODS (e.g. nms, soft-gaussian, quality, "
+                    "var-voting+soft; an unknown name lists them all) or none; "
                     "with --fuse it is applied to each file before fusion")
     pp.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="a keyword of the method, e.g. --param sigma=0.5 (repeatable)")

@@ -59,7 +59,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .analysis import confidence_correlation, match_to_ground_truth
-from .engine.evaluate import REQUIRED_SIGNALS, _coco_metrics, _load_coco, format_table
+from .engine.evaluate import _coco_metrics, _load_coco, format_table
 from .fusion import CONF_TYPES, WEIGHTS, fuse
 from .postprocess import METHODS, postprocess
 
@@ -460,11 +460,12 @@ def _load_calibration(calibration: Any, sources: Sequence[_Source]) -> Any:
 
 
 def _check_signals(src: _Source, method: str) -> None:
-    need = REQUIRED_SIGNALS.get(method)
-    if need == "quality" and not src.has_quality and src.num_records:
-        raise ValueError(f"{src.path}: method {method!r} needs a 'quality' in every record; record 0 has none")
-    if need == "variances" and not src.has_variance and src.num_records:
-        raise ValueError(f"{src.path}: method {method!r} needs a 'variance' in every record; record 0 has none")
+    has = {"quality": src.has_quality, "variances": src.has_variance}  # by candidate signal
+    field = {"quality": "quality", "variances": "variance"}  # a signal's name in a record
+    for need in METHODS[method].needs if method in METHODS else ():
+        if not has[need] and src.num_records:
+            raise ValueError(f"{src.path}: method {method!r} needs a {field[need]!r} in every record; "
+                             "record 0 has none")
 
 
 # --------------------------------------------------------------------------------------------
@@ -590,7 +591,7 @@ def postprocess_file(
     _check_signals(src, method)
     calibration = _load_calibration(calibration, [src])
     cats = scorer.categories if scorer else None
-    moves_boxes = method.startswith("var-voting")
+    moves_boxes = method in METHODS and METHODS[method].moves_boxes
     if scorer is not None:
         scorer.expect(["input (nms)", f"output ({method})"], ["input candidates", f"output ({method})"])
     with contextlib.closing(src), _AtomicWriter(output) as out:

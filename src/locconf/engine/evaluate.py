@@ -1,6 +1,6 @@
 """Evaluation: run a detector once, post-process its candidates with each method, score with COCO.
 
-"A detector stops at candidates" (``DESIGN.md``): :func:`collect_candidates` runs the model over a
+"A detector stops at candidates" (``docs/design.md``): :func:`collect_candidates` runs the model over a
 data loader once and keeps, per image, everything it predicts (boxes, scores, labels and, where
 predicted, ``quality`` (N,) and ``variances`` (N, 4)). :func:`evaluate_methods` then applies every
 post-processing method of :mod:`locconf.postprocess` to the *same* candidates and scores each with
@@ -35,10 +35,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..data.coco import read_json
-from ..postprocess import METHODS, postprocess
+from ..postprocess import METHODS, REQUIRED_SIGNALS, postprocess
 
 logger = logging.getLogger(__name__)
 
+# REQUIRED_SIGNALS (method -> the candidate field it needs) is defined by locconf.postprocess.METHODS.
 __all__ = ["collect_candidates", "evaluate_methods", "format_table", "METRICS", "REQUIRED_SIGNALS"]
 
 #: Metric names, in table order.
@@ -46,12 +47,6 @@ METRICS = ("AP", "AP50", "AP75", "AP90", "APs", "APm", "APl", "AR100")
 
 # Positions in ``COCOeval.stats`` for the default area ranges and maxDets = (1, 10, 100).
 _STATS_INDEX = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}
-
-#: The candidate field each post-processing method needs beyond boxes/scores/labels (None: nothing).
-REQUIRED_SIGNALS: dict[str, str | None] = {
-    m: {"iou-guided": "quality", "quality": "quality", "var-voting": "variances"}.get(m.split("+")[0])
-    for m in METHODS
-}
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
@@ -265,7 +260,7 @@ def evaluate_methods(
             (N, 4), and ``image_id``. Images may have no candidates (N = 0).
         coco_gt: the ground-truth COCO json (path) or a ``faster_coco_eval.COCO`` object.
         methods: names from :data:`locconf.postprocess.METHODS`. A method whose signal
-            (:data:`REQUIRED_SIGNALS`) the candidates lack is skipped with a logged warning and is
+            (``METHODS[method].needs``) the candidates lack is skipped with a logged warning and is
             absent from the result.
         label_to_cat_id: contiguous label -> COCO category id (``CocoDetection.label_to_cat_id``).
         max_detections: detections kept per image after post-processing.
@@ -285,7 +280,7 @@ def evaluate_methods(
     if isinstance(methods, str) or not isinstance(methods, Sequence) or len(methods) == 0:
         raise ValueError(f"methods must be a non-empty list of method names, got {methods!r}")
     for method in methods:
-        if method not in METHODS:
+        if not isinstance(method, str) or method not in METHODS:
             raise ValueError(f"methods: {method!r} is not one of {', '.join(METHODS)}")
     if len(set(methods)) != len(methods):
         raise ValueError(f"methods has duplicates: {list(methods)}")
@@ -305,15 +300,15 @@ def evaluate_methods(
 
     results: dict[str, dict] = {}
     for method in methods:
-        need = REQUIRED_SIGNALS[method]
-        if need is not None:
-            lacking = [i for i, c in enumerate(candidates) if not isinstance(c.get(need), Tensor)]
-            if lacking:
-                logger.warning(
-                    "skipping method %r: it needs candidates[%r], which %d of %d images lack "
-                    "(this detector does not predict it)", method, need, len(lacking), len(candidates)
-                )
-                continue
+        lacking = [(need, n) for need in METHODS[method].needs
+                   if (n := sum(not isinstance(c.get(need), Tensor) for c in candidates))]
+        if lacking:
+            need, n = lacking[0]
+            logger.warning(
+                "skipping method %r: it needs candidates[%r], which %d of %d images lack "
+                "(this detector does not predict it)", method, need, n, len(candidates)
+            )
+            continue
         records = _coco_results(candidates, method, max_detections, dict(method_params.get(method, {})),
                                 label_map, progress)
         with contextlib.redirect_stdout(io.StringIO()):

@@ -7,7 +7,7 @@ mask head) with locconf's own RoI stage, split into small steps instead of one m
 (pool, box head, classifier and regressor) -> ``_box_losses`` -> the quality head's ``loss`` /
 ``predict`` (:mod:`locconf.heads`, one file per method) -> ``_candidates`` -> ``_forward_mask``.
 
-In evaluation the model stops at **candidates** (``DESIGN.md``): every class-specific box whose
+In evaluation the model stops at **candidates** (``docs/design.md``): every class-specific box whose
 score exceeds ``score_thresh``, before any NMS, with the signal its head predicts (``quality``
 (N,) or ``variances`` (N, 4)). ``locconf.postprocess.postprocess`` turns them into detections;
 :meth:`RCNN.detect` does it with the head's default method.
@@ -33,7 +33,7 @@ from torchvision.ops import box_iou as tv_box_iou
 from ..boxes import clip_boxes, decode_boxes, decode_corners, encode_boxes, encode_corners
 from ..heads import DirectIoUHead, DIRHead, ForesightDIRHead, IoUNetHead, KLHead, RoIBatch
 from ..losses import giou_loss
-from ..postprocess import postprocess
+from ..postprocess import check_method, postprocess
 from .backbone import build_fpn_backbone
 from .inputs import check_detection_inputs
 
@@ -42,7 +42,8 @@ __all__ = ["build_rcnn", "RCNN", "RoIHeads", "BoxHead", "QUALITY_HEADS", "DEFAUL
 QUALITY_HEADS = (None, "iou_net", "dir", "dir_foresight", "iou_direct", "kl")
 BOX_LOSSES = ("smooth_l1", "giou")
 
-#: The post-processing each head's paper uses (``RCNN.detect``'s default).
+#: The post-processing each head's paper uses (``RCNN.detect``'s default), by its name in
+#: :data:`locconf.postprocess.METHODS`.
 DEFAULT_METHODS = {None: "nms", "iou_net": "iou-guided", "dir": "quality", "dir_foresight": "quality",
                    "iou_direct": "quality", "kl": "var-voting+soft"}
 
@@ -337,11 +338,13 @@ class RCNN(nn.Module):
                **params) -> list[dict[str, Tensor]]:
         """Final detections: candidates post-processed with ``method`` (default: the head's own,
         :data:`DEFAULT_METHODS`); with a mask head, ``masks`` (n, 1, H, W) probabilities too."""
+        method = method or self.default_method
+        check_method(method)  # before running the network
         was_training = self.training
         self.eval()
         try:
             cands, _, features, sizes, original = self._run(images)
-            dets = [postprocess(_rescale(c, s, o), method or self.default_method, max_detections, **params)
+            dets = [postprocess(_rescale(c, s, o), method, max_detections, **params)
                     for c, s, o in zip(cands, sizes, original)]
             if self.roi_heads.has_mask:
                 boxes = [_scale_boxes(d["boxes"], o, s) for d, s, o in zip(dets, sizes, original)]
