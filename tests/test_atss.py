@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from locconf.models.atss import atss_assign, centerness_targets
+from locconf.models.dense.assign import atss_assign
+from locconf.models.dense.atss import centerness_targets
 
 
 def row_of_anchors(centres, size=10.0, y=5.0):
@@ -142,3 +143,10 @@ def test_centerness_targets_hand_computed():
     assert centerness_targets(points, boxes).tolist() == pytest.approx([math.sqrt(1 / 3), 1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="boxes"):
         centerness_targets(points, boxes[:2])
+
+
+def test_the_former_module_still_imports():
+    from locconf.models import atss
+
+    assert (atss.atss_assign, atss.centerness_targets) == (atss_assign, centerness_targets)
+
