@@ -19,7 +19,9 @@ from locconf.engine.train import train
 from locconf.experiment import build_model, load_config
 from locconf.models import build_one_stage
 from locconf.losses import distribution_focal_loss
-from locconf.models.one_stage import HEADS, OneStageDetector, distribution_expectation, iou_statistics
+from locconf.models.dense import iou_statistics
+from locconf.models.dense.common import distribution_expectation
+from locconf.models.one_stage import HEADS, OneStageDetector
 from locconf.postprocess import postprocess
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
