@@ -207,6 +207,21 @@ def test_losses_on_empty_and_mixed_images(head):
     assert model.head.cls_logits.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("head", HEADS)
+def test_losses_under_mixed_precision(head):
+    """Autocast (bfloat16 on the CPU, as float16 on CUDA, where train() turns it on by default):
+    half-precision logits take the float32 soft IoU targets, and the losses stay finite. A GPU run
+    found GFL and CLQ failing here ("Index put requires the source and destination dtypes match")."""
+    torch.manual_seed(0)
+    model = tiny(head).train()
+    ds = scenes(2, min_objects=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model([ds[0][0], ds[1][0]], [ds[0][1], ds[1][1]])
+    assert set(losses) == LOSS_NAMES[head]
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    sum(losses.values()).backward()
+
+
 def test_clq_joint_loss_trains_the_lqe_branch_and_not_the_predicted_iou():
     """The LQE score is embedded in the classification output: the joint loss trains the class
     output, the LQE branch and the regression tower it sees; the predicted IoU that guides the LQE

@@ -87,8 +87,13 @@ class Positives:
         return values[self.image, self.anchor]
 
     def class_targets(self, like: Tensor, values: Tensor | float) -> Tensor:
-        """Targets shaped as ``like`` (B, N, K): ``values`` at each positive's class, 0 elsewhere."""
-        targets = torch.zeros_like(like)
+        """Targets shaped as ``like`` (B, N, K): ``values`` at each positive's class, 0 elsewhere.
+
+        At least float32 even when ``like`` is half precision (mixed-precision training): the soft
+        targets are IoUs (whatever precision they were computed in), kept at float32 precision."""
+        targets = torch.zeros_like(like, dtype=torch.promote_types(like.dtype, torch.float32))
+        if isinstance(values, Tensor):
+            values = values.to(targets.dtype)
         targets[self.image, self.anchor, self.labels] = values
         return targets
 
