@@ -83,9 +83,16 @@ def test_cuda_inference_matches_cpu(quality):
     for c, g in zip(cpu, gpu):
         assert c.keys() == g.keys()
         n = min(len(c["scores"]), len(g["scores"]), 50)
-        # the highest-scoring candidates agree (ties further down may order differently)
+        assert n > 0
+        # the highest scores agree in order; candidates of (nearly) tied scores may swap places, so
+        # each of the GPU's top n must be among the CPU's top n + 20 with the same label and box
         torch.testing.assert_close(g["scores"][:n].cpu(), c["scores"][:n], atol=1e-3, rtol=1e-3)
-        torch.testing.assert_close(g["boxes"][:n].cpu(), c["boxes"][:n], atol=1e-2, rtol=1e-3)
+        gs, gb, gl = g["scores"][:n].cpu(), g["boxes"][:n].cpu(), g["labels"][:n].cpu()
+        m = min(len(c["scores"]), n + 20)
+        cs, cb, cl = c["scores"][:m], c["boxes"][:m], c["labels"][:m]
+        same = ((gs[:, None] - cs[None]).abs() <= 1e-3) & (gl[:, None] == cl[None]) \
+            & ((gb[:, None] - cb[None]).abs().amax(-1) <= 1e-2)
+        assert same.any(1).all(), f"{int((~same.any(1)).sum())} of the GPU's top {n} have no CPU twin"
 
 
 def test_train_loop_on_cuda_with_amp_and_resume(tmp_path):

@@ -352,8 +352,8 @@ def test_cuda_matches_cpu_and_gradients():
     bidx = torch.randint(0, 2, (64,))
     outs, grads = [], []
     for dev in ("cpu", "cuda"):
-        f = fmap.to(dev).requires_grad_()
-        c = coords.to(dev).requires_grad_()
+        f = fmap.to(dev).detach().clone().requires_grad_()  # a fresh leaf on each device
+        c = coords.to(dev).detach().clone().requires_grad_()
         out = prroi_pool(f, _rois(c, bidx.to(dev)), (3, 4), 0.8)
         out.square().sum().backward()
         outs.append(out.cpu())
