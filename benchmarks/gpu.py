@@ -99,6 +99,7 @@ def postprocess_table(sizes, classes, repeats: int, device: torch.device, cpu_ma
                 if n > cpu_max:
                     row.append("-")
                     continue
+                fn(*cpu_args)  # warm-up: the first CPU call loads the numba kernel
                 cpu_ms = statistics.median(timed_ms(lambda: fn(*cpu_args), torch.device("cpu"))
                                            for _ in range(max(1, reps // 3)))
                 row.append(f"{cpu_ms / ms[m]:.1f}")

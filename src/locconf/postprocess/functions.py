@@ -56,7 +56,8 @@ def soft_nms(
             ``"gaussian"`` (decay by ``exp(-IoU^2 / sigma)``, no threshold).
         iou_threshold: linear decay threshold. sigma: Gaussian width.
         min_score: a box is dropped once its (decayed) score is below this.
-        backend: ``"numba"`` (CPU kernel), ``"torch"`` (vectorised rounds) or None (by device).
+        backend: ``"numba"`` (the CPU kernel, for inputs on any device), ``"torch"`` (vectorised
+            rounds on the inputs' device) or None (numba; measured in ``greedy._greedy``).
 
     Returns:
         ``(keep, new_scores)``: (K,) int64 indices in selection order and their (K,) decayed
