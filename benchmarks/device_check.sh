@@ -3,11 +3,18 @@
 #
 #   bash benchmarks/device_check.sh                     # stages: tests bench neon
 #   STAGES="tests bench" bash benchmarks/device_check.sh
-#   STAGES=compare SEEDS="0 1 2" PARALLEL=12 bash benchmarks/device_check.sh
+#   STAGES=compare SEEDS="0" PARALLEL=8 bash benchmarks/device_check.sh
+#   STAGES=compare SEEDS="1" VARIANTS="baseline dir" bash benchmarks/device_check.sh
 #
 # Writes benchmarks/results/device/*.md (and logs/); where $OUT is set (a lent device machine),
-# also packs them into $OUT/device.tar.gz after every stage, so what finished comes back even if a
-# later stage runs out of time.
+# also packs them, with the runs' metrics and evaluation records, into $OUT/device.tar.gz every
+# 30 s and at the end, so that what a stage did comes back even if it runs out of time.
+#
+# Sizing (measured on an H200, benchmarks/results/device/probe.md): one NEON training process runs
+# ~24 iterations/s alone, 16 sharing the GPU ~59/s together. Stages tests + bench take ~5 min; the
+# recipe at 3000 iterations ~3-4 min alone; `compare` (8 trained detectors x 3 seeds x 1500
+# iterations) ~10 min of training at 59/s: more than one 8-minute command, so give it SEEDS="0"
+# (or fewer VARIANTS) per call.
 #
 # Stages (each needs a CUDA device; the script stops at once without one):
 #   tests    the CUDA tests (pytest -m cuda): boxes, post-processing, PrRoIPool, refinement and
@@ -39,9 +46,18 @@ RUNS=${RUNS:-runs/device}
 mkdir -p "$LOG" "$RUNS"
 export PYTHONUNBUFFERED=1
 
-pack() {  # results (and logs) back to the caller of a lent machine
-    if [ -n "${OUT:-}" ]; then tar -czf "$OUT/device.tar.gz" "$RES" 2>/dev/null; fi
+pack() {  # results, logs and the runs' small records back to the caller of a lent machine
+    if [ -n "${OUT:-}" ]; then
+        find "$RES" "$RUNS" -type f \( -path "$RES/*" -o -name "*.json" -o -name "*.jsonl" -o -name "*.md" \) \
+            -size -4M -print0 2>/dev/null | tar -czf "$OUT/device.tar.gz.part" --null -T - 2>/dev/null
+        mv -f "$OUT/device.tar.gz.part" "$OUT/device.tar.gz"
+    fi
 }
+if [ -n "${OUT:-}" ]; then  # also every 30 s: a command stopped at its time limit still returns its progress
+    ( while sleep 30; do pack; done ) &
+    PACKER=$!
+    trap 'kill $PACKER 2>/dev/null; pack' EXIT
+fi
 stamp() { echo "[device_check $(date +%H:%M:%S)] $*"; }
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -104,8 +120,8 @@ for stage in $STAGES; do
             > "$LOG/recipe_table.log" 2>&1 || status=1
         ;;
     compare)
-        variants=$($PY -c "import sys; sys.path.insert(0, 'benchmarks'); import accuracy as a
-print(' '.join(n for n, v in a.VARIANTS.items() if not v.reuse))")
+        variants=${VARIANTS:-$($PY -c "import sys; sys.path.insert(0, 'benchmarks'); import accuracy as a
+print(' '.join(n for n, v in a.VARIANTS.items() if not v.reuse))")}
         iters=${ITERATIONS:+--iterations $ITERATIONS}
         jobs=()
         for s in $SEEDS; do for v in $variants; do jobs+=("$v:$s"); done; done
@@ -120,7 +136,9 @@ print(' '.join(n for n, v in a.VARIANTS.items() if not v.reuse))")
         done
         wait
         # every run is trained now: this evaluates what is left (iou_net_refine) and writes the table
-        OMP_NUM_THREADS=4 $PY benchmarks/accuracy.py --setting neon --seeds $SEEDS $iters \
+        final=$variants
+        case " $variants " in *" iou_net "*) final="$variants iou_net_refine" ;; esac
+        OMP_NUM_THREADS=4 $PY benchmarks/accuracy.py --setting neon --seeds $SEEDS $iters --variants $final \
             --runs "$RUNS/accuracy_neon" --out "$RES/accuracy_neon" > "$LOG/accuracy_table.log" 2>&1 || status=1
         ;;
     *)
