@@ -12,9 +12,10 @@ whether the kept boxes and scores equal the CPU path's.
 
 ``train-step``: every detector of the accuracy harness (``benchmarks/accuracy.py``, NEON setting:
 ImageNet EfficientNet-Lite0, 400 px, batch 2) and torchvision's Faster R-CNN on the same backbone
-settings: the median time of one SGD iteration (forward, backward, step; CUDA synchronised) over
-``--iters`` iterations after ``--warmup``, in fp32 and with mixed precision (what ``train()`` uses
-on CUDA by default).
+settings, side by side: every model is built first, then iteration i of each runs in turn (so a
+varying load hits them alike); the median time of one SGD iteration (forward, backward, step; CUDA
+synchronised) over ``--iters`` iterations after ``--warmup``, in fp32 and, on CUDA, with mixed
+precision (what ``train()`` uses there by default).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ sys.path.insert(0, str(HERE))
 import postprocess as bench  # noqa: E402  benchmarks/postprocess.py: the inputs and the method table
 from common import cpu_name  # noqa: E402
 
-from locconf import postprocess as pp  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -116,57 +116,68 @@ def _harness():
     return accuracy
 
 
-def train_step_table(iters: int, warmup: int, device: torch.device, variants: list[str]) -> str:
-    from locconf import experiment
+def _batches(train_ds, n: int, device: torch.device) -> list:
     from locconf.data import collate_fn
+
+    out = []
+    for i in range(n):
+        images, targets = collate_fn([train_ds[(2 * i) % len(train_ds)], train_ds[(2 * i + 1) % len(train_ds)]])
+        out.append(([im.to(device) for im in images],
+                    [{k: t.to(device) if torch.is_tensor(t) else t for k, t in tg.items()} for tg in targets]))
+    return out
+
+
+def _stepper(name: str, cfg: dict, amp: bool, device: torch.device):
+    """A function doing one SGD step of a fresh model (seed 0) on the batch it is given."""
+    from locconf import experiment
+
+    torch.manual_seed(0)
+    model = experiment.build_model(**cfg["model"]).to(device).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+
+    def step(images, targets):
+        with torch.autocast(device.type, enabled=amp):
+            loss = sum(model(images, targets).values())
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{name}: loss {loss.item()}")
+
+    return step
+
+
+def train_step_table(iters: int, warmup: int, device: torch.device, variants: list[str]) -> str:
+    """Every variant's step, round-robin (iteration i of every model, then i + 1, ...), so that a
+    varying load on a shared machine hits them alike; medians after ``warmup``."""
     from locconf.experiment import build_datasets
 
     acc = _harness()
     setting = acc.neon_setting(iterations=iters)
     train_ds, _, _ = build_datasets(**setting.data)
+    batches = _batches(train_ds, warmup + iters, device)
+    names = [n for n in variants if not acc.ALL_VARIANTS[n].reuse]
+    cfgs = {n: acc.make_config(setting, acc.ALL_VARIANTS[n], 0, "unused", train_ds.num_classes) for n in names}
+    med = {}
+    for amp in ([False, True] if device.type == "cuda" else [False]):
+        steps = {n: _stepper(n, cfgs[n], amp, device) for n in names}
+        times = {n: [] for n in names}
+        for images, targets in batches:
+            for n, step in steps.items():
+                times[n].append(timed_ms(lambda: step(images, targets), device))
+        for n in names:
+            med[n, amp] = statistics.median(times[n][warmup:])
+            print(n, "AMP" if amp else "fp32", f"{med[n, amp]:.1f} ms", flush=True)
+        del steps
+    ref = med.get(("tv_frcnn", False))
     header = ["variant", "fp32 (ms/iter)", "AMP (ms/iter)", "vs torchvision Faster R-CNN (fp32)"]
-    rows, base = [], {}
-    for name in variants:
-        v = acc.ALL_VARIANTS[name]
-        if v.reuse:
-            continue
-        cfg = acc.make_config(setting, v, 0, "unused", train_ds.num_classes)
-        res = []
-        for amp in (False, True):
-            if amp and device.type != "cuda":
-                res.append(None)
-                continue
-            torch.manual_seed(0)
-            model = experiment.build_model(**cfg["model"]).to(device).train()
-            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-            scaler = torch.amp.GradScaler(device.type, enabled=amp)
-            times = []
-            for i in range(warmup + iters):
-                images, targets = collate_fn([train_ds[(2 * i) % len(train_ds)], train_ds[(2 * i + 1) % len(train_ds)]])
-                images = [im.to(device) for im in images]
-                targets = [{k: t.to(device) if torch.is_tensor(t) else t for k, t in tg.items()} for tg in targets]
-
-                def step():
-                    with torch.autocast(device.type, enabled=amp):
-                        loss = sum(model(images, targets).values())
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"{name}: loss {loss.item()} at iteration {i}")
-
-                times.append(timed_ms(step, device))
-            res.append(statistics.median(times[warmup:]))
-            del model, opt
-        base[name] = res[0]
-        rows.append([name, f"{res[0]:.1f}", "-" if res[1] is None else f"{res[1]:.1f}"])
-        print(name, rows[-1][1:], flush=True)
-    ref = base.get("tv_frcnn")
-    for r in rows:
-        r.append(f"{base[r[0]] / ref:.2f}" if ref else "-")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    for n in names:
+        amp = med.get((n, True))
+        lines.append(f"| {n} | {med[n, False]:.1f} | {'-' if amp is None else f'{amp:.1f}'} | "
+                     f"{'-' if ref is None else f'{med[n, False] / ref:.2f}'} |")
     return "\n".join(lines)
 
 
@@ -204,8 +215,8 @@ def main(argv=None) -> int:
         table = train_step_table(args.iters, args.warmup, device, names)
         text = (f"{table}\n\nCommand: `python benchmarks/gpu.py train-step` on {_where(device)}. One SGD "
                 "iteration of each detector of `benchmarks/accuracy.py --setting neon` (batch 2, 400 px, NEON "
-                f"training tiles without augmentation): median of {args.iters} after {args.warmup} warm-up, "
-                "synchronised; the last column is fp32 time over torchvision's Faster R-CNN (`tv_frcnn`) "
+                f"training tiles without augmentation), the models stepped round-robin: median of {args.iters} "
+                f"after {args.warmup} warm-up, synchronised; the last column is fp32 time over torchvision's Faster R-CNN (`tv_frcnn`) "
                 "built from the same backbone and settings.\n")
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
