@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from locconf.analysis import confidence_correlation, match_to_ground_truth, pearson
-from locconf.boxes import elementwise_integrity, elementwise_purity, iou_from_purity_integrity
+from locconf.boxes import elementwise_box_iou, elementwise_integrity, elementwise_purity, iou_from_purity_integrity
 from locconf.data import SyntheticScenes
 from locconf.engine.train import train
-from locconf.heads import DIRHead, RoIBatch, kl_loss
+from locconf.heads import DirectIoUHead, DIRHead, RoIBatch, kl_loss
 from locconf.models import build_rcnn
 from locconf.models.rcnn import DEFAULT_METHODS, QUALITY_HEADS
 from locconf.postprocess import METHODS
@@ -181,6 +181,7 @@ def test_refinement_raises_predicted_iou():
     with torch.no_grad():
         plain = model(images)
     model.roi_heads.refine_steps = 3
+    model.roi_heads.refine_order = "before_nms"  # every candidate refined (test_refine_order: the paper's order)
     model.roi_heads.quality_head.refine_keep_best = True  # the option that returns the best box visited
     with torch.no_grad():
         refined = model(images)
@@ -282,6 +283,34 @@ def test_dir_loss_matches_eq9_reference():
     assert all(v.item() == 0 for v in zero.values())
     sum(zero.values()).backward()
     assert all(p.grad is not None for p in head.parameters())
+
+
+def test_direct_iou_head_builds_one_branch_and_matches_its_bce_reference():
+    torch.manual_seed(0)
+    head = DirectIoUHead(4, ["0"], pool_size=2, representation_size=8, loss_weight=0.5)
+    # only the pooling and the IoU branch: no Purity / Integrity modules built and dropped
+    assert [n for n, _ in head.named_children()] == ["pool", "iou"]
+    assert all(k.startswith("iou.") for k in head.state_dict()) and len(head.state_dict()) == 6
+    assert head.signal == "quality"
+    feats = {"0": torch.rand(1, 4, 16, 16)}
+    boxes = [torch.tensor([[2.0, 2, 10, 10], [4, 4, 12, 14], [1, 1, 5, 5]])]
+    gts = [torch.tensor([[3.0, 3, 11, 11], [4, 4, 12, 12], [0, 0, 1, 1]])]
+    batch = RoIBatch(feats, [(64, 64)], boxes, torch.zeros(3, 4, 2, 2), torch.zeros(3, 8), boxes,
+                     torch.arange(3), gts, [torch.tensor([True, True, False])])
+    losses = head.loss(batch)
+    assert set(losses) == {"loss_quality_iou"}
+    c = head(head.pool(feats, [boxes[0][:2]], [(64, 64)]))[2]
+    y = elementwise_box_iou(boxes[0][:2], gts[0][:2])
+    ref = float(-(y * torch.log(c) + (1 - y) * torch.log(1 - c)).mean().detach())
+    assert math.isclose(losses["loss_quality_iou"].item(), 0.5 * ref, rel_tol=1e-5)
+    assert torch.equal(head.predict(batch), head(head.pool(feats, boxes, [(64, 64)]))[2])
+    batch.positive = [torch.zeros(3, dtype=torch.bool)]
+    zero = head.loss(batch)["loss_quality_iou"]
+    assert zero.item() == 0
+    zero.backward()
+    assert all(p.grad is not None for p in head.parameters())
+    with pytest.raises(ValueError, match="loss_weight"):
+        DirectIoUHead(4, ["0"], loss_weight=-1.0)
 
 
 # -- learning ---------------------------------------------------------------------------------------
