@@ -7,7 +7,7 @@ The held-out data of ``locconf data neon-trees`` (``locconf.data.neon``) are: th
 ``--val-height`` pixels of each image larger than a tile (the two YELL crops: a 2299 x 400 and a
 1249 x 400 band) and the two 400 x 400 images of other sites (OSBS_029, SOAP_061). Instead of the
 val split's non-overlapping tiles, each band (or image) is here **one image**, with every crown
-that has at least half its area inside it as ground truth (``clip_boxes(..., min_visible=0.5)``,
+that has at least half its area inside it as ground truth (``crop_boxes_to_window(..., min_visible=0.5)``,
 the rule of the val tiles), and the checkpoint predicts on it tile by tile exactly as ``locconf
 predict`` does (``locconf.tiling``: ``--tile-size`` tiles with ``--overlap``). The model runs once
 per band; its tiles' candidates are then merged with every post-processing method (quality-ranked
@@ -42,7 +42,7 @@ except ImportError:  # imported as a module from elsewhere (the tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import cpu_name
 
-from locconf.data.neon import clip_boxes, fetch_deepforest_data, read_voc, site_of
+from locconf.data.neon import crop_boxes_to_window, fetch_deepforest_data, read_voc, site_of
 from locconf.engine.evaluate import REQUIRED_SIGNALS, _load_coco
 from locconf.experiment import load_trained
 from locconf.postprocess import METHODS
@@ -65,7 +65,7 @@ def held_out_bands(src_dir: Path, out_dir: Path, val_height: int = 400, tile_siz
     for voc in (read_voc(p) for p in xmls):
         w, h = voc.width, voc.height
         window = (0, 0, w, h) if w <= tile_size and h <= tile_size else (0, h - val_height, w, h)
-        boxes, _ = clip_boxes(voc.boxes, window, 0.5)
+        boxes, _ = crop_boxes_to_window(voc.boxes, window, 0.5)
         with Image.open(voc.image_path) as im:
             band = im.convert("RGB").crop(window)
         image_id = len(images) + 1

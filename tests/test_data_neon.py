@@ -8,8 +8,8 @@ from PIL import Image
 
 from locconf.data import CocoDetection
 from locconf.data.neon import (
-    clip_boxes,
     convert_voc_to_coco,
+    crop_boxes_to_window,
     fetch_deepforest_data,
     neon_trees,
     read_voc,
@@ -90,10 +90,10 @@ def test_tile_starts_and_clip():
     with pytest.raises(ValueError, match="overlap"):
         tile_starts(0, 500, 100, 100)
     boxes = np.array([[90.0, 10, 110, 30], [95, 40, 115, 60], [120, 0, 130, 5]])
-    out, keep = clip_boxes(boxes, (0, 0, 100, 100), 0.5)
+    out, keep = crop_boxes_to_window(boxes, (0, 0, 100, 100), 0.5)
     assert keep.tolist() == [True, False, False]
     assert out.tolist() == [[90, 10, 100, 30]]
-    out, keep = clip_boxes(boxes, (80, 0, 180, 100), 0.5)
+    out, keep = crop_boxes_to_window(boxes, (80, 0, 180, 100), 0.5)
     assert out.tolist() == [[10, 10, 30, 30], [15, 40, 35, 60], [40, 0, 50, 5]]
 
 

@@ -52,7 +52,7 @@ __all__ = [
     "convert_voc_to_coco",
     "read_voc",
     "tile_starts",
-    "clip_boxes",
+    "crop_boxes_to_window",
     "site_of",
     "VocImage",
 ]
@@ -153,12 +153,13 @@ def _even_cuts(start: int, stop: int, tile: int) -> list[int]:
     return [start + round(k * (stop - start) / n) for k in range(n + 1)]
 
 
-def clip_boxes(boxes: np.ndarray, window: tuple[int, int, int, int], min_visible: float = 0.5
-               ) -> tuple[np.ndarray, np.ndarray]:
+def crop_boxes_to_window(boxes: np.ndarray, window: tuple[int, int, int, int], min_visible: float = 0.5
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """Boxes of a tile: clip ``boxes`` ``(N, 4)`` to ``window`` ``(x1, y1, x2, y2)``, shift to its origin.
 
     Returns ``(tile_boxes (M, 4), keep (N,) bool)``: a box is kept when the clipped area is at least
-    ``min_visible`` of its own area (and positive).
+    ``min_visible`` of its own area (and positive). (Not :func:`locconf.boxes.clip_boxes`, which
+    clips tensors to an image and neither shifts nor drops boxes.)
     """
     x1, y1, x2, y2 = window
     c = boxes.copy()
@@ -238,7 +239,7 @@ def convert_voc_to_coco(
         site = site_of(voc.image_path.name)
         used = np.zeros(len(voc.boxes), dtype=bool)
         for split, (x1, y1, x2, y2) in windows:
-            boxes, keep = clip_boxes(voc.boxes, (x1, y1, x2, y2), min_visible)
+            boxes, keep = crop_boxes_to_window(voc.boxes, (x1, y1, x2, y2), min_visible)
             used |= keep
             whole = (x1, y1, x2, y2) == (0, 0, voc.width, voc.height)
             name = f"{split}/{voc.image_path.stem}" + ("" if whole else f"_x{x1}_y{y1}") + ".png"
