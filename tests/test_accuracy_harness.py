@@ -1,31 +1,22 @@
-"""The accuracy benchmark harness (benchmarks/accuracy.py): configs, method selection, aggregation,
-deltas, targets, the report, and resumability on a tiny torchvision detector."""
+"""The accuracy benchmark harness (locconf.bench): configs, method selection, aggregation, deltas,
+targets, the report, resumability on a tiny torchvision detector, and the script and command that run it."""
 
-import importlib.util
+import argparse
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from locconf.bench import cli, report, settings, stats
+from locconf.bench import run as runner
 from locconf.experiment import check_config
 from locconf.postprocess import METHODS
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load_harness():
-    sys.path.insert(0, str(BENCH))  # for `from common import cpu_name`
-    spec = importlib.util.spec_from_file_location("locconf_bench_accuracy", BENCH / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-acc = _load_harness()
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # every test here runs on one intra-op thread (tests/conftest.py)
@@ -36,9 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_variant_gets_the_same_backbone_size_and_budget(tmp_path):
-    setting = acc.neon_setting(iterations=50)
-    cfgs = {name: acc.make_config(setting, v, seed=3, out_dir=tmp_path / name, num_classes=1)
-            for name, v in acc.VARIANTS.items()}
+    setting = settings.neon_setting(iterations=50)
+    cfgs = {name: settings.make_config(setting, v, seed=3, out_dir=tmp_path / name, num_classes=1)
+            for name, v in settings.VARIANTS.items()}
     for name, cfg in cfgs.items():
         check_config(cfg)  # known sections only
         m, t = cfg["model"], cfg["train"]
@@ -64,7 +55,7 @@ def test_every_variant_gets_the_same_backbone_size_and_budget(tmp_path):
         assert cfgs[head]["train"]["lr"] == 0.005
     assert cfgs["baseline"]["train"]["lr"] == 0.01
     # IoU-Net with refinement: the iou_net weights, evaluated with refine_steps=5, never trained itself
-    refine = acc.VARIANTS["iou_net_refine"]
+    refine = settings.VARIANTS["iou_net_refine"]
     assert refine.reuse == "iou_net"
     assert cfgs["iou_net_refine"]["model"] == {**cfgs["iou_net"]["model"], "refine_steps": 5}
     # the setting is not mutated by building configs
@@ -73,46 +64,46 @@ def test_every_variant_gets_the_same_backbone_size_and_budget(tmp_path):
 
 
 def test_settings_budget_and_iterations_override():
-    syn = acc.synthetic_setting()
+    syn = settings.synthetic_setting()
     assert syn.train["iterations"] == 800 and syn.data["source"] == "synthetic"
     assert syn.family_model["two_stage"]["representation_size"] == 256
-    assert "representation_size" not in acc.neon_setting().family_model["two_stage"]
-    assert acc.synthetic_setting(iterations=7).train["iterations"] == 7
-    assert acc.neon_setting().train["iterations"] == 1500
-    scratch = acc.SETTINGS["neon-scratch"]()
+    assert "representation_size" not in settings.neon_setting().family_model["two_stage"]
+    assert settings.synthetic_setting(iterations=7).train["iterations"] == 7
+    assert settings.neon_setting().train["iterations"] == 1500
+    scratch = settings.SETTINGS["neon-scratch"]()
     assert scratch.name == "neon-scratch" and scratch.train["iterations"] == 600
     assert scratch.model["backbone"] == "resnet18" and "weights" not in scratch.model
     assert (scratch.train["lr"], scratch.family_train["one_stage"]["lr"]) == (0.02, 0.01)
-    assert acc.SETTINGS["neon-scratch"](iterations=9).train["iterations"] == 9
+    assert settings.SETTINGS["neon-scratch"](iterations=9).train["iterations"] == 9
     with pytest.raises(ValueError, match="family"):
-        acc.make_config(syn, acc.Variant("x", "x", "three_stage", {}), 0, "out")
+        settings.make_config(syn, settings.Variant("x", "x", "three_stage", {}), 0, "out")
 
 
 def test_method_selection_follows_the_signals_the_candidates_carry():
     plain = ["nms", "soft-linear", "soft-gaussian"]
-    assert acc.select_methods([]) == plain
-    assert acc.select_methods(["quality"]) == plain + ["iou-guided", "quality", "quality+soft-linear",
+    assert runner.select_methods([]) == plain
+    assert runner.select_methods(["quality"]) == plain + ["iou-guided", "quality", "quality+soft-linear",
                                                        "quality+soft-gaussian"]
-    assert acc.select_methods(["variances"]) == plain + ["var-voting", "var-voting+soft"]
-    assert acc.select_methods(["quality", "variances"]) == list(METHODS)
+    assert runner.select_methods(["variances"]) == plain + ["var-voting", "var-voting+soft"]
+    assert runner.select_methods(["quality", "variances"]) == list(METHODS)
     boxes = torch.zeros(3, 4)
-    assert acc.candidate_signals({"boxes": boxes, "scores": torch.ones(3)}) == []
-    assert acc.candidate_signals({"boxes": boxes, "quality": torch.ones(3)}) == ["quality"]
-    assert acc.candidate_signals({"variances": torch.ones(3, 4), "quality": torch.ones(3)}) == ["quality", "variances"]
+    assert runner.candidate_signals({"boxes": boxes, "scores": torch.ones(3)}) == []
+    assert runner.candidate_signals({"boxes": boxes, "quality": torch.ones(3)}) == ["quality"]
+    assert runner.candidate_signals({"variances": torch.ones(3, 4), "quality": torch.ones(3)}) == ["quality", "variances"]
 
 
 # -- aggregation ----------------------------------------------------------------------------------
 
 
 def test_spread_is_mean_sample_std_min_max_without_undefined_values():
-    s = acc.spread([0.30, 0.32, 0.34, -1, None, float("nan")])
+    s = stats.spread([0.30, 0.32, 0.34, -1, None, float("nan")])
     assert s["n"] == 3 and s["values"] == [0.30, 0.32, 0.34]
     assert s["mean"] == pytest.approx(0.32)
     assert s["std"] == pytest.approx(0.02)  # sqrt(((-.02)^2 + 0 + .02^2) / (3 - 1))
     assert (s["min"], s["max"]) == (0.30, 0.34)
-    one = acc.spread([0.5])
+    one = stats.spread([0.5])
     assert one["mean"] == 0.5 and one["std"] is None
-    assert acc.spread([-1, None]) is None
+    assert stats.spread([-1, None]) is None
 
 
 def _metrics(ap, ap75=None, sites=None):
@@ -144,32 +135,32 @@ def _records():
 
 def test_summarize_and_paired_deltas_by_hand():
     rec = _records()
-    s = acc.summarize(rec["baseline"])
+    s = stats.summarize(rec["baseline"])
     assert s["methods"]["nms"]["AP"]["mean"] == pytest.approx(0.32)
     assert s["methods"]["nms"]["AP"]["std"] == pytest.approx(math.sqrt(2) * 0.02)  # values 0.30, 0.34
     assert s["methods"]["nms"]["AP90"] is None  # -1 in every seed: undefined
     assert s["methods"]["nms"]["sites"]["A"]["AP"]["mean"] == pytest.approx(0.3)
     assert s["correlation"]["score"]["pearson"]["mean"] == pytest.approx(0.22)
 
-    own = acc.paired_deltas(rec["dir"], rec["dir"], "nms")
+    own = stats.paired_deltas(rec["dir"], rec["dir"], "nms")
     # quality - nms per seed: AP 0.04, 0.03; AP75 0.06, 0.05
     assert own["quality"]["AP"]["values"] == pytest.approx([0.04, 0.03])
     assert own["quality"]["AP"]["mean"] == pytest.approx(0.035)
     assert own["quality"]["AP"]["std"] == pytest.approx(0.01 / math.sqrt(2))
     assert own["quality"]["AP75"]["mean"] == pytest.approx(0.055)
     assert own["nms"]["AP"]["mean"] == pytest.approx(0.0)
-    vs_base = acc.paired_deltas(rec["dir"], rec["baseline"], "nms")
+    vs_base = stats.paired_deltas(rec["dir"], rec["baseline"], "nms")
     # quality - baseline nms, paired by seed: 0.35 - 0.30, 0.36 - 0.34
     assert vs_base["quality"]["AP"]["values"] == pytest.approx([0.05, 0.02])
     assert vs_base["quality"]["AP90"] is None
     # a seed missing from the reference is left out of the pairing
     only_seed_1 = {1: rec["baseline"][1]}
-    assert acc.paired_deltas(rec["dir"], only_seed_1, "nms")["quality"]["AP"]["values"] == pytest.approx([0.02])
-    assert acc.paired_deltas(rec["dir"], {}, "nms") == {}
+    assert stats.paired_deltas(rec["dir"], only_seed_1, "nms")["quality"]["AP"]["values"] == pytest.approx([0.02])
+    assert stats.paired_deltas(rec["dir"], {}, "nms") == {}
 
 
 def test_targets_verdicts():
-    agg = acc.aggregate(_records(), headlines={"baseline": "nms", "dir": "quality"})
+    agg = stats.aggregate(_records(), headlines={"baseline": "nms", "dir": "quality"})
     targets = {t["target"]: t for t in agg["targets"]}
     pearson = targets["DIR predicted IoU: Pearson with the true IoU >= 0.75"]
     assert pearson["value"]["mean"] == pytest.approx(0.76) and pearson["verdict"] == "met"
@@ -184,16 +175,16 @@ def test_targets_verdicts():
                                                                         "score": {"pearson": 0.2, "n": 5}}}}
 
     ordered = {"baseline": corr(0.1), "dir_foresight": corr(0.6), "iou_direct": corr(0.74), "dir": corr(0.76)}
-    chain = acc.aggregate(ordered)["targets"][1]
+    chain = stats.aggregate(ordered)["targets"][1]
     assert chain["verdict"] == "reproduced"
     assert chain["value"]["hindsight P&I (dir)"]["mean"] == pytest.approx(0.76)
     ordered["iou_direct"] = corr(0.5)  # hindsight below foresight
-    assert acc.aggregate(ordered)["targets"][1]["verdict"] == "refuted"
+    assert stats.aggregate(ordered)["targets"][1]["verdict"] == "refuted"
 
 
 def test_report_tables_overall_per_site_pearson_and_targets(tmp_path):
     rec = _records()
-    agg = acc.aggregate(rec, headlines={"baseline": "nms", "dir": "quality"})
+    agg = stats.aggregate(rec, headlines={"baseline": "nms", "dir": "quality"})
     runs = {name: {"runs": {s: {"status": "trained", "train_s": 120.0, "s_per_iter": 0.5, "eval_s": 3.0,
                                 "signals": ["quality"] if name == "dir" else [], "plot": f"plots/{name}_seed{s}.png"}
                             for s in r}, "warnings": [], "errors": []}
@@ -207,7 +198,7 @@ def test_report_tables_overall_per_site_pearson_and_targets(tmp_path):
         "variants": runs,
         "aggregate": agg,
     }
-    text = acc.format_report(results)
+    text = report.format_report(results)
     assert "# Accuracy benchmark: unit" in text and "2.00 h" in text
     assert "| baseline | **nms** | 32.0 ± 2.8 | 52.0 ± 2.8 | 32.0 ± 2.8 | - |" in text
     # DIR's quality NMS: AP 35.5 ± 0.7; +3.5 ± 0.7 over its own NMS; +3.5 ± 2.1 over the baseline's
@@ -219,24 +210,24 @@ def test_report_tables_overall_per_site_pearson_and_targets(tmp_path):
     assert "[png](plots/dir_seed1.png)" in text
     assert "![summary]" not in text  # no summary plot drawn yet
     # the compact summary: one row per variant under its headline method
-    summary = acc.format_summary(results)
+    summary = report.format_summary(results)
     assert "| baseline | nms | 32.0 ± 2.8 | 52.0 ± 2.8 | 32.0 ± 2.8 | - | (is NMS) | (is the reference) |" in summary
     assert "| dir | quality | 35.5 ± 0.7 |" in summary and "| +3.5 ± 0.7 / +5.5 ± 0.7 | +3.5 ± 2.1 / " in summary
     assert "| 0.30 ± 0.00 | 0.76 ± 0.03 |" in summary and summary in text
 
-    png = acc.plot_summary(results, tmp_path / "plots" / "summary.png")
+    png = report.plot_summary(results, tmp_path / "plots" / "summary.png")
     assert png == tmp_path / "plots" / "summary.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results["meta"]["summary_plot"] = "plots/summary.png"
-    assert "![summary](plots/summary.png)" in acc.format_report(results)
+    assert "![summary](plots/summary.png)" in report.format_report(results)
     empty = {**results, "aggregate": {"variants": {}}}
-    assert acc.plot_summary(empty, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    assert report.plot_summary(empty, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 # -- the real thing, tiny: train, evaluate, resume -------------------------------------------------
 
 
 def _tiny_setting(root, lr=0.01):
-    return acc.Setting(
+    return settings.Setting(
         name="tiny", description="tiny synthetic",
         model=dict(backbone="resnet18", fpn_channels=16, returned_layers=[2, 3, 4], min_size=64, max_size=64,
                    candidates_per_image=50),
@@ -251,9 +242,9 @@ def _tiny_setting(root, lr=0.01):
 
 
 def test_tiny_run_writes_results_and_a_second_call_does_not_retrain(tmp_path):
-    variant = acc.EXTRA_VARIANTS["tv_frcnn"]
+    variant = settings.EXTRA_VARIANTS["tv_frcnn"]
     out, runs = tmp_path / "out", tmp_path / "runs"
-    first = acc.run_benchmark(_tiny_setting(tmp_path), [variant], [0], out, runs, progress=False)
+    first = runner.run_benchmark(_tiny_setting(tmp_path), [variant], [0], out, runs, progress=False)
     run = first["variants"]["tv_frcnn"]["runs"][0]
     assert not run.get("error"), run
     assert run["status"] == "trained" and run["signals"] == []
@@ -269,7 +260,7 @@ def test_tiny_run_writes_results_and_a_second_call_does_not_retrain(tmp_path):
     assert set(saved["aggregate"]["variants"]["tv_frcnn"]["summary"]["methods"]) == set(run["methods"])
     assert "| tv_frcnn | **nms** |" in (out / "table.md").read_text()
 
-    second = acc.run_benchmark(_tiny_setting(tmp_path), [variant], [0], out, runs, progress=False)
+    second = runner.run_benchmark(_tiny_setting(tmp_path), [variant], [0], out, runs, progress=False)
     run2 = second["variants"]["tv_frcnn"]["runs"][0]
     assert run2["status"] == "reused, eval reused"
     assert run2["train_s"] == pytest.approx(run["train_s"])  # the recorded training time, not a new one
@@ -278,15 +269,49 @@ def test_tiny_run_writes_results_and_a_second_call_does_not_retrain(tmp_path):
         assert (p.stat().st_mtime_ns, p.read_bytes()) == (mtime, data), f"{p} was rewritten"
 
     # the same run folder with another configuration is refused, not silently reused
-    third = acc.run_benchmark(_tiny_setting(tmp_path, lr=0.02), [variant], [0], out, runs, progress=False)
+    third = runner.run_benchmark(_tiny_setting(tmp_path, lr=0.02), [variant], [0], out, runs, progress=False)
     assert "different configuration" in third["variants"]["tv_frcnn"]["runs"][0]["error"]
     assert "train.lr" in third["variants"]["tv_frcnn"]["runs"][0]["error"]
     assert "failed" in (out / "table.md").read_text()
 
 
+def _parser() -> argparse.ArgumentParser:
+    return cli.add_arguments(argparse.ArgumentParser())
+
+
 def test_cli_defaults():
-    args = acc.build_parser().parse_args(["--setting", "synthetic"])
-    assert args.seeds == [0, 1] and args.variants == list(acc.DEFAULT_VARIANTS) and args.threads is None
-    assert "tv_frcnn" not in acc.DEFAULT_VARIANTS and acc.BASELINE in acc.DEFAULT_VARIANTS
+    args = _parser().parse_args(["--setting", "synthetic"])
+    assert args.seeds == [0, 1] and args.variants == list(settings.DEFAULT_VARIANTS) and args.threads is None
+    assert "tv_frcnn" not in settings.DEFAULT_VARIANTS and settings.BASELINE in settings.DEFAULT_VARIANTS
     with pytest.raises(SystemExit):
-        acc.build_parser().parse_args(["--setting", "coco"])
+        _parser().parse_args(["--setting", "coco"])
+
+
+def test_cli_command_repeats_the_options_and_bad_values_are_refused(monkeypatch):
+    args = _parser().parse_args(["--setting", "neon", "--seeds", "2", "--variants", "baseline", "dir",
+                                 "--iterations", "30", "--out", "a b", "--threads", "2"])
+    assert cli.command_of(args) == ("locconf bench --setting neon --seeds 2 --iterations 30 --variants baseline dir "
+                                    "--out 'a b' --threads 2")
+    assert _parser().parse_args(cli.command_of(args).split(" ", 2)[2].replace("'a b'", "ab").split()).seeds == [2]
+    monkeypatch.setattr(runner, "run_benchmark", lambda *a, **k: pytest.fail("ran despite a bad option"))
+    for bad in (["--seeds", "1", "1"], ["--seeds", "-1"], ["--iterations", "0"], ["--threads", "0"]):
+        with pytest.raises(SystemExit, match="must be"):
+            cli.run(_parser().parse_args(["--setting", "synthetic", *bad]))
+
+
+def test_the_script_keeps_its_names_and_options():
+    """benchmarks/accuracy.py is a thin script over locconf.bench; other scripts import names from it."""
+    code = (
+        "import sys, json; sys.path.insert(0, 'benchmarks'); import accuracy as a\n"
+        "from locconf.bench import run, settings\n"
+        "assert a.VARIANTS is settings.VARIANTS and a.ALL_VARIANTS is settings.ALL_VARIANTS\n"
+        "assert a.SETTINGS is settings.SETTINGS and a.run_benchmark is run.run_benchmark\n"
+        "assert a.make_config is settings.make_config and a.neon_setting is settings.neon_setting\n"
+        "args = a.build_parser().parse_args(['--setting', 'synthetic'])\n"
+        "print(json.dumps({'variants': args.variants, 'root': str(a.ROOT), 'help': a.build_parser().format_help()}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["variants"] == list(settings.DEFAULT_VARIANTS) and Path(got["root"]) == ROOT
+    assert "python benchmarks/accuracy.py --setting synthetic" in got["help"] and "--inner-progress" in got["help"]

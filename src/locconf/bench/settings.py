@@ -1,0 +1,179 @@
+"""What one accuracy comparison trains: the settings (data + budget), the variants (detectors), and
+the configuration of one (setting, variant, seed).
+
+Kept free of torch at import time, so that ``locconf bench --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+@dataclass
+class Setting:
+    """The data and the budget shared by every variant of one comparison.
+
+    ``model`` holds the keys every detector gets (backbone, FPN, image size, candidates);
+    ``family_model`` / ``family_train`` the few keys that only make sense for one family
+    (RPN anchors and RoI sampling of the two-stage detectors; the one-stage learning rate).
+    """
+
+    name: str
+    description: str
+    model: dict
+    data: dict
+    train: dict
+    family_model: dict = field(default_factory=lambda: {"two_stage": {}, "one_stage": {}})
+    family_train: dict = field(default_factory=lambda: {"two_stage": {}, "one_stage": {}})
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One detector of the comparison, as overrides of its setting's model section.
+
+    ``reuse`` names the variant whose checkpoint this one evaluates (no training of its own);
+    ``expects`` the candidate signals the detector should predict; ``headline`` the
+    post-processing method its paper pairs it with.
+    """
+
+    name: str
+    label: str
+    family: str
+    model: Mapping[str, Any]
+    headline: str = "nms"
+    expects: tuple[str, ...] = ()
+    reuse: str | None = None
+
+
+#: The variants of issue 7, in table order. ``baseline`` is the reference of every "vs baseline" delta.
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("baseline", "Faster R-CNN (two-stage baseline)", "two_stage", {"arch": "rcnn"}),
+    Variant("iou_net", "IoU-Net", "two_stage", {"arch": "rcnn", "quality": "iou_net"},
+            headline="iou-guided", expects=("quality",)),
+    Variant("iou_net_refine", "IoU-Net + refinement (same weights, 5 steps)", "two_stage",
+            {"arch": "rcnn", "quality": "iou_net", "refine_steps": 5},
+            headline="iou-guided", expects=("quality",), reuse="iou_net"),
+    Variant("dir", "DIR (hindsight, Purity x Integrity)", "two_stage", {"arch": "rcnn", "quality": "dir"},
+            headline="quality", expects=("quality",)),
+    Variant("dir_foresight", "DIR foresight (proposal features)", "two_stage",
+            {"arch": "rcnn", "quality": "dir_foresight"}, headline="quality", expects=("quality",)),
+    Variant("iou_direct", "Hindsight IoU, direct (no P&I)", "two_stage", {"arch": "rcnn", "quality": "iou_direct"},
+            headline="quality", expects=("quality",)),
+    Variant("kl", "KL-Loss (variance voting)", "two_stage", {"arch": "rcnn", "quality": "kl"},
+            headline="var-voting+soft", expects=("variances",)),
+    # One-stage: the score is each paper's ranking score (ATSS: cls x centerness; GFL, CLQ: the joint
+    # score), so NMS is their own inference; ATSS's `quality` is its centerness, CLQ's its predicted
+    # IoU, and GFL has none (locconf.models.one_stage).
+    Variant("atss", "ATSS (one-stage; quality = centerness)", "one_stage", {"arch": "one_stage", "head": "atss"},
+            expects=("quality",)),
+    Variant("gfl", "GFL (one-stage, quality focal loss; joint score, no separate quality)", "one_stage",
+            {"arch": "one_stage", "head": "gfl"}),
+    Variant("clq", "CLQ (one-stage, joint cls-quality score; quality = predicted IoU)", "one_stage",
+            {"arch": "one_stage", "head": "clq"}, expects=("quality",)),
+)}
+DEFAULT_VARIANTS = tuple(VARIANTS)
+#: Not in the default list: torchvision's own Faster R-CNN, a reference and the harness's smoke test.
+EXTRA_VARIANTS: dict[str, Variant] = {
+    "tv_frcnn": Variant("tv_frcnn", "torchvision Faster R-CNN (reference)", "two_stage", {"arch": "torchvision_frcnn"}),
+}
+ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS}
+BASELINE = "baseline"
+
+
+def _setting(name: str, description: str, iterations: int, batch_size: int, model: dict, data: dict,
+             lr: tuple[float, float] = (0.02, 0.01),
+             two_stage: dict | None = None) -> Setting:
+    """A setting with the schedule and per-family keys that NEON and synthetic share.
+
+    ``model`` holds the keys of every detector (backbone, FPN, anchors sizes, image size);
+    ``two_stage`` the RPN / RoI keys that only the two-stage detectors take.
+    """
+    return Setting(
+        name=name,
+        description=description,
+        model={"backbone": "resnet18", "candidates_per_image": 1000, "channels_last": True, **model},
+        family_model={"two_stage": {"box_batch_size_per_image": 128, "quality_representation_size": 256,
+                                      **(two_stage or {})},
+                      "one_stage": {}},
+        # The papers' one-stage learning rate is half the two-stage one (ATSS/GFL 0.01 vs Faster
+        # R-CNN 0.02 at batch 16); from scratch, a dense head at 0.02 was unstable (shared/notes).
+        family_train={"two_stage": {}, "one_stage": dict(lr=lr[1])},
+        data=data,
+        train=dict(iterations=int(iterations), batch_size=batch_size, lr=lr[0], warmup_iters=100, schedule="step",
+                   steps=[0.7, 0.9], clip_grad_norm=10.0, checkpoint_every=250),
+    )
+
+
+def neon_setting(iterations: int | None = None, pretrained: bool = True) -> Setting:
+    """NEON tree crowns on :func:`locconf.experiment.neon_recipe` (400 px, P2-P5 64 ch, batch 2).
+
+    ``pretrained`` (setting ``neon``): ImageNet EfficientNet-Lite0, frozen BatchNorm and stem, lr 0.01
+    (one-stage 0.005), 1500 iterations by default (benchmarks/results/recipe_pretrained.md).
+    From scratch (setting ``neon-scratch``): ResNet-18, lr 0.02 (one-stage 0.01), 600 iterations by
+    default, what 18 trainings (9 detectors x 2 seeds) afford on two CPU cores in about two hours.
+    """
+    from locconf.experiment import neon_recipe  # imports torch: not at module import
+
+    shared, two_stage = neon_recipe(False, pretrained), neon_recipe(True, pretrained)
+    name, default, init = ("neon", 1500, "ImageNet EfficientNet-Lite0") if pretrained else \
+        ("neon-scratch", 600, "ResNet-18 from scratch")
+    return _setting(
+        name, f"NEON tree crowns (train: YELL tiles; val: held-out YELL band + OSBS + SOAP), {init}",
+        default if iterations is None else iterations, 2,
+        model=shared["model"],
+        two_stage={k: v for k, v in two_stage["model"].items() if k not in shared["model"]},
+        data=shared["data"], lr=(two_stage["train"]["lr"], shared["train"]["lr"]))
+
+
+def synthetic_setting(iterations: int | None = None) -> Setting:
+    """Synthetic scenes, 3 classes, 128 px (objects 8-48 px), P2-P5 64 ch, batch 4.
+
+    Sized so that a from-scratch detector trains in a few minutes on one CPU thread.
+    """
+    return _setting(
+        "synthetic", "synthetic scenes (3 classes, 128 px, 400 train / 100 val, exact boxes), from scratch",
+        800 if iterations is None else iterations, 4,
+        model=dict(fpn_channels=64, returned_layers=[1, 2, 3], anchor_sizes=[8, 16, 32, 64],
+                   min_size=128, max_size=128),
+        # A 256-wide box head (torchvision's is 1024): at 128 px its two fc layers on 4 x 128 RoIs
+        # cost more than the backbone, and the synthetic shapes need no more.
+        two_stage=dict(representation_size=256),
+        data=dict(source="synthetic", root="data/synthetic128",
+                  synthetic=dict(num_train=400, num_val=100, image_size=128, num_classes=3, seed=0)))
+
+
+SETTINGS = {"neon": neon_setting, "neon-scratch": lambda iterations=None: neon_setting(iterations, pretrained=False),
+            "synthetic": synthetic_setting}
+
+
+def make_config(setting: Setting, variant: Variant, seed: int, out_dir: str | Path,
+                num_classes: int | None = None) -> dict:
+    """The full configuration (model/data/train/eval sections) of one variant and seed.
+
+    The model section is the setting's shared keys, then its family's keys, then the variant's
+    overrides; the train section the setting's budget, its family's keys, the seed and ``out_dir``.
+    """
+    if variant.family not in ("two_stage", "one_stage"):
+        raise ValueError(f"variant {variant.name!r}: family must be 'two_stage' or 'one_stage', got {variant.family!r}")
+    model = {**copy.deepcopy(setting.model), **copy.deepcopy(setting.family_model.get(variant.family, {})),
+             **copy.deepcopy(dict(variant.model))}
+    if model.get("arch") == "torchvision_frcnn":  # torchvision's box head has no quality branch
+        model.pop("quality_representation_size", None)
+    if num_classes is not None:
+        model["num_classes"] = int(num_classes)
+    train = {**copy.deepcopy(setting.train), **copy.deepcopy(setting.family_train.get(variant.family, {})),
+             "seed": int(seed), "out_dir": str(out_dir)}
+    return {"model": model, "data": copy.deepcopy(setting.data), "train": train, "eval": {}}
+
+
+def budget_text(setting: Setting) -> str:
+    """One line describing the budget every variant of ``setting`` gets (the report's "Budget")."""
+    t, m = setting.train, setting.model
+    return (f"{t['iterations']} iterations x batch {t['batch_size']}, SGD lr {t['lr']} (one-stage "
+            f"{setting.family_train.get('one_stage', {}).get('lr', t['lr'])}), warm-up {t.get('warmup_iters', 0)}, "
+            f"{t.get('schedule', 'step')} decay at {t.get('steps', [0.7, 0.9])}; {m['backbone']}-FPN {m['fpn_channels']} ch "
+            f"(stages {m['returned_layers']}), images {m['min_size']}-{m['max_size']} px, "
+            f"{m['candidates_per_image']} candidates/image, from scratch")
