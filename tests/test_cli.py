@@ -140,3 +140,33 @@ def test_eval_html_calibration_and_tiled_predict(tmp_path, capsys):
     assert main(["postprocess", str(tmp_path / "p.json"), "--out", str(tmp_path / "pp.json"), "--method", "none",
                  "--calibration", str(calibration), "--no-progress"]) == 0
     assert len(json.loads((tmp_path / "pp.json").read_text())) == min(100, len(rows))
+
+
+def test_bench_command_runs_the_accuracy_harness(tmp_path, monkeypatch, capsys):
+    """`locconf bench` hands its options to locconf.bench.run.run_benchmark (stubbed here: no training)."""
+    from locconf.bench import run as bench_run
+
+    calls = []
+
+    def fake(setting, variants, seeds, out, runs_dir, device=None, inner_progress=False, command=""):
+        calls.append(dict(setting=setting, variants=[v.name for v in variants], seeds=list(seeds), out=out,
+                          runs=runs_dir, command=command))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text("# the table\n")
+        failed = {"error": "RuntimeError: boom"} if "kl" in calls[-1]["variants"] else {}
+        return {"variants": {v.name: {"runs": {s: failed for s in seeds}} for v in variants}}
+
+    monkeypatch.setattr(bench_run, "run_benchmark", fake)
+    argv = ["bench", "--setting", "synthetic", "--seeds", "3", "--iterations", "5", "--variants", "dir", "dir",
+            "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]
+    assert main(argv) == 0
+    call = calls[-1]
+    assert call["setting"].name == "synthetic" and call["setting"].train["iterations"] == 5
+    assert call["variants"] == ["dir"] and call["seeds"] == [3]
+    assert (call["out"], call["runs"]) == (tmp_path / "out", tmp_path / "runs")
+    assert call["command"].startswith("locconf bench --setting synthetic --seeds 3 --iterations 5 --variants dir dir")
+    assert "# the table" in capsys.readouterr().out
+    assert main(argv[:-4] + ["kl", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]) == 1
+    assert "FAILED runs" in capsys.readouterr().err
+    args = build_parser().parse_args(["bench", "--setting", "neon"])
+    assert args.seeds == [0, 1] and args.out is None and "tv_frcnn" not in args.variants

@@ -170,6 +170,12 @@ def _cmd_postprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="locconf", description="Localization-confidence-aware object detection.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -268,6 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="calibrate each record's quality with this JSON (from locconf eval) first")
     pp.add_argument("--no-progress", action="store_true", help="no progress bar")
     pp.set_defaults(func=_cmd_postprocess)
+
+    from .bench.cli import add_arguments as bench_arguments  # no torch import: --help stays fast
+
+    bench = sub.add_parser("bench", help="the accuracy comparison: every detector, same budget, several seeds",
+                           description="Train every variant (detector) on a setting's training split with the same "
+                           "budget, score the val candidates under every post-processing method they support, "
+                           "aggregate over seeds and write results.json, table.md and plots (locconf.bench). "
+                           "Resumable: finished trainings and evaluations are reused.")
+    bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
