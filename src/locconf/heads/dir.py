@@ -17,6 +17,21 @@ Section 3 of the paper, as implemented here:
 
 The branches are class-agnostic, as in the paper (Sec. 4.2, "all the regressors ... are
 class-agnostic").
+
+Ablations of Sec. 4.3, as options of the same head (no copy of the code):
+
+- ``confidence`` (Table 5): the localization confidence ``predict`` returns. ``"iou"`` (default,
+  the paper's choice, 38.9 AP): Eq. 5's combined IoU. ``"purity"`` (37.9) or ``"integrity"``
+  (37.7): one of the two alone; ``"geometric"`` (``sqrt(s t)``, 38.7) or ``"arithmetic"``
+  (``(s + t) / 2``, 38.7): the two averaged. The paper does not say whether these rows were trained
+  differently; here training is always Eq. 9-10 (all three losses) and only the confidence used at
+  inference changes, so one trained model gives every row.
+- ``train_features`` / ``inference_features`` (Table 4): the features the branches see in training
+  and at inference, ``"boxes"`` (hindsight: the regressed boxes re-pooled, the paper's 38.9 AP) or
+  ``"proposals"`` (foresight: the box head's RoIAlign features of each box's proposal). The four
+  combinations are the table's rows: proposals/proposals 37.9 (:class:`~.dir_foresight.ForesightDIRHead`),
+  proposals/boxes 38.3, boxes/proposals 37.5, boxes/boxes 38.9 (the default). Both poolings are
+  RoIAlign with the same output size, so one trained head can be evaluated either way.
 """
 
 from __future__ import annotations
@@ -30,7 +45,11 @@ from torchvision.ops import MultiScaleRoIAlign
 from ..boxes import elementwise_integrity, elementwise_purity, iou_from_purity_integrity
 from .common import RoIBatch, bce, mlp_branch, zero_loss
 
-__all__ = ["DIRHead"]
+__all__ = ["DIRHead", "CONFIDENCES", "FEATURES"]
+
+
+CONFIDENCES = ("iou", "purity", "integrity", "geometric", "arithmetic")
+FEATURES = ("boxes", "proposals")
 
 
 class DIRHead(nn.Module):
@@ -39,29 +58,49 @@ class DIRHead(nn.Module):
     Args:
         in_channels: FPN channels C.
         featmap_names: FPN levels to pool from (those of the box head).
-        pool_size: output size S of the second RoIAlign (7, as the box head).
+        pool_size: output size S of the second RoIAlign (7, as the box head; with
+            ``"proposals"`` features it must equal the box head's pooling size).
         representation_size: width of the branches' hidden layers (1024 in the paper).
         loss_weight: scale of the three BCE losses (1 in Eq. 10).
+        confidence: the localization confidence at inference (Table 5, module docstring):
+            ``"iou"`` (Eq. 5, default), ``"purity"``, ``"integrity"``, ``"geometric"``,
+            ``"arithmetic"``.
+        train_features, inference_features: ``"boxes"`` (hindsight, default) or ``"proposals"``
+            (foresight) in training / at inference (Table 4, module docstring).
     """
 
     signal = "quality"
 
     def __init__(self, in_channels: int, featmap_names: Sequence[str], pool_size: int = 7,
-                 representation_size: int = 1024, loss_weight: float = 1.0) -> None:
+                 representation_size: int = 1024, loss_weight: float = 1.0, *, confidence: str = "iou",
+                 train_features: str = "boxes", inference_features: str = "boxes") -> None:
         super().__init__()
         if in_channels < 1 or pool_size < 1:
             raise ValueError(f"in_channels and pool_size must be >= 1, got {in_channels}, {pool_size}")
         if loss_weight < 0:
             raise ValueError(f"loss_weight must be >= 0, got {loss_weight}")
+        if confidence not in CONFIDENCES:
+            raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
+        for name, value in (("train_features", train_features), ("inference_features", inference_features)):
+            if value not in FEATURES:
+                raise ValueError(f"{name} must be one of {FEATURES}, got {value!r}")
         self.pool = MultiScaleRoIAlign(list(featmap_names), pool_size, sampling_ratio=2)
         self.loss_weight = float(loss_weight)
+        self.confidence = confidence
+        self.train_features, self.inference_features = train_features, inference_features
         flat = in_channels * pool_size * pool_size
         self.purity = mlp_branch(flat, representation_size)
         self.integrity = mlp_branch(flat, representation_size)
 
-    # -- features: hindsight pools the regressed boxes (the foresight ablation overrides this) --
-    def features(self, batch: RoIBatch) -> Tensor:
-        """(N, C, S, S) features of ``batch.boxes`` pooled again from the FPN."""
+    # -- features: hindsight re-pools the regressed boxes, foresight reuses the proposals' ----------
+    def features(self, batch: RoIBatch, source: str | None = None) -> Tensor:
+        """(N, C, S, S) features of ``batch.boxes``: ``source="boxes"`` pools the boxes again from
+        the FPN, ``"proposals"`` takes the box head's RoIAlign features of each box's proposal;
+        None: ``train_features`` in training mode, ``inference_features`` in eval mode."""
+        if source is None:
+            source = self.train_features if self.training else self.inference_features
+        if source == "proposals":
+            return batch.pooled[batch.index]
         return self.pool(batch.features, batch.boxes, batch.image_sizes)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -69,6 +108,19 @@ class DIRHead(nn.Module):
         s = torch.sigmoid(self.purity(x)).squeeze(1)
         t = torch.sigmoid(self.integrity(x)).squeeze(1)
         return s, t, iou_from_purity_integrity(s, t)
+
+    @staticmethod
+    def combine(purity: Tensor, integrity: Tensor, iou: Tensor, confidence: str) -> Tensor:
+        """The localization confidence named ``confidence`` (Table 5) from the three outputs."""
+        if confidence == "purity":
+            return purity
+        if confidence == "integrity":
+            return integrity
+        if confidence == "geometric":
+            return torch.sqrt(purity * integrity)
+        if confidence == "arithmetic":
+            return (purity + integrity) / 2
+        return iou
 
     @staticmethod
     def positives(batch: RoIBatch) -> tuple[RoIBatch, Tensor, Tensor]:
@@ -88,7 +140,7 @@ class DIRHead(nn.Module):
         if gts.shape[0] == 0:
             zero = zero_loss(self)
             return {"loss_purity": zero, "loss_integrity": zero, "loss_quality_iou": zero}
-        s, t, c = self(self.features(sub))
+        s, t, c = self(self.features(sub, self.train_features))
         purity = elementwise_purity(boxes, gts)
         integrity = elementwise_integrity(boxes, gts)
         iou = iou_from_purity_integrity(purity, integrity)
@@ -97,7 +149,9 @@ class DIRHead(nn.Module):
                 "loss_quality_iou": w * bce(c, iou)}
 
     def predict(self, batch: RoIBatch) -> Tensor:
-        """(N,) predicted IoU of ``batch.boxes`` (Eq. 5 from the predicted Purity and Integrity)."""
+        """(N,) localization confidence of ``batch.boxes``: by default the IoU of Eq. 5 from the
+        predicted Purity and Integrity (``confidence`` selects a Table 5 alternative), from the
+        ``inference_features``."""
         if batch.index.numel() == 0:
             return batch.pooled.new_zeros((0,))
-        return self(self.features(batch))[2]
+        return self.combine(*self(self.features(batch, self.inference_features)), self.confidence)

@@ -37,10 +37,11 @@ from ..postprocess import check_method, postprocess
 from .backbone import build_fpn_backbone
 from .inputs import check_detection_inputs
 
-__all__ = ["build_rcnn", "RCNN", "RoIHeads", "BoxHead", "QUALITY_HEADS", "DEFAULT_METHODS"]
+__all__ = ["build_rcnn", "RCNN", "RoIHeads", "BoxHead", "QUALITY_HEADS", "DEFAULT_METHODS", "REFINE_ORDERS"]
 
 QUALITY_HEADS = (None, "iou_net", "dir", "dir_foresight", "iou_direct", "kl")
 BOX_LOSSES = ("smooth_l1", "giou")
+REFINE_ORDERS = ("after_nms", "before_nms")
 
 #: The post-processing each head's paper uses (``RCNN.detect``'s default), by its name in
 #: :data:`locconf.postprocess.METHODS`.
@@ -90,8 +91,16 @@ class RoIHeads(nn.Module):
         candidates_per_image: most candidates an image returns (highest scores first).
         quality_thresh: DIR's ``a``: the quality is predicted only for candidates whose score
             exceeds it (the others get quality 0); at most ``score_thresh`` it covers them all.
-        refine_steps, refine_step_size: IoU-Net's optimization-based refinement of the candidates
-            (0 steps: off).
+        refine_steps, refine_step_size: IoU-Net's optimization-based refinement (0 steps: off).
+        refine_order: ``"after_nms"`` (default, IoU-Net's inference): the candidate stage runs
+            IoU-guided NMS (``postprocess(..., "iou-guided")``, its default threshold 0.5) and
+            refines the ``refine_top_k`` highest-scoring boxes it keeps, so with refinement on the
+            model returns those detections (refined boxes, their refined predicted IoU) instead of
+            raw candidates; post-processing them again with ``"iou-guided"`` leaves them as they
+            are unless refinement made two of them overlap above the threshold. ``"before_nms"``
+            (ours, the former behaviour): every candidate is refined and post-processing follows.
+        refine_top_k: boxes refined after NMS (100: the first ``pre_refine=100`` boxes the
+            IoU-guided NMS keeps in the reimplementation github.com/thisisi3/OpenMMLab-IoUNet).
         min_box_size: candidates narrower or lower than this (pixels) are dropped.
         box_loss: ``"smooth_l1"`` on the encoded deltas (Faster R-CNN, beta 1/9 as torchvision) or
             ``"giou"`` on the decoded boxes (Rezatofighi et al., CVPR 2019), weighted by
@@ -105,10 +114,16 @@ class RoIHeads(nn.Module):
                  bg_iou_thresh: float = 0.5, batch_size_per_image: int = 512, positive_fraction: float = 0.25,
                  score_thresh: float = 0.05, candidates_per_image: int = 1000, quality_thresh: float = 0.0,
                  refine_steps: int = 0, refine_step_size: float = 0.5, min_box_size: float = 1e-2,
-                 box_loss: str = "smooth_l1", giou_weight: float = 10.0) -> None:
+                 box_loss: str = "smooth_l1", giou_weight: float = 10.0, refine_order: str = "after_nms",
+                 refine_top_k: int = 100) -> None:
         super().__init__()
         if box_loss not in BOX_LOSSES:
             raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
+        if refine_order not in REFINE_ORDERS:
+            raise ValueError(f"refine_order must be one of {REFINE_ORDERS}, got {refine_order!r}")
+        if isinstance(refine_top_k, bool) or not isinstance(refine_top_k, int) or refine_top_k < 1:
+            raise ValueError(f"refine_top_k must be an int >= 1, got {refine_top_k!r}")
+        self.refine_order, self.refine_top_k = refine_order, refine_top_k
         self.box_loss, self.giou_weight = box_loss, float(giou_weight)
         self.box_pool, self.box_head, self.quality_head = box_pool, box_head, quality_head
         self.mask_pool, self.mask_head, self.mask_predictor = mask_pool, mask_head, mask_predictor
@@ -256,6 +271,8 @@ class RoIHeads(nn.Module):
                          box_class=torch.cat(cand_group))
         signal = self.quality_head.signal
         if self.refine_steps > 0 and isinstance(self.quality_head, IoUNetHead):
+            if self.refine_order == "after_nms":
+                return self._nms_then_refine(features, image_sizes, out, self.quality_head.predict(batch))
             refined, quality = self.quality_head.refine(features, cand_boxes, image_sizes, self.refine_steps,
                                                          self.refine_step_size)
             for o, b, q in zip(out, refined, quality):
@@ -268,6 +285,22 @@ class RoIHeads(nn.Module):
         for o, v in zip(out, values.split([len(b) for b in cand_boxes])):
             o[signal] = v.float()
         return out
+
+    def _nms_then_refine(self, features, image_sizes, out: list[dict[str, Tensor]],
+                         quality: Tensor) -> list[dict[str, Tensor]]:
+        """IoU-Net's inference order: IoU-guided NMS of each image's candidates, then Algorithm 2 on
+        the ``refine_top_k`` highest-scoring kept boxes (the others keep their boxes and IoU)."""
+        dets = []
+        for o, q in zip(out, quality.float().split([len(o["boxes"]) for o in out])):
+            dets.append(postprocess(dict(o, quality=q), "iou-guided", max_detections=len(q)))
+        heads = [d["boxes"][:self.refine_top_k] for d in dets]
+        refined, scores = self.quality_head.refine(features, heads, image_sizes, self.refine_steps,
+                                                   self.refine_step_size)
+        for d, b, q in zip(dets, refined, scores):
+            k = len(b)
+            d["boxes"] = torch.cat([b.to(d["boxes"].dtype), d["boxes"][k:]])
+            d["quality"] = torch.cat([q.to(d["quality"].dtype), d["quality"][k:]])
+        return dets
 
     def _quality_above(self, batch: RoIBatch, scores: list[Tensor]) -> Tensor:
         """DIR's threshold ``a``: predict the quality of candidates scoring above it, 0 elsewhere."""
@@ -406,6 +439,11 @@ def build_rcnn(
     iou_net_max_boxes_per_image: int = 512,
     iou_net_loss: str = "bce",
     refine_keep_best: bool = False,
+    refine_order: str = "after_nms",
+    refine_top_k: int = 100,
+    dir_confidence: str = "iou",
+    dir_train_features: Optional[str] = None,
+    dir_inference_features: Optional[str] = None,
     box_loss: str = "smooth_l1",
     giou_weight: float = 10.0,
     channels_last: bool = False,
@@ -447,6 +485,16 @@ def build_rcnn(
         refine_keep_best: IoU-Net refinement stops as the paper's Algorithm 2 states (False, the
             default: a box keeps the step that stopped it) or undoes a step that lowers the
             predicted IoU by more than ``max_drop`` and returns the best box visited (True).
+        refine_order, refine_top_k: where the refinement runs (:class:`RoIHeads`): ``"after_nms"``
+            (default, IoU-Net's inference: IoU-guided NMS, then the ``refine_top_k`` = 100
+            highest-scoring kept boxes are refined; the model then returns those detections) or
+            ``"before_nms"`` (every candidate refined, then any post-processing).
+        dir_confidence: DIR's localization confidence at inference (Table 5; ``quality="dir"`` or
+            ``"dir_foresight"``): ``"iou"`` (Eq. 5, the paper's), ``"purity"``, ``"integrity"``,
+            ``"geometric"``, ``"arithmetic"`` (:class:`locconf.heads.DIRHead`).
+        dir_train_features, dir_inference_features: DIR's features in training / at inference
+            (Table 4): ``"boxes"`` (hindsight) or ``"proposals"`` (foresight); None: the head's own
+            (``"boxes"`` for ``"dir"``, ``"proposals"`` for ``"dir_foresight"``).
         box_loss, giou_weight: the box regression loss, ``"smooth_l1"`` (the papers') or
             ``"giou"`` (:class:`RoIHeads`); KL-Loss replaces it with its own.
         channels_last: use the channels-last memory format (faster convolutions on CPU).
@@ -458,6 +506,12 @@ def build_rcnn(
     if refine_steps and quality != "iou_net":
         raise ValueError(f"refine_steps needs quality='iou_net' (the refinement climbs IoU-Net's prediction), "
                          f"got quality={quality!r}")
+    dir_options = {"confidence": dir_confidence, "train_features": dir_train_features,
+                   "inference_features": dir_inference_features}
+    dir_options = {k: v for k, v in dir_options.items() if v is not None}
+    if quality not in ("dir", "dir_foresight") and dir_options != {"confidence": "iou"}:
+        raise ValueError(f"dir_confidence, dir_train_features and dir_inference_features need quality='dir' or "
+                         f"'dir_foresight', got quality={quality!r}")
     if refine_steps < 0 or refine_step_size < 0:
         raise ValueError(f"refine_steps and refine_step_size must be >= 0, got {refine_steps}, {refine_step_size}")
     if representation_size < 1:
@@ -490,8 +544,8 @@ def build_rcnn(
         "iou_net": lambda: IoUNetHead(fpn_channels, names, 7, q_size, iou_net_boxes_per_gt,
                                       max_boxes_per_image=iou_net_max_boxes_per_image, iou_loss=iou_net_loss,
                                       refine_keep_best=refine_keep_best),
-        "dir": lambda: DIRHead(fpn_channels, names, 7, q_size),
-        "dir_foresight": lambda: ForesightDIRHead(fpn_channels, names, 7, q_size),
+        "dir": lambda: DIRHead(fpn_channels, names, 7, q_size, **dir_options),
+        "dir_foresight": lambda: ForesightDIRHead(fpn_channels, names, 7, q_size, **dir_options),
         "iou_direct": lambda: DirectIoUHead(fpn_channels, names, 7, q_size),
         "kl": lambda: KLHead(representation_size, box_head.box_groups),
     }[quality]()
@@ -504,7 +558,8 @@ def build_rcnn(
         MultiScaleRoIAlign(names, 7, sampling_ratio=2), box_head, quality_head, *mask_parts,
         batch_size_per_image=box_batch_size_per_image, positive_fraction=box_positive_fraction,
         score_thresh=score_thresh, candidates_per_image=candidates_per_image, quality_thresh=quality_thresh,
-        refine_steps=refine_steps, refine_step_size=refine_step_size, box_loss=box_loss, giou_weight=giou_weight)
+        refine_steps=refine_steps, refine_step_size=refine_step_size, box_loss=box_loss, giou_weight=giou_weight,
+        refine_order=refine_order, refine_top_k=refine_top_k)
     transform = GeneralizedRCNNTransform(min_size, max_size, list(body.image_mean), list(body.image_std))
     model = RCNN(body, rpn, roi_heads, transform, num_classes, quality)
     if channels_last:
