@@ -123,23 +123,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
-#: Findings measured outside the table (appended to it verbatim).
-NOTES: list[str] = [
-    "Verdict: the issue's 0.30 AP is NOT reached; the best is 12.6 AP (`p2_64_roi256_1500`). The P2 variants",
-    "(10.1-12.6 AP) differ by about the val noise of one seed; all beat `base` (8.9) at fewer s/iter.",
-    "AP rose most after the learning-rate drops (70 %, 90 %) in every run; 1.5x the iterations added +2 AP50",
-    "and ~0 AP. Scale + colour jitter cost 3 AP at 1000 iterations; GroupNorm gave no gain over BatchNorm.",
-    "",
-    "Other measurements (same runs, by hand):",
-    "",
-    "- Underfitting, not overfitting, limits these budgets: `p2_64` at 1000 iterations scored on its own 64",
-    "  training tiles (no augmentation) only AP 20.9 / AP50 59.0 / AP75 8.0 / AR100 36.7.",
-    "- `box_score_thresh` 0.001 instead of 0.05 changes nothing (`p2_64`: 11.6 / 36.7 / 3.3 either way).",
-    "- Localization is the wall: `p2_64_roi256_1500` after NMS, detections scoring > 0.3, per ground truth the",
-    "  best IoU (first 16 images): val median 0.55 (quartiles 0.20 / 0.68), recall 0.56 at IoU 0.5 and 0.11 at",
-    "  0.75; train median 0.71 (0.64 / 0.79), recall 0.93 / 0.36. No size bias (median predicted/true width",
-    "  1.02, height 1.01 on val); median centre error 9 % of the crown width on val, 6 % on train.",
-]
+#: Findings measured by hand on the from-scratch runs live in this hand-written file, not in the
+#: generated table (the table only links to it).
+NOTES_FILE = "recipe_notes.md"
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -327,7 +313,8 @@ def write_table(fam: str = "scratch") -> str:
         "| variant | curve |",
         "|---|---|",
         *curves,
-        *([""] + NOTES if fam == "scratch" else []),
+        *(["", "Findings measured by hand on these runs (hand-written, not generated): "
+               f"[`benchmarks/results/{NOTES_FILE}`]({NOTES_FILE})."] if fam == "scratch" else []),
     ])
     table = TABLES[fam] if TABLES_DIR is None else TABLES_DIR / TABLES[fam].name
     table.parent.mkdir(parents=True, exist_ok=True)
