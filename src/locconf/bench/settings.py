@@ -176,4 +176,5 @@ def budget_text(setting: Setting) -> str:
             f"{setting.family_train.get('one_stage', {}).get('lr', t['lr'])}), warm-up {t.get('warmup_iters', 0)}, "
             f"{t.get('schedule', 'step')} decay at {t.get('steps', [0.7, 0.9])}; {m['backbone']}-FPN {m['fpn_channels']} ch "
             f"(stages {m['returned_layers']}), images {m['min_size']}-{m['max_size']} px, "
-            f"{m['candidates_per_image']} candidates/image, from scratch")
+            f"{m['candidates_per_image']} candidates/image, "
+            + (f"{m['weights']} weights" if m.get("weights") else "from scratch"))
