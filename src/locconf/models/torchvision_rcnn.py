@@ -20,7 +20,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from .backbone import build_fpn_backbone
+from .backbone import build_fpn_backbone, check_returned_layers
 
 __all__ = ["build_torchvision_frcnn"]
 
@@ -76,9 +76,7 @@ def build_torchvision_frcnn(
         raise ValueError(f"num_classes must be >= 1 (background excluded), got {num_classes}")
     if fpn_channels < 1 or representation_size < 1:
         raise ValueError(f"fpn_channels and representation_size must be >= 1, got {fpn_channels}, {representation_size}")
-    layers = sorted(set(int(i) for i in returned_layers))
-    if not layers or layers[0] < 1 or layers[-1] > 4 or len(layers) != len(returned_layers):
-        raise ValueError(f"returned_layers must be distinct stages in 1..4, got {tuple(returned_layers)}")
+    layers = check_returned_layers(returned_layers)
     num_levels = len(layers) + 1
     if anchor_sizes is None:
         anchor_sizes = tuple(16.0 * 2**i for i in range(num_levels))
