@@ -49,6 +49,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from ..boxes import elementwise_box_iou
+from ..candidates import Candidates
 from ..postprocess import METHODS, postprocess
 from .backbone import NORMS, build_fpn_backbone, check_returned_layers
 from .dense import GFL_BOXES, HEADS as DENSE_HEADS, DenseHead, DenseScores, Positives, assign_batch
@@ -68,12 +69,12 @@ class OneStageDetector(nn.Module):
     Build it with :func:`build_one_stage`. ``model(images, targets)`` returns the head's losses in
     training (``loss_cls``, ``loss_box`` and ``loss_centerness`` (atss) | ``loss_iou`` (clq) |
     ``loss_dfl`` (gfl with its distribution box branch)) and,
-    in evaluation, one dict of candidates per image (every anchor-class pair whose selection score
-    passes ``score_thresh`` among the ``topk_candidates`` best of its level, at most
-    ``candidates_per_image``, before any NMS), in the input image's coordinates:
-    ``boxes`` (N, 4), ``scores`` (N,), ``labels`` (N,) in 1..K, and the head's further fields,
-    e.g. ``quality`` (N,) (atss: centerness, clq: predicted IoU) and ``cls_scores`` (N,) (atss, clq).
-    ``detect`` post-processes them (:func:`locconf.postprocess.postprocess`).
+    in evaluation, one dict of candidates per image (:class:`locconf.candidates.Candidates`: every
+    anchor-class pair whose selection score passes ``score_thresh`` among the ``topk_candidates``
+    best of its level, at most ``candidates_per_image``, before any NMS), in the input image's
+    coordinates, with the head's further fields (:class:`locconf.models.dense.DenseScores`):
+    atss ``quality`` = centerness and ``cls_scores``, clq ``quality`` = predicted IoU and
+    ``cls_scores``, gfl none. ``detect`` post-processes them (:func:`locconf.postprocess.postprocess`).
     """
 
     def __init__(self, backbone: nn.Module, anchor_generator: AnchorGenerator, head: DenseHead,
@@ -120,7 +121,7 @@ class OneStageDetector(nn.Module):
         if self.training:
             return self._losses(out, anchors, strides, counts, targets)
         cands = self._candidates(out, anchors, strides, counts, image_list.image_sizes)
-        return self.transform.postprocess(cands, image_list.image_sizes, original_sizes)
+        return self.transform.postprocess(cands, image_list.image_sizes, original_sizes)  # list[Candidates]
 
     # -- training -----------------------------------------------------------------------------
 
@@ -187,7 +188,7 @@ class OneStageDetector(nn.Module):
 
     @torch.no_grad()
     def detect(self, images: Sequence[Tensor], method: str | None = None, max_detections: int = 100,
-               **params) -> list[dict[str, Tensor]]:
+               **params) -> list[Candidates]:
         """Final detections: candidates post-processed with ``method`` (default :attr:`default_method`).
 
         Args:

@@ -1,7 +1,8 @@
 """Localization-aware post-processing: the NMS family and one entry point that applies a method.
 
-Every function takes candidate ``boxes`` (N, 4) xyxy, ``scores`` (N,) and optional integer
-``labels`` (N,) (suppression is then per class), and returns the kept indices in selection order
+Every function takes the fields of one image's candidates (:mod:`locconf.candidates`: ``boxes``
+(N, 4) xyxy, ``scores`` (N,), optional integer ``labels`` (N,), suppression then being per class,
+and the signal it reads), and returns the kept indices in selection order
 together with the output scores (and boxes, where the method changes them). Empty input gives
 empty output; bad input raises a ``ValueError`` that names the argument.
 
@@ -53,7 +54,8 @@ where shifting classes apart is exact (checked), else the rounds. Both backends 
 explicitly with ``backend="numba" | "torch"``.
 
 Layout: :mod:`.methods` (the table of named methods), :mod:`.entry` (:func:`postprocess`),
-:mod:`.functions` (the public functions), :mod:`.checks` (input validation), :mod:`.greedy`
+:mod:`.functions` (the public functions), :mod:`.checks` (argument validation; the candidate
+tensors are checked by :func:`locconf.candidates.check_fields`), :mod:`.greedy`
 (backend dispatch, hard NMS), :mod:`.kernel` (numba, CPU), :mod:`.rounds` (torch, CUDA).
 """
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import _check_inputs
-from .methods import SIGNALS, check_method
+from ..candidates import SIGNALS, Candidates, check_fields
+from .methods import check_method
 
 
-def postprocess(candidates: dict, method: str = "nms", max_detections: int = 100, **params) -> dict:
+def postprocess(candidates: Candidates, method: str = "nms", max_detections: int = 100, **params) -> dict:
     """Turn one image's candidates into detections with a named method.
 
     Args:
-        candidates: dict with ``boxes`` (N, 4), ``scores`` (N,), ``labels`` (N,), and
-            ``quality`` (N,) and/or ``variances`` (N, 4) where the detector predicts them.
+        candidates: one image's candidates, a dict as :class:`locconf.candidates.Candidates`
+            (``boxes``, ``scores``, ``labels`` and the signals the method needs; without
+            ``labels`` the suppression is class-agnostic).
         method: one of :data:`METHODS`.
         max_detections: keep at most this many detections, the highest scoring.
         **params: keyword arguments of the underlying function (e.g. ``iou_threshold``,
@@ -36,7 +37,7 @@ def postprocess(candidates: dict, method: str = "nms", max_detections: int = 100
     # The method validates what it uses; the other signals are validated here, so that a malformed
     # one is reported rather than silently dropped from the output.
     unused = {k: candidates.get(k) for k in SIGNALS if k not in spec.needs}
-    _check_inputs(boxes, scores, labels, **unused)
+    check_fields(boxes, scores, labels, **unused)
     result = spec.function(boxes, scores, *(candidates[k] for k in spec.needs), labels, **spec.fixed, **params)
     new_boxes = None
     if isinstance(result, Tensor):

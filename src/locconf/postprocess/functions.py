@@ -1,7 +1,8 @@
 """The public post-processing functions: the NMS family, each validating its own arguments.
 
-Each takes candidate ``boxes`` (N, 4) xyxy, ``scores`` (N,), optional integer ``labels`` (N,)
-(suppression is then per class) and the signal it uses, and returns the kept indices in selection
+Each takes the fields of one image's candidates (:mod:`locconf.candidates`): ``boxes`` (N, 4),
+``scores`` (N,), optional ``labels`` (N,) (suppression is then per class) and the signal it uses,
+and returns the kept indices in selection
 order with the output scores (and boxes, where the method changes them).
 """
 
@@ -12,7 +13,8 @@ from typing import Optional
 
 from torch import Tensor
 
-from .checks import _check_backend, _check_inputs, _check_positive, _check_threshold, _compute_dtype, _empty_long
+from ..candidates import check_fields
+from .checks import _check_backend, _check_positive, _check_threshold, _compute_dtype, _empty_long
 from .greedy import _greedy, _hard_nms
 from .modes import _GAUSSIAN, _HARD, _SOFT_MODES
 
@@ -30,7 +32,7 @@ def nms(boxes: Tensor, scores: Tensor, labels: Optional[Tensor] = None, iou_thre
     Returns:
         (K,) int64 indices of the kept boxes, by decreasing score (ties: lower index first).
     """
-    _check_inputs(boxes, scores, labels)
+    check_fields(boxes, scores, labels)
     _check_threshold(iou_threshold, "iou_threshold")
     _check_backend(backend)
     if boxes.shape[0] == 0:
@@ -63,7 +65,7 @@ def soft_nms(
         ``(keep, new_scores)``: (K,) int64 indices in selection order and their (K,) decayed
         scores, which are non-increasing.
     """
-    _check_inputs(boxes, scores, labels)
+    check_fields(boxes, scores, labels)
     if method not in _SOFT_MODES:
         raise ValueError(f"method must be 'linear' or 'gaussian', got {method!r}")
     _check_threshold(iou_threshold, "iou_threshold")
@@ -99,7 +101,7 @@ def iou_guided_nms(
     Returns:
         ``(keep, new_scores)``: (K,) indices in selection (quality) order and (K,) scores.
     """
-    _check_inputs(boxes, scores, labels, quality=quality)
+    check_fields(boxes, scores, labels, quality=quality)
     _check_threshold(iou_threshold, "iou_threshold")
     _check_backend(backend)
     if boxes.shape[0] == 0:
@@ -132,7 +134,7 @@ def quality_nms(
     Returns:
         ``(keep, new_scores)``: (K,) indices in selection order and their (K,) combined scores.
     """
-    _check_inputs(boxes, scores, labels, quality=quality)
+    check_fields(boxes, scores, labels, quality=quality)
     _check_threshold(iou_threshold, "iou_threshold")
     _check_threshold(weight, "weight")
     _check_positive(sigma, "sigma")
@@ -187,7 +189,7 @@ def var_voting(
     Returns:
         ``(keep, new_boxes, new_scores)``: (K,) indices, (K, 4) voted boxes, (K,) scores.
     """
-    _check_inputs(boxes, scores, labels, variances=variances)
+    check_fields(boxes, scores, labels, variances=variances)
     _check_threshold(iou_threshold, "iou_threshold")
     _check_positive(sigma_t, "sigma_t")
     _check_positive(soft_sigma, "soft_sigma")

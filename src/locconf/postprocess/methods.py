@@ -1,20 +1,22 @@
 """The post-processing methods by name: the one table that every caller reads.
 
-:func:`locconf.postprocess.postprocess`, the evaluator (:mod:`locconf.engine.evaluate`), the
+:func:`locconf.postprocess.postprocess`, the evaluator (:mod:`locconf.evaluation.coco`), the
 ``locconf`` command, :mod:`locconf.postprocess_files` and the detectors' ``detect`` take a method
 by its name here, and learn from its row which function runs, with which fixed keywords, on which
 candidate signals, and whether it moves the boxes.
 
 Adding a method is one row (plus its test). A row's function is called as
 ``function(boxes, scores, *signals, labels, **fixed, **params)``, ``signals`` being the
-candidates' fields named in ``needs`` in that order, and returns the kept indices ``keep``,
-``(keep, scores)`` or, where ``moves_boxes``, ``(keep, boxes, scores)``.
+candidates' fields named in ``needs`` in that order (among :data:`locconf.candidates.SIGNALS`),
+and returns the kept indices ``keep``, ``(keep, scores)`` or, where ``moves_boxes``,
+``(keep, boxes, scores)``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
+from ..candidates import SIGNALS  # noqa: F401  (re-exported)
 from .functions import iou_guided_nms, nms, quality_nms, soft_nms, var_voting
 
 
@@ -40,8 +42,8 @@ METHODS: dict[str, Method] = {
     "var-voting+soft": Method(var_voting, {"suppression": "soft"}, ("variances",), moves_boxes=True),
 }
 
-#: Every candidate signal some method reads, in a fixed order.
-SIGNALS: tuple[str, ...] = tuple(dict.fromkeys(s for m in METHODS.values() for s in m.needs))
+# SIGNALS (every candidate signal a method may read, in a fixed order) is part of the candidates
+# contract, locconf.candidates; every row's ``needs`` are among them (tests/test_candidates.py).
 
 #: The candidate field each method needs beyond boxes/scores/labels (None: nothing); the
 #: one-signal view of :data:`METHODS` that existing callers read.

@@ -105,7 +105,8 @@ class DenseScores:
     Attributes:
         select: (B, N, K) what candidates are ranked and thresholded on (``score_thresh``).
         scores: (B, N, K) the candidates' ``scores``.
-        anchor_fields: further candidate fields, one value per anchor: name -> (B, N).
+        anchor_fields: further candidate fields (:class:`locconf.candidates.Candidates`), one value
+            per anchor: name -> (B, N).
         class_fields: further candidate fields, one value per (anchor, class): name -> (B, N, K).
     """
 
