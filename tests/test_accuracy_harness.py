@@ -315,3 +315,27 @@ def test_the_script_keeps_its_names_and_options():
     got = json.loads(out.stdout)
     assert got["variants"] == list(settings.DEFAULT_VARIANTS) and Path(got["root"]) == ROOT
     assert "python benchmarks/accuracy.py --setting synthetic" in got["help"] and "--inner-progress" in got["help"]
+
+
+@pytest.mark.parametrize("name", sorted(settings.ABLATION_VARIANTS))
+def test_ablation_variants_build_the_model_they_name(name):
+    """Each ablation re-evaluates a trained variant's weights: same family and parameters as the
+    variant it reuses, with its option set on the built model."""
+    from locconf.experiment import build_model
+
+    setting = settings.synthetic_setting(iterations=1)
+    v = settings.ALL_VARIANTS[name]
+    trained = settings.ALL_VARIANTS[v.reuse]
+    assert v.family == trained.family and v.reuse in settings.VARIANTS
+    torch.manual_seed(0)
+    model = build_model(**settings.make_config(setting, v, 0, "unused", 3)["model"])
+    torch.manual_seed(0)
+    reference = build_model(**settings.make_config(setting, trained, 0, "unused", 3)["model"])
+    assert model.state_dict().keys() == reference.state_dict().keys()  # the trained weights load
+    roi = model.roi_heads
+    if "dir_confidence" in v.model:
+        assert roi.quality_head.confidence == v.model["dir_confidence"]
+    if "dir_inference_features" in v.model:
+        assert roi.quality_head.inference_features == v.model["dir_inference_features"]
+    if "refine_order" in v.model:
+        assert roi.refine_order == v.model["refine_order"]

@@ -53,7 +53,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("baseline", "Faster R-CNN (two-stage baseline)", "two_stage", {"arch": "rcnn"}),
     Variant("iou_net", "IoU-Net", "two_stage", {"arch": "rcnn", "quality": "iou_net"},
             headline="iou-guided", expects=("quality",)),
-    Variant("iou_net_refine", "IoU-Net + refinement (same weights, 5 steps)", "two_stage",
+    Variant("iou_net_refine", "IoU-Net + refinement after IoU-guided NMS (paper order; same weights, 5 steps, "
+            "top 100)", "two_stage",
             {"arch": "rcnn", "quality": "iou_net", "refine_steps": 5},
             headline="iou-guided", expects=("quality",), reuse="iou_net"),
     Variant("dir", "DIR (hindsight, Purity x Integrity)", "two_stage", {"arch": "rcnn", "quality": "dir"},
@@ -79,7 +80,28 @@ DEFAULT_VARIANTS = tuple(VARIANTS)
 EXTRA_VARIANTS: dict[str, Variant] = {
     "tv_frcnn": Variant("tv_frcnn", "torchvision Faster R-CNN (reference)", "two_stage", {"arch": "torchvision_frcnn"}),
 }
-ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS}
+#: Ablations that re-evaluate a trained variant's weights (``reuse``): DIR Table 5 (which confidence
+#: ranks: Eq. 5's IoU, the default, against Purity, Integrity and their means), DIR Table 4 (proposal
+#: or regressed-box features at training and at inference), and IoU-Net's refinement in the former
+#: order (every candidate refined before post-processing). No training of their own.
+ABLATION_VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    *(Variant(f"dir_{c}", f"DIR, confidence = {label} (Table 5)", "two_stage",
+              {"arch": "rcnn", "quality": "dir", "dir_confidence": c}, headline="quality", expects=("quality",),
+              reuse="dir")
+      for c, label in (("purity", "Purity only"), ("integrity", "Integrity only"),
+                       ("geometric", "sqrt(Purity x Integrity)"), ("arithmetic", "(Purity + Integrity) / 2"))),
+    Variant("dir_train_boxes_infer_proposals", "DIR, box features in training / proposal features at inference "
+            "(Table 4)", "two_stage", {"arch": "rcnn", "quality": "dir", "dir_inference_features": "proposals"},
+            headline="quality", expects=("quality",), reuse="dir"),
+    Variant("dir_train_proposals_infer_boxes", "DIR, proposal features in training / box features at inference "
+            "(Table 4)", "two_stage", {"arch": "rcnn", "quality": "dir_foresight", "dir_inference_features": "boxes"},
+            headline="quality", expects=("quality",), reuse="dir_foresight"),
+    Variant("iou_net_refine_before_nms", "IoU-Net + refinement of every candidate before post-processing "
+            "(former order)", "two_stage",
+            {"arch": "rcnn", "quality": "iou_net", "refine_steps": 5, "refine_order": "before_nms"},
+            headline="iou-guided", expects=("quality",), reuse="iou_net"),
+)}
+ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS, **ABLATION_VARIANTS}
 BASELINE = "baseline"
 
 
