@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from locconf.analysis import (
+from locconf.evaluation import (
     confidence_correlation,
     draw_detections,
     match_to_ground_truth,
@@ -182,7 +182,7 @@ def test_confidence_correlation():
 
 def test_missing_quality_is_skipped(caplog):
     cands, gts = _synthetic_candidates(with_quality=False)
-    with caplog.at_level(logging.WARNING, logger="locconf.analysis"):
+    with caplog.at_level(logging.WARNING, logger="locconf.evaluation.matching"):
         r = confidence_correlation(cands, gts)
     assert set(r) == {"score"}
     assert "quality" in caplog.text
@@ -237,3 +237,13 @@ def test_draw_detections(tmp_path):
     assert _is_png(draw_detections((image * 255).to(torch.uint8), empty, tmp_path / "none.png"))
     with pytest.raises(ValueError, match="image"):
         draw_detections(torch.rand(120, 200), det, tmp_path / "x.png")
+
+
+def test_old_import_path_still_works():
+    """``locconf.analysis`` re-exports the analysis from its new home (README, tiling, benchmarks)."""
+    import locconf.analysis as old
+    import locconf.evaluation as new
+
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(new, "CONFIDENCE_SIGNALS" if name == "SIGNALS" else name), name
+    assert old.SIGNALS == ("score", "quality", "combined")

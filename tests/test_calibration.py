@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from locconf.analysis import calibration_bins, plot_reliability, reliability_diagram
-from locconf.calibration import (
+from locconf.evaluation import plot_reliability
+from locconf.evaluation.calibration import (
     Calibration,
     calibrate_out_of_fold,
+    calibration_bins,
     evaluate_calibration,
     fit_calibration,
     isotonic_regression,
+    reliability_diagram,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -227,3 +229,11 @@ def test_postprocess_file_applies_a_calibration(tmp_path):
         postprocess_file(tmp_path / "plain.json", tmp_path / "o2.json", calibration=tmp_path / "cal.json",
                          progress=False)
     assert not (tmp_path / "o2.json").exists()
+
+
+def test_old_import_path_still_works():
+    import locconf.calibration as old
+    import locconf.evaluation.calibration as new
+
+    for name in old.__all__ + ["evaluate_calibration"]:
+        assert getattr(old, name) is getattr(new, name), name

@@ -16,8 +16,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
 from locconf.data import CocoDetection, SyntheticScenes, collate_fn, write_synthetic_coco
-from locconf.engine import METRICS, collect_candidates, evaluate_methods, format_table
-from locconf.engine.evaluate import _ap_at_iou, _coco_metrics, _load_coco
+from locconf.evaluation import METRICS, coco_metrics, collect_candidates, evaluate_methods, format_table, load_coco
+from locconf.evaluation.coco import _ap_at_iou
 
 # Recall reached at 0.5 with precision 1 (or p) up to it: 51 of the 101 recall points.
 HALF = 51 / 101
@@ -114,7 +114,7 @@ def test_ap90_agrees_with_coco_summary(gt_path):
         _cand(1, [[10, 150, 100, 100], [14, 10, 100, 100], [150, 150, 90, 100]], [0.9, 0.6, 0.5], [1, 1, 2]),
         _cand(2, [[50, 20, 100, 80]], [0.7], [1]),
     ]
-    gt = _load_coco(gt_path)
+    gt = load_coco(gt_path)
     dt = gt.loadRes([
         {"image_id": im["image_id"], "category_id": LABEL_TO_CAT[int(lab)],
          "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)}
@@ -129,7 +129,7 @@ def test_ap90_agrees_with_coco_summary(gt_path):
     assert 0.0 < _ap_at_iou(ev, 0.5)
     with pytest.raises(ValueError, match="iou"):
         _ap_at_iou(ev, 0.92)
-    assert _coco_metrics(gt, dt, [1, 2])["AP50"] == pytest.approx(ev.stats[1])
+    assert coco_metrics(gt, dt, [1, 2])["AP50"] == pytest.approx(ev.stats[1])
 
 
 def test_per_site_and_images_without_gt_or_detections(tmp_path):
@@ -190,7 +190,7 @@ def test_quality_ranking_changes_result(tmp_path):
 
 
 def test_missing_signal_is_skipped(gt_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="locconf.engine.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="locconf.evaluation.coco"):
         r = evaluate_methods(_perfect(), gt_path, ["nms", "quality", "var-voting"], LABEL_TO_CAT, progress=False)
     assert list(r) == ["nms"]
     assert "quality" in caplog.text and "var-voting" in caplog.text and "variances" in caplog.text
@@ -303,3 +303,16 @@ def test_collect_candidates_bad_loader():
         collect_candidates(_RawDetector(), [([torch.zeros(3, 8, 8)], [{}])], "cpu", progress=False)
     with pytest.raises(ValueError, match="batches"):
         collect_candidates(_RawDetector(), [torch.zeros(3, 8, 8)], "cpu", progress=False)
+
+
+def test_old_import_paths_still_work():
+    """``locconf.engine`` / ``locconf.engine.evaluate`` re-export the evaluation (README, benchmarks)."""
+    import locconf.engine
+    import locconf.engine.evaluate as old
+    import locconf.evaluation as new
+    from locconf.postprocess import REQUIRED_SIGNALS
+
+    for name in ("collect_candidates", "evaluate_methods", "format_table", "METRICS"):
+        assert getattr(old, name) is getattr(new, name) is getattr(locconf.engine, name)
+    assert old.REQUIRED_SIGNALS is REQUIRED_SIGNALS
+    assert old._load_coco is new.load_coco and old._coco_metrics is new.coco_metrics

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from locconf.report import detections_png, render_report, write_report
+from locconf.evaluation.report import detections_png, render_report, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 RESULTS = {
@@ -84,3 +84,11 @@ def test_chromium_renders_the_report(tmp_path):
                    capture_output=True)
     im = np.asarray(Image.open(shot).convert("L")).astype(float)
     assert im.shape[1] == 1000 and im.std() > 5  # not a blank page
+
+
+def test_old_import_path_still_works():
+    import locconf.evaluation.report as new
+    import locconf.report as old
+
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(new, name), name

@@ -131,8 +131,8 @@ def check_config(cfg: dict, source: str = "config") -> dict[str, dict]:
 
 
 def _check_sections(cfg: dict[str, dict]) -> None:
-    from .engine.evaluate import evaluate_methods
     from .engine.train import train
+    from .evaluation import evaluate_methods
 
     model = cfg["model"]
     _check_kwargs(build_model, "model", model)
@@ -489,11 +489,18 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
     predicts a quality). With ``html``, one self-contained page (:mod:`locconf.report`) with a
     gallery of the first ``gallery`` images' detections.
     """
-    from .analysis import confidence_correlation, draw_detections, plot_confidence, plot_reliability
-    from .calibration import evaluate_calibration
     from .data import collate_fn
-    from .engine.evaluate import REQUIRED_SIGNALS, collect_candidates, evaluate_methods, format_table
-    from .postprocess import postprocess
+    from .evaluation import (
+        collect_candidates,
+        confidence_correlation,
+        draw_detections,
+        evaluate_calibration,
+        evaluate_methods,
+        format_table,
+        plot_confidence,
+        plot_reliability,
+    )
+    from .postprocess import REQUIRED_SIGNALS, postprocess
 
     eval_cfg = dict(cfg["eval"])
     methods = list(methods or eval_cfg.pop("methods", ["nms", "soft-linear", "soft-gaussian"]))
@@ -546,7 +553,7 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
     report = {"results": results, "correlation": correlation, "correlation_sites": correlation_sites,
               "calibration": calibration, "calibrator": cal["calibration"], "table": table, "out_dir": str(out_dir)}
     if html is not None:
-        from .report import write_report
+        from .evaluation.report import write_report
 
         own = getattr(model, "default_method", None)  # the head's own method (DIR: quality), else a quality one
         shown = own if own in results else next((m for m in quality_methods), first)
@@ -574,7 +581,7 @@ def _report_figures(out_dir: Path) -> dict[str, Path]:
 def _gallery(val_ds, candidates: list[dict], method: str, params: dict, count: int) -> list[dict]:
     """PNG thumbnails of the first ``count`` images' detections, coloured by predicted quality."""
     from .postprocess import postprocess
-    from .report import detections_png
+    from .evaluation.report import detections_png
 
     items = []
     for i in range(min(count, len(val_ds))):
@@ -613,7 +620,7 @@ def predict(model: nn.Module, image_path: str | os.PathLike, out_path: str | os.
     Returns:
         The detections in image coordinates (``boxes``, ``scores``, ``labels``, ...), best first.
     """
-    from .calibration import Calibration
+    from .evaluation.calibration import Calibration
     from .tiling import TileMerger, draw_overview, open_raster, predict_tiled, tile_grid, write_coco_results, write_csv
 
     image_path, out_path = Path(image_path), Path(out_path)

@@ -33,10 +33,10 @@ only once everything succeeded; on any error the temporary file is deleted and a
 is left untouched.
 
 Scoring (``gt``): the output, and for comparison each input under plain NMS, are scored with the
-COCO API of faster-coco-eval (:mod:`locconf.engine.evaluate`: AP, AP50, AP75, AP90, APs/m/l,
+COCO API of faster-coco-eval (:mod:`locconf.evaluation.coco`: AP, AP50, AP75, AP90, APs/m/l,
 AR100) on every image of the ground truth, as COCO's own evaluation does (an image without records
 counts its objects as missed). The Pearson / Spearman correlation of each confidence signal with the
-true IoU of the matched boxes (IoU > 0.5; :func:`locconf.analysis.confidence_correlation`) is
+true IoU of the matched boxes (IoU > 0.5; :func:`locconf.evaluation.confidence_correlation`) is
 reported for the input candidates and for the output.
 """
 
@@ -58,8 +58,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .analysis import confidence_correlation, match_to_ground_truth
-from .engine.evaluate import _coco_metrics, _load_coco, format_table
+from .evaluation.coco import coco_metrics, format_table, load_coco
+from .evaluation.correlation import confidence_correlation
+from .evaluation.matching import match_to_ground_truth
 from .fusion import CONF_TYPES, WEIGHTS, fuse
 from .postprocess import METHODS, postprocess
 
@@ -447,10 +448,10 @@ def _apply(cand: dict, method: str, params: dict, max_detections: int, score_thr
 
 
 def _load_calibration(calibration: Any, sources: Sequence[_Source]) -> Any:
-    """``calibration`` (a :class:`locconf.calibration.Calibration` or its JSON file) checked against the files."""
+    """``calibration`` (a :class:`locconf.evaluation.Calibration` or its JSON file) checked against the files."""
     if calibration is None:
         return None
-    from .calibration import Calibration
+    from .evaluation.calibration import Calibration
 
     cal = calibration if isinstance(calibration, Calibration) else Calibration.load(calibration)
     for src in sources:
@@ -477,7 +478,7 @@ class _Scorer:
     """Collects, per named row, the COCO records to score and the matched boxes to correlate."""
 
     def __init__(self, gt_path: str | os.PathLike):
-        self.gt = _load_coco(gt_path)
+        self.gt = load_coco(gt_path)
         self.images = set(self.gt.getImgIds())
         self.categories = set(self.gt.getCatIds())
         self.rows: dict[str, list[dict]] = {}
@@ -524,7 +525,7 @@ class _Scorer:
         for row, records in self.rows.items():
             with contextlib.redirect_stdout(io.StringIO()):
                 dt = self.gt.loadRes(records)
-            metrics[row] = _coco_metrics(self.gt, dt, image_ids)
+            metrics[row] = coco_metrics(self.gt, dt, image_ids)
         correlation = {}
         for row, cands in self.matched.items():
             targets = [self.target(c["image_id"]) for c in cands] if cands else []
@@ -574,7 +575,7 @@ def postprocess_file(
         gt: a COCO instances json: check ids against it and score the output (and the input under
             plain NMS) with COCO metrics and the correlation of each signal with the true IoU.
         progress: a tqdm progress bar over images.
-        calibration: a :class:`locconf.calibration.Calibration` or its JSON file (``locconf eval``
+        calibration: a :class:`locconf.evaluation.Calibration` or its JSON file (``locconf eval``
             writes one): each image's ``quality`` is calibrated before anything else, and the
             output records carry the calibrated quality.
 

@@ -1,0 +1,221 @@
+"""Plots of an evaluation: confidence against true IoU, reliability diagrams, detections on an image.
+
+matplotlib's Agg canvas only (:func:`figure`), no pyplot: no global backend state, and matplotlib is
+imported only when something is drawn. :func:`plot_confidence` draws :mod:`.correlation`'s
+scatter (DIR, Fig. 4), :func:`plot_reliability` :mod:`.calibration`'s reliability diagrams, and
+:func:`draw_detections` one image's detections (:class:`locconf.candidates.Candidates`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..boxes import check_boxes
+from .correlation import pearson, spearman
+from .matching import CONFIDENCE_SIGNALS, matched_signals
+
+__all__ = ["figure", "save_png", "image_array", "plot_confidence", "plot_reliability", "draw_detections"]
+
+_SIGNAL_LABELS = {
+    "score": "classification score",
+    "quality": "predicted IoU (quality)",
+    "combined": "sqrt(score x quality)",
+}
+
+
+def figure(width: float, height: float, dpi: float = 100.0):
+    """A matplotlib ``Figure`` on its own Agg canvas (no pyplot, no global backend state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig, out_path: str | os.PathLike, **kwargs: Any) -> Path:
+    """Save ``fig`` as a PNG at ``out_path`` (parent folders are created)."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, format="png", **kwargs)
+    return out_path
+
+
+def image_array(image: Tensor) -> np.ndarray:
+    """A (C, H, W) image (float in [0, 1] or uint8; C = 1: grey) as an (H, W, 3) float array in [0, 1]."""
+    img = image.detach().cpu()
+    img = img.float() / 255.0 if not img.is_floating_point() else img.float()
+    return img.expand(3, -1, -1).permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def plot_confidence(
+    candidates: Sequence[Mapping],
+    gts: Any,
+    out_path: str | os.PathLike,
+    signals: Sequence[str] = CONFIDENCE_SIGNALS,
+    min_iou: float = 0.5,
+    min_score: float = 0.0,
+    max_points: int = 20000,
+    title: str | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Scatter plot of each signal against the true IoU, one panel per signal (DIR, Fig. 4).
+
+    Writes one PNG to ``out_path``; panel titles give Pearson r, Spearman rho and n. At most
+    ``max_points`` random points are drawn per panel (the correlations use all of them).
+
+    Returns:
+        The :func:`confidence_correlation` result.
+    """
+    if not isinstance(max_points, int) or max_points < 1:
+        raise ValueError(f"max_points must be a positive int, got {max_points!r}")
+    iou, values = matched_signals(candidates, gts, signals, min_iou, min_score)
+    stats = {s: {"pearson": pearson(v, iou), "spearman": spearman(v, iou), "n": int(iou.numel())}
+             for s, v in values.items()}
+    shown = list(values) or ["score"]
+    idx = np.arange(iou.numel())
+    if idx.size > max_points:
+        idx = np.sort(np.random.default_rng(seed).choice(idx.size, max_points, replace=False))
+    fig = figure(4.2 * len(shown), 4.4)
+    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    for ax, s in zip(axes, shown):
+        ax.plot([min_iou, 1.0], [min_iou, 1.0], color="0.6", lw=1, ls="--", zorder=1)
+        ax.set(xlim=(min_iou, 1.0), ylim=(0.0, 1.02), xlabel="IoU with matched ground truth",
+               ylabel=_SIGNAL_LABELS[s])
+        ax.grid(alpha=0.3)
+        if s not in values or iou.numel() == 0:
+            ax.set_title(f"{_SIGNAL_LABELS[s]}\nno matched candidates (IoU > {min_iou:g})", fontsize=10)
+            continue
+        ax.scatter(iou.numpy()[idx], values[s].numpy()[idx], s=4, alpha=0.35, lw=0, color="tab:blue",
+                   rasterized=True, zorder=2)
+        st = stats[s]
+        ax.set_title(f"{_SIGNAL_LABELS[s]}\nPearson r = {st['pearson']:.3f}, "
+                     f"Spearman = {st['spearman']:.3f}, n = {st['n']}", fontsize=10)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_png(fig, out_path, dpi=110)
+    return stats
+
+
+def plot_reliability(
+    diagrams: Mapping[str, Mapping[str, Mapping]],
+    out_path: str | os.PathLike,
+    title: str | None = None,
+) -> Path:
+    """Reliability diagrams, one panel per signal, one curve per series (e.g. raw and calibrated).
+
+    Args:
+        diagrams: ``{series: {signal: calibration_bins(...)}}`` (:func:`reliability_diagram` per series).
+        out_path: PNG path. Each panel plots the mean true IoU against the mean prediction of each
+            non-empty bin (the diagonal is perfect calibration), gives each series' ECE in the
+            legend, and shows the bin counts of the first series as bars below.
+        title: optional figure title.
+
+    Returns:
+        ``out_path`` as a ``Path``.
+    """
+    if not isinstance(diagrams, Mapping) or not diagrams:
+        raise ValueError("diagrams must be a non-empty dict {series: {signal: bins}}")
+    signals = list(dict.fromkeys(s for d in diagrams.values() for s in d)) or ["score"]
+    fig = figure(4.2 * len(signals), 5.2)
+    grid = fig.add_gridspec(2, len(signals), height_ratios=(3, 1))
+    for col, s in enumerate(signals):
+        ax = fig.add_subplot(grid[0, col])
+        hist = fig.add_subplot(grid[1, col], sharex=ax)
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="mean true IoU", title=_SIGNAL_LABELS.get(s, s))
+        ax.grid(alpha=0.3)
+        first = True
+        for k, (series, per_signal) in enumerate(diagrams.items()):
+            d = per_signal.get(s)
+            if d is None:
+                continue
+            pts = [(p, t) for p, t in zip(d["mean_pred"], d["mean_true"]) if p is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", ms=4, color=f"C{k}", label=f"{series}: ECE {d['ece']:.3f} (n={d['n']})")
+            if first:
+                edges = d["edges"]
+                widths = [b - a for a, b in zip(edges, edges[1:])]
+                hist.bar(edges[:-1], d["count"], width=widths, align="edge", color="0.7", edgecolor="0.4", lw=0.5)
+                first = False
+        if ax.get_legend_handles_labels()[0]:  # no matched candidate: nothing to label
+            ax.legend(fontsize=8, loc="upper left")
+        hist.set(xlabel="signal value (read as a predicted IoU)", ylabel="boxes")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_png(fig, out_path, dpi=110)
+
+
+def draw_detections(
+    image: Tensor,
+    detections: Mapping,
+    out_path: str | os.PathLike,
+    gt: Mapping | None = None,
+    score_threshold: float = 0.3,
+    class_names: Sequence[str] | None = None,
+) -> Path:
+    """Draw detections (and optionally ground truth) on an image and save it as a PNG.
+
+    Args:
+        image: (3, H, W) float in [0, 1] or uint8 (a (1, H, W) image is shown in grey).
+        detections: one image's detections or candidates (:class:`locconf.candidates.Candidates`;
+            ``labels`` and ``quality`` optional); each box is labelled ``name score`` and ``q=quality``.
+        out_path: PNG path (parent folders are created).
+        gt: optional target with ``boxes`` (M, 4) (drawn dashed white).
+        score_threshold: only detections with a score at least this are drawn.
+        class_names: ``class_names[label]`` names the classes (default: the label number).
+
+    Returns:
+        ``out_path`` as a ``Path``.
+    """
+    if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3):
+        shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"image must be a (3, H, W) or (1, H, W) tensor, got {shape}")
+    if not isinstance(detections, Mapping) or "boxes" not in detections or "scores" not in detections:
+        raise ValueError("detections must be a dict with 'boxes' and 'scores'")
+    boxes = check_boxes(detections["boxes"], "detections['boxes']").detach().cpu()
+    scores = detections["scores"].detach().cpu()
+    if scores.shape != boxes.shape[:1]:
+        raise ValueError(f"detections['scores'] must have shape ({boxes.shape[0]},), got {tuple(scores.shape)}")
+    labels = detections.get("labels")
+    quality = detections.get("quality")
+    keep = scores >= score_threshold
+
+    img = image_array(image)
+    h, w = img.shape[:2]
+    scale = max(1.0, 640.0 / max(h, w))  # small images are enlarged so that the text stays legible
+    fig = figure(w * scale / 100.0, h * scale / 100.0)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(img, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set(xlim=(0, w), ylim=(h, 0))
+
+    from matplotlib.patches import Rectangle
+
+    if gt is not None:
+        for x1, y1, x2, y2 in check_boxes(gt["boxes"], "gt['boxes']").detach().cpu().tolist():
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="white", lw=1.2, ls="--"))
+    cmap = [f"C{i}" for i in range(10)]
+    for i in torch.nonzero(keep).flatten().tolist():
+        x1, y1, x2, y2 = boxes[i].tolist()
+        label = int(labels[i]) if labels is not None else 0
+        color = cmap[label % 10]
+        name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
+        text = f"{name} {float(scores[i]):.2f}"
+        if quality is not None:
+            text += f" q={float(quality[i]):.2f}"
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=color, lw=1.5))
+        inside = y1 < 14.0 / scale  # no room above the box: write the label inside it
+        ax.text(x1, y1, text, fontsize=7, color="white", va="top" if inside else "bottom", ha="left", clip_on=True,
+                bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "lw": 0})
+    return save_png(fig, out_path)
