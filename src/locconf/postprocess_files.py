@@ -253,8 +253,9 @@ class _Source:
     def candidates(self, image_id: int, known_categories: Optional[set] = None) -> dict:
         """One image's records as checked candidate tensors (float64 boxes xyxy, int64 categories).
 
-        Besides ``boxes`` (N, 4), ``scores`` (N,), ``category`` (N,) and ``quality`` (N,) /
-        ``variances`` (N, 4) when the file has them, returns ``bbox``: the records' ``bbox`` lists.
+        The fields of :class:`locconf.candidates.Candidates` (``boxes`` (N, 4), ``scores`` (N,),
+        ``quality`` (N,) / ``variances`` (N, 4) when the file has them) with ``category`` (N,), the
+        COCO category ids, in place of ``labels``; and ``bbox``: the records' ``bbox`` lists.
         """
         recs = self.records(image_id)
         n = len(recs)
