@@ -39,7 +39,8 @@ except ImportError:  # imported as a module from elsewhere (the tests)
     from common import cpu_name
 
 from locconf.data import collate_fn
-from locconf.engine.evaluate import REQUIRED_SIGNALS, _coco_metrics, _load_coco, collect_candidates, evaluate_methods
+from locconf.evaluation import coco_metrics, collect_candidates, evaluate_methods, load_coco
+from locconf.postprocess import REQUIRED_SIGNALS
 from locconf.experiment import build_datasets, load_trained
 from locconf.fusion import WEIGHTS, fuse
 from locconf.postprocess import METHODS, postprocess
@@ -90,10 +91,10 @@ def _records(detections: list[dict], label_to_cat_id: dict[int, int]) -> list[di
 
 def score_detections(detections: list[dict], gt, label_to_cat_id: dict[int, int]) -> dict[str, float]:
     """COCO metrics of final per-image detections (``image_id``, boxes, scores, labels) on their images."""
-    gt = _load_coco(gt)
+    gt = load_coco(gt)
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(_records(detections, label_to_cat_id))
-    return _coco_metrics(gt, dt, [d["image_id"] for d in detections])
+    return coco_metrics(gt, dt, [d["image_id"] for d in detections])
 
 
 def run(checkpoints: list[Path], tta: bool = False, method: str = "nms", iou_threshold: float = 0.55,
@@ -101,7 +102,7 @@ def run(checkpoints: list[Path], tta: bool = False, method: str = "nms", iou_thr
         progress: bool = True) -> dict:
     """Passes, their fusions and the scores; see the module docstring. Returns a JSON-serialisable dict."""
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not checkpoints:
         raise ValueError("give at least one --checkpoint")
     need = REQUIRED_SIGNALS[method]
@@ -128,7 +129,7 @@ def run(checkpoints: list[Path], tta: bool = False, method: str = "nms", iou_thr
             if need is not None and any(c.get(need) is None for c in cands):
                 raise ValueError(f"{ckpt}: method {method!r} needs {need!r}, which this model does not predict")
             passes[f"model {k}{suffix}"] = cands
-    gt = _load_coco(val_json)
+    gt = load_coco(val_json)
 
     rows: dict[str, dict] = {}
     detections: dict[str, list[dict]] = {}

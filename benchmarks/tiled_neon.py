@@ -43,7 +43,8 @@ except ImportError:  # imported as a module from elsewhere (the tests)
     from common import cpu_name
 
 from locconf.data.neon import crop_boxes_to_window, fetch_deepforest_data, read_voc, site_of
-from locconf.engine.evaluate import REQUIRED_SIGNALS, _load_coco
+from locconf.evaluation import load_coco
+from locconf.postprocess import REQUIRED_SIGNALS
 from locconf.experiment import load_trained
 from locconf.postprocess import METHODS
 from locconf.tiling import BORDERS, TileMerger, open_raster, tile_candidates, tile_grid
@@ -113,7 +114,7 @@ def run(checkpoint: Path, methods: list[str], borders: list[str], tile_size: int
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         gt_path = held_out_bands(fetch_deepforest_data(cache_dir), tmp, val_height, tile_size)
-        gt = _load_coco(gt_path)
+        gt = load_coco(gt_path)
         images = json.loads(gt_path.read_text())["images"]
         t0 = time.perf_counter()
         tiles = {}

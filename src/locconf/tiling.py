@@ -836,7 +836,7 @@ def write_coco_results(dets: Mapping[str, Tensor], path: str | os.PathLike, imag
 def draw_overview(raster: Any, dets: Mapping[str, Tensor], path: str | os.PathLike, max_side: int = 2000,
                   score_threshold: float = 0.3, class_names: Optional[Sequence[str]] = None) -> Path:
     """Draw the detections on the image, downscaled so that its longer side is at most ``max_side``."""
-    from .analysis import draw_detections
+    from .evaluation.plots import draw_detections
 
     _check_int(max_side, "max_side", 16)
     image, scale = raster.overview(max_side)

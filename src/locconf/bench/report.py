@@ -10,11 +10,11 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..evaluation import CONFIDENCE_SIGNALS as SIGNALS  # score, quality, combined
 from .settings import BASELINE
 
 #: Metrics shown in the Markdown tables (results.json holds every metric of evaluate_methods).
 TABLE_METRICS = ("AP", "AP50", "AP75", "AP90")
-SIGNALS = ("score", "quality", "combined")
 
 
 def fmt(stat: Mapping | None, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:

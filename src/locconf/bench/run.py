@@ -22,7 +22,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from locconf.engine.evaluate import REQUIRED_SIGNALS
+from locconf.candidates import signals as _signals
+from locconf.postprocess import REQUIRED_SIGNALS
 from locconf.postprocess import METHODS
 
 from .report import format_report, plot_summary
@@ -43,7 +44,7 @@ def select_methods(signals: Iterable[str], methods: Sequence[str] = METHODS) -> 
 
 def candidate_signals(output: Mapping[str, Any]) -> list[str]:
     """Which localization signals (``quality``, ``variances``) one image's candidates carry."""
-    return [k for k in ("quality", "variances") if isinstance(output.get(k), torch.Tensor)]
+    return _signals(output)
 
 
 # -- hardware ---------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def _setting(name: str, description: str, iterations: int, batch_size: int, mode
                                       **(two_stage or {})},
                       "one_stage": {}},
         # The papers' one-stage learning rate is half the two-stage one (ATSS/GFL 0.01 vs Faster
-        # R-CNN 0.02 at batch 16); from scratch, a dense head at 0.02 was unstable (shared/notes).
+        # R-CNN 0.02 at batch 16); from scratch, a dense head at 0.02 was unstable (an early NEON baseline).
         family_train={"two_stage": {}, "one_stage": dict(lr=lr[1])},
         data=data,
         train=dict(iterations=int(iterations), batch_size=batch_size, lr=lr[0], warmup_iters=100, schedule="step",
