@@ -110,7 +110,7 @@ def check_config(cfg: dict, source: str = "config") -> dict[str, dict]:
     ``source``, the section and the key. The types are those the keys' functions declare:
     :func:`build_model` and its architecture's builder (``model``), :func:`build_datasets`
     (``data``), :func:`locconf.engine.train.train` (``train``) and
-    :func:`locconf.engine.evaluate.evaluate_methods` plus ``methods`` (``eval``).
+    :func:`locconf.evaluation.evaluate_methods` plus ``methods`` (``eval``).
     """
     if not isinstance(cfg, dict):
         raise ValueError(f"{source}: the configuration must be a mapping of sections {SECTIONS}")
@@ -484,9 +484,9 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
     (the same per site, where the images record one) and ``calibration``: the expected calibration
     error of each signal read as a predicted IoU, as predicted and after out-of-fold isotonic
     calibration, and the metrics of the quality-ranked methods on calibrated quality
-    (:func:`locconf.calibration.evaluate_calibration`). ``reliability.png`` draws the reliability
+    (:func:`locconf.evaluation.calibration.evaluate_calibration`). ``reliability.png`` draws the reliability
     diagrams; ``calibration.json`` is the quality's map fitted on every image (where the detector
-    predicts a quality). With ``html``, one self-contained page (:mod:`locconf.report`) with a
+    predicts a quality). With ``html``, one self-contained page (:mod:`locconf.evaluation.report`) with a
     gallery of the first ``gallery`` images' detections.
     """
     from .data import collate_fn
@@ -612,7 +612,7 @@ def predict(model: nn.Module, image_path: str | os.PathLike, out_path: str | os.
         tile_size, overlap, batch_size, border, **merge_args: :func:`locconf.tiling.predict_tiled`
             (``max_detections``, ``candidates_per_tile``, ``margin``, ``cover``, ...).
         method, params: the post-processing method that merges the tiles, and its keywords.
-        calibration: a :class:`locconf.calibration.Calibration` (or its JSON file) applied to
+        calibration: a :class:`locconf.evaluation.calibration.Calibration` (or its JSON file) applied to
             each tile's quality before merging.
         class_names, label_to_cat_id: name the labels in the CSV and map them to category ids in
             the JSON (default: the label numbers).

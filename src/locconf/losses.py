@@ -14,7 +14,7 @@
 * :func:`giou_loss`: ``1 - GIoU`` (Rezatofighi et al., CVPR 2019), the box loss of ATSS and GFL.
 * :func:`centerness_loss`: binary cross-entropy of the centerness logits (FCOS / ATSS).
 * :func:`clq_loss`: CLQ's loss on the joint classification-localization-quality score plus the
-  loss of the predicted IoU that guides it (see :mod:`locconf.models.one_stage` for the head).
+  loss of the predicted IoU that guides it (see :mod:`locconf.models.dense.clq` for the head).
 
 Every loss returns per-element values with ``reduction="none"`` and their sum or mean
 otherwise; normalising by the number of positives is the caller's job (as in the papers, which
@@ -263,7 +263,7 @@ def clq_loss(
     beta: float = 2.0,
     reduction: str = "sum",
 ) -> tuple[Tensor, Tensor]:
-    """CLQ's two classification-side terms (see :mod:`locconf.models.one_stage` for the sources).
+    """CLQ's two classification-side terms (see :mod:`locconf.models.dense.clq` for the sources).
 
     * the joint classification-localization-quality score ``J = sigmoid(cls) * sigmoid(lqe)``
       (``sigmoid(lqe)`` the LQE score) is trained as one representation, over every sample and

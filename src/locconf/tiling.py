@@ -692,7 +692,7 @@ def tile_candidates(model: torch.nn.Module, raster: Any, windows: Tensor, batch_
     """Run ``model`` over the tiles of ``raster`` in batches; yield ``(tile index, candidates)`` in order.
 
     Candidates are in tile coordinates, on the CPU, with the fields of :data:`_FIELDS` the model
-    returns; with ``calibration`` (:class:`locconf.calibration.Calibration`) their quality is
+    returns; with ``calibration`` (:class:`locconf.evaluation.calibration.Calibration`) their quality is
     calibrated. Only one batch of tiles is held at a time. The model's training mode is restored.
     """
     _check_int(batch_size, "batch_size", 1)
@@ -733,7 +733,7 @@ def predict_tiled(model: torch.nn.Module, raster: Any, tile_size: int = 400, ove
         tile_size, overlap: the grid (:func:`tile_grid`). batch_size: tiles per model call.
         method, params, border, **merger_args: as :class:`TileMerger` (``margin``, ``cover``,
             ``score_ratio``, ``cut_weight``, ``context``, ``max_detections``, ``candidates_per_tile``).
-        calibration: optional :class:`locconf.calibration.Calibration` applied to each tile's quality.
+        calibration: optional :class:`locconf.evaluation.calibration.Calibration` applied to each tile's quality.
 
     Returns:
         Detections in image coordinates (``boxes``, ``scores``, ``labels``, ``quality`` /

@@ -8,8 +8,8 @@ mask head) with locconf's own RoI stage, split into small steps instead of one m
 ``predict`` (:mod:`locconf.heads`, one file per method) -> ``_candidates`` -> ``_forward_mask``.
 
 In evaluation the model stops at **candidates** (``docs/design.md``): every class-specific box whose
-score exceeds ``score_thresh``, before any NMS, with the signal its head predicts (``quality``
-(N,) or ``variances`` (N, 4)). ``locconf.postprocess.postprocess`` turns them into detections;
+score exceeds ``score_thresh``, before any NMS, with the signal its head predicts
+(:class:`locconf.candidates.Candidates`). ``locconf.postprocess.postprocess`` turns them into detections;
 :meth:`RCNN.detect` does it with the head's default method.
 """
 
@@ -206,7 +206,7 @@ class RoIHeads(nn.Module):
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                 targets: Optional[list[dict]] = None):
-        """Training: dict of losses. Evaluation: per image a dict of candidates (resized image coords)."""
+        """Training: dict of losses. Evaluation: per image its candidates (:class:`locconf.candidates.Candidates`, resized image coords)."""
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")
@@ -336,8 +336,7 @@ class RCNN(nn.Module):
     """Faster R-CNN / Mask R-CNN with a localization-quality head (see :func:`build_rcnn`).
 
     ``model(images, targets)`` returns a dict of named losses in training; in evaluation a list of
-    per-image candidate dicts in the input images' coordinates: ``boxes`` (N, 4), ``scores`` (N,),
-    ``labels`` (N,), plus ``quality`` (N,) or ``variances`` (N, 4, pixels^2) where predicted.
+    per-image candidates (:class:`locconf.candidates.Candidates`) in the input images' coordinates.
     """
 
     def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork, roi_heads: RoIHeads,
