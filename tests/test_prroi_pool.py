@@ -208,7 +208,7 @@ def test_list_input_equals_k5_input_and_batches():
 
 
 def test_module_and_chunking(monkeypatch):
-    import locconf.prroi_pool as mod
+    import locconf.prroi_pool._integral as mod
 
     torch.manual_seed(8)
     fmap = torch.randn(2, 3, 16, 16, requires_grad=True)
