@@ -1,5 +1,6 @@
 """Detection data: COCO-format datasets, transforms, NEON tree crowns and synthetic scenes."""
 
+from . import transforms
 from .coco import CocoDetection, collate_fn, load_image
 from .neon import convert_voc_to_coco, fetch_deepforest_data, neon_trees
 from .synthetic import SyntheticScenes, write_synthetic_coco
@@ -8,9 +9,11 @@ from .transforms import (
     Compose,
     RandomHorizontalFlip,
     RandomRot90,
+    RandomScaleJitter,
     RandomVerticalFlip,
     Resize,
     build_transforms,
+    resize_scale,
 )
 
 __all__ = [
@@ -22,11 +25,5 @@ __all__ = [
     "convert_voc_to_coco",
     "SyntheticScenes",
     "write_synthetic_coco",
-    "Compose",
-    "Resize",
-    "RandomHorizontalFlip",
-    "RandomVerticalFlip",
-    "RandomRot90",
-    "ColorJitter",
-    "build_transforms",
+    *transforms.__all__,
 ]
