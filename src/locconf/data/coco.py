@@ -99,6 +99,38 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _box_in_image(bbox: list, area: float | None, width: int, height: int
+                  ) -> tuple[list[float] | None, float, str]:
+    """A COCO ``bbox`` ``[x, y, w, h]`` as ``[x1, y1, x2, y2]`` clipped to a ``width x height`` image.
+
+    Returns ``(box, area, status)``: ``status`` is ``"kept"`` (``area`` is the given one, else
+    ``w * h``), ``"clipped"`` (``area`` is the clipped box's), or the reason the box is skipped,
+    ``"zero_or_negative_size"`` or ``"outside_image"`` (``box`` None).
+    """
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        return None, 0.0, "zero_or_negative_size"
+    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    if (x1, y1, x2, y2) == (x, y, x + w, y + h):
+        return [x1, y1, x2, y2], float(w * h if area is None else area), "kept"
+    if x2 <= x1 or y2 <= y1:
+        return None, 0.0, "outside_image"
+    return [x1, y1, x2, y2], (x2 - x1) * (y2 - y1), "clipped"
+
+
+def _target_tensors(rows: list[tuple[list[float], int, float, int]]) -> dict[str, Tensor]:
+    """One image's kept annotations ``(box, label, area, iscrowd)`` as its target tensors:
+    ``boxes`` (N, 4) float32, ``labels`` (N,) int64, ``area`` (N,) float32, ``iscrowd`` (N,) int64."""
+    boxes, labels, areas, crowd = ([list(c) for c in zip(*rows)] if rows else ([], [], [], []))
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "area": torch.tensor(areas, dtype=torch.float32),
+        "iscrowd": torch.tensor(crowd, dtype=torch.int64),
+    }
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """A COCO-format detection data set: an annotation JSON file and a folder of images.
 
@@ -202,79 +234,62 @@ class CocoDetection(torch.utils.data.Dataset):
             self._index[im["id"]] = len(self.images)
             self.images.append(im)
 
+    def _check_annotation(self, i: int, a: Any, ann_ids: set[int]) -> None:
+        """Raise a ``ValueError`` naming ``annotations[i]`` if it is malformed; record its id in ``ann_ids``."""
+        if not isinstance(a, dict):
+            raise self._error("annotations", i, a, "is not an object")
+        if not _is_int(a.get("image_id")):
+            raise self._error("annotations", i, a, "needs an integer 'image_id'")
+        if a["image_id"] not in self._index:
+            raise self._error("annotations", i, a, f"refers to unknown image id {a['image_id']}")
+        if not _is_int(a.get("category_id")):
+            raise self._error("annotations", i, a, "needs an integer 'category_id'")
+        if a["category_id"] not in self.cat_id_to_label:
+            raise self._error("annotations", i, a, f"refers to unknown category id {a['category_id']}")
+        bbox = a.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
+            raise self._error("annotations", i, a, "needs 'bbox' as a list of 4 finite numbers")
+        iscrowd = a.get("iscrowd", 0)
+        if iscrowd not in (0, 1) or isinstance(iscrowd, bool):
+            raise self._error("annotations", i, a, "has 'iscrowd' other than 0 or 1")
+        if "area" in a and not _is_num(a["area"]):
+            raise self._error("annotations", i, a, "has a non-numeric 'area'")
+        if "id" in a:
+            if not _is_int(a["id"]):
+                raise self._error("annotations", i, a, "has a non-integer 'id'")
+            if a["id"] in ann_ids:
+                raise self._error("annotations", i, a, f"repeats annotation id {a['id']} "
+                                  "(COCO evaluation needs unique ids: duplicates corrupt AP)")
+            ann_ids.add(a["id"])
+
     def _parse_annotations(self, anns: list) -> None:
-        boxes: list[list[list[float]]] = [[] for _ in self.images]
-        labels: list[list[int]] = [[] for _ in self.images]
-        areas: list[list[float]] = [[] for _ in self.images]
-        crowd: list[list[int]] = [[] for _ in self.images]
+        rows: list[list[tuple[list[float], int, float, int]]] = [[] for _ in self.images]
         self.skipped: Counter = Counter()
         self.clipped = 0
         self.crowd = 0
         ann_ids: set[int] = set()
         for i, a in enumerate(anns):
-            if not isinstance(a, dict):
-                raise self._error("annotations", i, a, "is not an object")
-            if not _is_int(a.get("image_id")):
-                raise self._error("annotations", i, a, "needs an integer 'image_id'")
-            if a["image_id"] not in self._index:
-                raise self._error("annotations", i, a, f"refers to unknown image id {a['image_id']}")
-            if not _is_int(a.get("category_id")):
-                raise self._error("annotations", i, a, "needs an integer 'category_id'")
-            if a["category_id"] not in self.cat_id_to_label:
-                raise self._error("annotations", i, a, f"refers to unknown category id {a['category_id']}")
-            bbox = a.get("bbox")
-            if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
-                raise self._error("annotations", i, a, "needs 'bbox' as a list of 4 finite numbers")
+            self._check_annotation(i, a, ann_ids)
             iscrowd = a.get("iscrowd", 0)
-            if iscrowd not in (0, 1) or isinstance(iscrowd, bool):
-                raise self._error("annotations", i, a, "has 'iscrowd' other than 0 or 1")
-            if "area" in a and not _is_num(a["area"]):
-                raise self._error("annotations", i, a, "has a non-numeric 'area'")
-            if "id" in a:
-                if not _is_int(a["id"]):
-                    raise self._error("annotations", i, a, "has a non-integer 'id'")
-                if a["id"] in ann_ids:
-                    raise self._error("annotations", i, a, f"repeats annotation id {a['id']} "
-                                      "(COCO evaluation needs unique ids: duplicates corrupt AP)")
-                ann_ids.add(a["id"])
-
             if iscrowd == 1 and not self.keep_crowd:
                 self.crowd += 1
                 continue
             k = self._index[a["image_id"]]
-            im = self.images[k]
-            x, y, w, h = (float(v) for v in bbox)
-            if w <= 0 or h <= 0:
-                self.skipped["zero_or_negative_size"] += 1
+            box, area, status = _box_in_image(a["bbox"], a.get("area"), self.images[k]["width"],
+                                              self.images[k]["height"])
+            if box is None:
+                self.skipped[status] += 1
                 continue
-            x1, y1 = min(max(x, 0.0), im["width"]), min(max(y, 0.0), im["height"])
-            x2, y2 = min(max(x + w, 0.0), im["width"]), min(max(y + h, 0.0), im["height"])
-            area = float(a.get("area", w * h))
-            if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-                if x2 <= x1 or y2 <= y1:
-                    self.skipped["outside_image"] += 1
-                    continue
+            if status == "clipped":
                 self.clipped += 1
-                area = (x2 - x1) * (y2 - y1)
-            boxes[k].append([x1, y1, x2, y2])
-            labels[k].append(self.cat_id_to_label[a["category_id"]])
-            areas[k].append(area)
-            crowd[k].append(int(iscrowd))
+            rows[k].append((box, self.cat_id_to_label[a["category_id"]], area, int(iscrowd)))
         if self.clipped or self.skipped:
             logger.warning(
                 "%s: clipped %d boxes to their image, skipped %s", self.ann_file, self.clipped, dict(self.skipped)
             )
         if self.crowd:
             logger.info("%s: %d crowd annotations (iscrowd=1) are not training targets", self.ann_file, self.crowd)
-        self._targets = [
-            {
-                "boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
-                "labels": torch.tensor(lab, dtype=torch.int64),
-                "area": torch.tensor(ar, dtype=torch.float32),
-                "iscrowd": torch.tensor(c, dtype=torch.int64),
-            }
-            for b, lab, ar, c in zip(boxes, labels, areas, crowd)
-        ]
+        self._targets = [_target_tensors(r) for r in rows]
 
     # -- access ------------------------------------------------------------------------------
 
