@@ -189,6 +189,68 @@ def _windows(voc: VocImage, tile_size: int, overlap: int, val_height: int) -> li
     return out
 
 
+def _read_pixels(voc: VocImage) -> np.ndarray:
+    """The (H, W, 3) uint8 RGB pixels of ``voc``'s image, checked against the size its XML gives."""
+    with Image.open(voc.image_path) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    if pixels.shape[:2] != (voc.height, voc.width):
+        raise ValueError(
+            f"{voc.image_path}: image is {pixels.shape[1]}x{pixels.shape[0]} but its XML says "
+            f"{voc.width}x{voc.height}"
+        )
+    return pixels
+
+
+def _add_tile(coco: dict, counts: dict, image: dict, boxes: np.ndarray) -> None:
+    """Append one tile's image record and its boxes (M, 4) xyxy, as COCO annotations, to one split's
+    ``coco`` dict, and count them in the split's ``counts`` (in total and for the image's site)."""
+    coco["images"].append(image)
+    anns = coco["annotations"]
+    for b in boxes.tolist():
+        bw, bh = b[2] - b[0], b[3] - b[1]
+        anns.append({"id": len(anns) + 1, "image_id": image["id"], "category_id": 1,
+                     "bbox": [b[0], b[1], bw, bh], "area": bw * bh, "iscrowd": 0})
+    per_site = counts["sites"].setdefault(image["site"], {"images": 0, "boxes": 0})
+    for c in (counts, per_site):
+        c["images"] += 1
+        c["boxes"] += len(boxes)
+
+
+def _convert_image(voc: VocImage, windows: list[tuple[str, tuple]], min_visible: float, out_dir: Path,
+                   coco: dict, counts: dict, bar: tqdm) -> np.ndarray:
+    """Write the tiles of one source image (PNGs under ``out_dir``, records into ``coco`` and
+    ``counts`` per split; ``bar`` advances by one a tile). Returns (N,) bool: which of its boxes
+    some tile kept."""
+    pixels = _read_pixels(voc)
+    site = site_of(voc.image_path.name)
+    used = np.zeros(len(voc.boxes), dtype=bool)
+    for split, (x1, y1, x2, y2) in windows:
+        boxes, keep = crop_boxes_to_window(voc.boxes, (x1, y1, x2, y2), min_visible)
+        used |= keep
+        whole = (x1, y1, x2, y2) == (0, 0, voc.width, voc.height)
+        name = f"{split}/{voc.image_path.stem}" + ("" if whole else f"_x{x1}_y{y1}") + ".png"
+        Image.fromarray(pixels[y1:y2, x1:x2]).save(out_dir / name, compress_level=1)
+        image_id = len(coco["train"]["images"]) + len(coco["val"]["images"]) + 1
+        image = {"id": image_id, "file_name": name, "width": x2 - x1, "height": y2 - y1,
+                 "site": site, "source": voc.image_path.name, "window": [x1, y1, x2, y2]}
+        _add_tile(coco[split], counts[split], image, boxes)
+        bar.update(1)
+    return used
+
+
+def _summary(counts: dict, vocs: list[VocImage], dropped: int, out_dir: Path) -> dict:
+    """``counts`` completed with the source totals, ``dropped``, ``val_fraction`` and the paths."""
+    total = sum(len(v.boxes) for v in vocs)
+    labels = Counter(name for v in vocs for name in v.names)
+    counts["source"] = {"images": len(vocs), "boxes": total, "labels": dict(labels)}
+    counts["dropped"] = dropped
+    counts["val_fraction"] = counts["val"]["boxes"] / total if total else 0.0
+    counts.update(train_json=str(out_dir / "train.json"), val_json=str(out_dir / "val.json"), root=str(out_dir))
+    if total and counts["val_fraction"] < 0.25:
+        logger.warning("val holds only %.1f%% of the crowns; increase val_height", 100 * counts["val_fraction"])
+    return counts
+
+
 def convert_voc_to_coco(
     src_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -221,63 +283,22 @@ def convert_voc_to_coco(
 
     coco = {s: {"images": [], "annotations": []} for s in ("train", "val")}
     counts: dict = {s: {"images": 0, "boxes": 0, "sites": {}} for s in ("train", "val")}
-    labels: Counter = Counter()
-    dropped = 0
     for s in coco:
         (out_dir / s).mkdir(parents=True, exist_ok=True)
     jobs = [(voc, _windows(voc, tile_size, overlap, val_height)) for voc in vocs]
+    dropped = 0
     bar = tqdm(total=sum(len(w) for _, w in jobs), desc="neon tiles", disable=not progress)
     for voc, windows in jobs:
-        with Image.open(voc.image_path) as im:
-            pixels = np.asarray(im.convert("RGB"))
-        if pixels.shape[:2] != (voc.height, voc.width):
-            raise ValueError(
-                f"{voc.image_path}: image is {pixels.shape[1]}x{pixels.shape[0]} but its XML says "
-                f"{voc.width}x{voc.height}"
-            )
-        labels.update(voc.names)
-        site = site_of(voc.image_path.name)
-        used = np.zeros(len(voc.boxes), dtype=bool)
-        for split, (x1, y1, x2, y2) in windows:
-            boxes, keep = crop_boxes_to_window(voc.boxes, (x1, y1, x2, y2), min_visible)
-            used |= keep
-            whole = (x1, y1, x2, y2) == (0, 0, voc.width, voc.height)
-            name = f"{split}/{voc.image_path.stem}" + ("" if whole else f"_x{x1}_y{y1}") + ".png"
-            Image.fromarray(pixels[y1:y2, x1:x2]).save(out_dir / name, compress_level=1)
-            image_id = len(coco["train"]["images"]) + len(coco["val"]["images"]) + 1
-            coco[split]["images"].append({
-                "id": image_id, "file_name": name, "width": x2 - x1, "height": y2 - y1,
-                "site": site, "source": voc.image_path.name, "window": [x1, y1, x2, y2],
-            })
-            anns = coco[split]["annotations"]
-            for b in boxes.tolist():
-                bw, bh = b[2] - b[0], b[3] - b[1]
-                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 1,
-                             "bbox": [b[0], b[1], bw, bh], "area": bw * bh, "iscrowd": 0})
-            c = counts[split]
-            c["images"] += 1
-            c["boxes"] += len(boxes)
-            per_site = c["sites"].setdefault(site, {"images": 0, "boxes": 0})
-            per_site["images"] += 1
-            per_site["boxes"] += len(boxes)
-            bar.update(1)
-        dropped += int((~used).sum())
+        dropped += int((~_convert_image(voc, windows, min_visible, out_dir, coco, counts, bar)).sum())
     bar.close()
 
+    description = f"tiles {tile_size} px, overlap {overlap}, val band {val_height} px"
     for split, data in coco.items():
-        data.update(info={"description": f"NEON tree crowns ({split}), from the deepforest wheel, "
-                                         f"tiles {tile_size} px, overlap {overlap}, val band {val_height} px"},
+        data.update(info={"description": f"NEON tree crowns ({split}), from the deepforest wheel, {description}"},
                     licenses=[], categories=CATEGORIES)
         with open(out_dir / f"{split}.json", "w", encoding="utf-8") as f:
             json.dump(data, f)
-    total = sum(len(v.boxes) for v in vocs)
-    counts["source"] = {"images": len(vocs), "boxes": total, "labels": dict(labels)}
-    counts["dropped"] = dropped
-    counts["val_fraction"] = counts["val"]["boxes"] / total if total else 0.0
-    counts.update(train_json=str(out_dir / "train.json"), val_json=str(out_dir / "val.json"), root=str(out_dir))
-    if total and counts["val_fraction"] < 0.25:
-        logger.warning("val holds only %.1f%% of the crowns; increase val_height", 100 * counts["val_fraction"])
-    return counts
+    return _summary(counts, vocs, dropped, out_dir)
 
 
 def fetch_deepforest_data(
