@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..files import atomic_write_text
-from .correlation import _as_pair
+from .correlation import as_pair, as_vector
 from .matching import CONFIDENCE_SIGNALS, matched_signals, pair_with_targets
 
 __all__ = [
@@ -62,16 +62,6 @@ _VERSION = 1
 _FIELD = {"quality": "quality", "score": "scores"}
 
 
-def _vector(x: Any, name: str) -> np.ndarray:
-    a = torch.as_tensor(x).detach().cpu().to(torch.float64).numpy() if isinstance(x, Tensor) else np.asarray(
-        x, dtype=np.float64)
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} must be finite (no NaN or inf)")
-    return a
-
-
 # --------------------------------------------------------------------------------------------
 # Measuring: reliability diagrams and the expected calibration error
 # --------------------------------------------------------------------------------------------
@@ -88,7 +78,7 @@ def calibration_bins(pred: Tensor | Sequence[float], true: Tensor | Sequence[flo
         JSON-ready ``{"edges": [bins + 1], "count": [bins], "mean_pred": [bins], "mean_true": [bins],
         "ece": float, "n": int}``; the means of an empty bin are None, the ECE of no data is NaN.
     """
-    pred, true = _as_pair(pred, true)
+    pred, true = as_pair(pred, true)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive int, got {bins!r}")
     index = (pred * bins).floor().clamp(0, bins - 1).long()
@@ -143,10 +133,10 @@ def isotonic_regression(x: Any, y: Any, weights: Any = None) -> np.ndarray:
     Returns:
         (N,) float64 fitted values, in the input order.
     """
-    x, y = _vector(x, "x"), _vector(y, "y")
+    x, y = as_vector(x, "x"), as_vector(y, "y")
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same length, got {x.size} and {y.size}")
-    w = np.ones_like(x) if weights is None else _vector(weights, "weights")
+    w = np.ones_like(x) if weights is None else as_vector(weights, "weights")
     if w.shape != x.shape:
         raise ValueError(f"weights must have the length of x ({x.size}), got {w.size}")
     if (w <= 0).any():
@@ -195,7 +185,7 @@ class Calibration:
                 raise ValueError(f"calibration signal must be one of {CALIBRATED_SIGNALS}, got {signal!r}")
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise ValueError(f"knots[{signal!r}] must be a pair (x, y)")
-            kx, ky = _vector(pair[0], f"knots[{signal!r}].x"), _vector(pair[1], f"knots[{signal!r}].y")
+            kx, ky = as_vector(pair[0], f"knots[{signal!r}].x"), as_vector(pair[1], f"knots[{signal!r}].y")
             if kx.size == 0 or kx.shape != ky.shape:
                 raise ValueError(f"knots[{signal!r}] must have as many x as y values, at least one, "
                                  f"got {kx.size} and {ky.size}")

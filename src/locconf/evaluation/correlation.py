@@ -16,6 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,18 +25,23 @@ from .matching import CONFIDENCE_SIGNALS, matched_signals
 __all__ = ["rankdata", "pearson", "spearman", "confidence_correlation"]
 
 
-def _as_vector(x: Any, name: str) -> Tensor:
-    t = torch.as_tensor(x).detach().cpu()
-    if t.dim() != 1:
-        raise ValueError(f"{name} must be one-dimensional, got shape {tuple(t.shape)}")
-    t = t.to(torch.float64)
-    if not torch.isfinite(t).all():
+def as_vector(x: Any, name: str) -> np.ndarray:
+    """``x`` as an (n,) float64 array: a ``ValueError`` naming ``name`` unless it is 1-D and finite.
+
+    A tensor is detached and moved to the CPU; anything else is read by ``numpy.asarray`` in float64
+    (Python floats exactly, not through torch's float32 default). Shares memory where it can.
+    """
+    a = x.detach().cpu().to(torch.float64).numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float64)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {a.shape}")
+    if not np.isfinite(a).all():
         raise ValueError(f"{name} must be finite (no NaN or inf)")
-    return t
+    return a
 
 
-def _as_pair(x: Any, y: Any) -> tuple[Tensor, Tensor]:
-    x, y = _as_vector(x, "x"), _as_vector(y, "y")
+def as_pair(x: Any, y: Any) -> tuple[Tensor, Tensor]:
+    """Two vectors of the same length (:func:`as_vector`) as float64 CPU tensors."""
+    x, y = torch.from_numpy(as_vector(x, "x")), torch.from_numpy(as_vector(y, "y"))
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same length, got {x.numel()} and {y.numel()}")
     return x, y
@@ -43,7 +49,7 @@ def _as_pair(x: Any, y: Any) -> tuple[Tensor, Tensor]:
 
 def rankdata(x: Tensor | Sequence[float]) -> Tensor:
     """Ranks 1..n of ``x`` (n,), ties getting the average of the ranks they span. Returns float64 (n,)."""
-    x = _as_vector(x, "x")
+    x = torch.from_numpy(as_vector(x, "x"))
     _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
     last = torch.cumsum(counts, 0).to(torch.float64)  # rank of the last element of each group
     first = last - counts + 1
@@ -52,7 +58,7 @@ def rankdata(x: Tensor | Sequence[float]) -> Tensor:
 
 def pearson(x: Tensor | Sequence[float], y: Tensor | Sequence[float]) -> float:
     """Pearson correlation of ``x`` and ``y`` (n,) each; NaN when n < 2 or either is constant."""
-    x, y = _as_pair(x, y)
+    x, y = as_pair(x, y)
     if x.numel() < 2 or x.min() == x.max() or y.min() == y.max():
         return math.nan
     xc, yc = x - x.mean(), y - y.mean()
@@ -62,7 +68,7 @@ def pearson(x: Tensor | Sequence[float], y: Tensor | Sequence[float]) -> float:
 
 def spearman(x: Tensor | Sequence[float], y: Tensor | Sequence[float]) -> float:
     """Spearman rank correlation (Pearson of average ranks); NaN when n < 2 or either is constant."""
-    x, y = _as_pair(x, y)
+    x, y = as_pair(x, y)
     if x.numel() < 2:
         return math.nan
     return pearson(rankdata(x), rankdata(y))
