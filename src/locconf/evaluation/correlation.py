@@ -74,6 +74,14 @@ def spearman(x: Tensor | Sequence[float], y: Tensor | Sequence[float]) -> float:
     return pearson(rankdata(x), rankdata(y))
 
 
+def signal_correlations(iou: Tensor, values: Mapping[str, Tensor]) -> dict[str, dict[str, float]]:
+    """``{signal: {"pearson", "spearman", "n"}}`` of each signal's values (n,) with the true ``iou`` (n,)."""
+    return {
+        s: {"pearson": pearson(v, iou), "spearman": spearman(v, iou), "n": int(iou.numel())}
+        for s, v in values.items()
+    }
+
+
 def confidence_correlation(
     candidates: Sequence[Mapping],
     gts: Any,
@@ -96,7 +104,4 @@ def confidence_correlation(
         ``{signal: {"pearson": r, "spearman": rho, "n": n}}`` (NaN where undefined).
     """
     iou, values = matched_signals(candidates, gts, signals, min_iou, min_score)
-    return {
-        s: {"pearson": pearson(v, iou), "spearman": spearman(v, iou), "n": int(iou.numel())}
-        for s, v in values.items()
-    }
+    return signal_correlations(iou, values)

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from ..boxes import check_boxes
-from .correlation import pearson, spearman
+from .correlation import signal_correlations
 from .matching import CONFIDENCE_SIGNALS, matched_signals
 
-__all__ = ["figure", "save_png", "image_array", "plot_confidence", "plot_reliability", "draw_detections"]
+__all__ = ["figure", "save_png", "image_array", "show_image", "plot_confidence", "plot_reliability", "draw_detections"]
 
 _SIGNAL_LABELS = {
     "score": "classification score",
@@ -55,6 +55,21 @@ def image_array(image: Tensor) -> np.ndarray:
     return img.expand(3, -1, -1).permute(1, 2, 0).clamp(0, 1).numpy()
 
 
+def show_image(ax, img: np.ndarray, gt: Mapping | None = None, interpolation: str = "nearest",
+               gt_width: float = 1.2) -> None:
+    """Show an (H, W, 3) image (:func:`image_array`) on ``ax`` in pixel coordinates (y down, no axis),
+    with the ground-truth boxes ``gt["boxes"]`` (M, 4), if given, drawn dashed white ``gt_width`` wide."""
+    from matplotlib.patches import Rectangle
+
+    h, w = img.shape[:2]
+    ax.imshow(img, interpolation=interpolation)
+    ax.set_axis_off()
+    ax.set(xlim=(0, w), ylim=(h, 0))
+    if gt is not None:
+        for x1, y1, x2, y2 in check_boxes(gt["boxes"], "gt['boxes']").detach().cpu().tolist():
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="white", lw=gt_width, ls="--"))
+
+
 def plot_confidence(
     candidates: Sequence[Mapping],
     gts: Any,
@@ -77,8 +92,7 @@ def plot_confidence(
     if not isinstance(max_points, int) or max_points < 1:
         raise ValueError(f"max_points must be a positive int, got {max_points!r}")
     iou, values = matched_signals(candidates, gts, signals, min_iou, min_score)
-    stats = {s: {"pearson": pearson(v, iou), "spearman": spearman(v, iou), "n": int(iou.numel())}
-             for s, v in values.items()}
+    stats = signal_correlations(iou, values)
     shown = list(values) or ["score"]
     idx = np.arange(iou.numel())
     if idx.size > max_points:
@@ -196,15 +210,10 @@ def draw_detections(
     scale = max(1.0, 640.0 / max(h, w))  # small images are enlarged so that the text stays legible
     fig = figure(w * scale / 100.0, h * scale / 100.0)
     ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(img, interpolation="nearest")
-    ax.set_axis_off()
-    ax.set(xlim=(0, w), ylim=(h, 0))
+    show_image(ax, img, gt, interpolation="nearest", gt_width=1.2)
 
     from matplotlib.patches import Rectangle
 
-    if gt is not None:
-        for x1, y1, x2, y2 in check_boxes(gt["boxes"], "gt['boxes']").detach().cpu().tolist():
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="white", lw=1.2, ls="--"))
     cmap = [f"C{i}" for i in range(10)]
     for i in torch.nonzero(keep).flatten().tolist():
         x1, y1, x2, y2 = boxes[i].tolist()

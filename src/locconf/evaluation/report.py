@@ -26,7 +26,7 @@ from torch import Tensor
 from ..boxes import check_boxes
 from ..files import atomic_write_text
 from .coco import METRICS
-from .plots import figure, image_array
+from .plots import figure, image_array, show_image
 
 __all__ = ["write_report", "render_report", "detections_png", "METRIC_COLUMNS"]
 
@@ -220,12 +220,7 @@ def detections_png(
     scale = max_side / max(h, w, 1)
     fig = figure(w * scale / 100.0, h * scale / 100.0 + 0.22)
     ax = fig.add_axes((0, 0.22 / (h * scale / 100.0 + 0.22), 1, 1 - 0.22 / (h * scale / 100.0 + 0.22)))
-    ax.imshow(img, interpolation="bilinear")
-    ax.set_axis_off()
-    ax.set(xlim=(0, w), ylim=(h, 0))
-    if gt is not None:
-        for x1, y1, x2, y2 in check_boxes(gt["boxes"], "gt['boxes']").detach().cpu().tolist():
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="white", lw=0.8, ls="--"))
+    show_image(ax, img, gt, interpolation="bilinear", gt_width=0.8)
     cmap = colormaps["viridis"]
     keep = torch.nonzero(scores >= score_threshold).flatten().tolist()
     for i in sorted(keep, key=lambda i: float(colour_by[i])):  # best drawn last, on top
