@@ -4,7 +4,7 @@ from . import transforms
 from .coco import CocoDetection, collate_fn, load_image
 from .neon import convert_voc_to_coco, fetch_deepforest_data, neon_trees
 from .synthetic import SyntheticScenes, write_synthetic_coco
-from .transforms import (
+from .transforms import (  # noqa: F401  (in __all__ through transforms.__all__)
     ColorJitter,
     Compose,
     RandomHorizontalFlip,

@@ -16,11 +16,11 @@ Modules, one job each: :mod:`.base` (:class:`Compose`, the sample check), :mod:`
 :mod:`.photometric` (:class:`ColorJitter`) and :mod:`.pipeline` (:func:`build_transforms`).
 """
 
-from .base import Compose, Target, Transform
-from .geometry import RandomHorizontalFlip, RandomRot90, RandomVerticalFlip, hflip, rot90, vflip
+from .base import Compose, Target, Transform  # noqa: F401  (Target, Transform: the types, importable here as before)
+from .geometry import RandomHorizontalFlip, RandomRot90, RandomVerticalFlip, hflip, rot90, vflip  # noqa: F401  (idem)
 from .photometric import ColorJitter
 from .pipeline import build_transforms
-from .scale import PER_BOX_KEYS, RandomScaleJitter, Resize, resize_scale
+from .scale import PER_BOX_KEYS, RandomScaleJitter, Resize, resize_scale  # noqa: F401  (idem)
 
 __all__ = [
     "Compose",
