@@ -19,7 +19,8 @@ The old paths :mod:`locconf.engine.evaluate`, :mod:`locconf.analysis`, :mod:`loc
 and :mod:`locconf.report` re-export these.
 """
 
-from .calibration import (
+from . import calibration
+from .calibration import (  # noqa: F401  (in __all__ through calibration.__all__)
     CALIBRATED_SIGNALS,
     Calibration,
     calibrate_out_of_fold,
@@ -49,14 +50,7 @@ __all__ = [
     "pearson",
     "spearman",
     "confidence_correlation",
-    "calibration_bins",
-    "reliability_diagram",
-    "isotonic_regression",
-    "Calibration",
-    "fit_calibration",
-    "calibrate_out_of_fold",
-    "evaluate_calibration",
-    "CALIBRATED_SIGNALS",
+    *calibration.__all__,
     "plot_confidence",
     "plot_reliability",
     "draw_detections",
