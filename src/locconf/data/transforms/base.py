@@ -1,4 +1,5 @@
-"""What every transform shares: the sample types, the input check, the random draw and :class:`Compose`."""
+"""What the transforms share: the sample types, the input check, the random draw, :class:`Compose`
+and :class:`RandomTransform`, the base of those applied with a probability."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Target", "Transform", "Compose", "check_sample", "check_prob", "uniform"]
+__all__ = ["Target", "Transform", "Compose", "RandomTransform", "check_sample", "check_prob", "uniform"]
 
 Target = dict
 Transform = Callable[[Tensor, Target], "tuple[Tensor, Target]"]
@@ -52,3 +53,27 @@ class Compose:
     def __repr__(self) -> str:
         inner = ", ".join(repr(t) for t in self.transforms)
         return f"Compose([{inner}])"
+
+
+class RandomTransform:
+    """Base of a transform applied with probability ``p``: a subclass defines ``apply(image, target)``.
+
+    A call checks the sample, draws one :func:`uniform` and applies the transform when the draw is
+    below ``p`` (any further draws are the subclass's, after this one).
+    """
+
+    def __init__(self, p: float, generator: torch.Generator | None = None) -> None:
+        self.p = check_prob(p)
+        self.generator = generator
+
+    def apply(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        raise NotImplementedError
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        check_sample(image, target)
+        if uniform(self.generator) >= self.p:
+            return image, target
+        return self.apply(image, target)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p})"

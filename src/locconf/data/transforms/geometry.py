@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
-from .base import Target, check_prob, check_sample, uniform
+from .base import RandomTransform, Target
 
 __all__ = ["hflip", "vflip", "rot90", "RandomHorizontalFlip", "RandomVerticalFlip", "RandomRot90"]
 
@@ -47,38 +45,27 @@ def rot90(image: Tensor, target: Target, k: int) -> tuple[Tensor, Target]:
     return image, target
 
 
-class _RandomFlip:
-    """Apply the subclass's ``flip`` with probability ``p``."""
-
-    flip: Callable[[Tensor, Target], tuple[Tensor, Target]]
-
-    def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
-        self.p = check_prob(p)
-        self.generator = generator
-
-    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
-        check_sample(image, target)
-        if uniform(self.generator) < self.p:
-            return type(self).flip(image, target)
-        return image, target
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(p={self.p})"
-
-
-class RandomHorizontalFlip(_RandomFlip):
+class RandomHorizontalFlip(RandomTransform):
     """Flip left-right with probability ``p``."""
 
-    flip = staticmethod(hflip)
+    def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
+        super().__init__(p, generator)
+
+    def apply(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        return hflip(image, target)
 
 
-class RandomVerticalFlip(_RandomFlip):
+class RandomVerticalFlip(RandomTransform):
     """Flip top-bottom with probability ``p``."""
 
-    flip = staticmethod(vflip)
+    def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
+        super().__init__(p, generator)
+
+    def apply(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        return vflip(image, target)
 
 
-class RandomRot90:
+class RandomRot90(RandomTransform):
     """With probability ``p``, rotate by ``k * 90`` degrees, ``k`` uniform in ``{1, 2, 3}``.
 
     With ``p = 0.75`` (the default) every one of the four orientations is equally likely;
@@ -86,15 +73,8 @@ class RandomRot90:
     """
 
     def __init__(self, p: float = 0.75, generator: torch.Generator | None = None) -> None:
-        self.p = check_prob(p)
-        self.generator = generator
+        super().__init__(p, generator)
 
-    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
-        check_sample(image, target)
-        if uniform(self.generator) >= self.p:
-            return image, target
+    def apply(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
         k = 1 + int(torch.randint(3, (), generator=self.generator))
         return rot90(image, target, k)
-
-    def __repr__(self) -> str:
-        return f"RandomRot90(p={self.p})"

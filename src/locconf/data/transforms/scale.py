@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...boxes import clip_boxes
-from .base import Target, check_prob, check_sample, uniform
+from .base import RandomTransform, Target, check_sample, uniform
 
 __all__ = ["resize_scale", "Resize", "RandomScaleJitter", "PER_BOX_KEYS"]
 
@@ -125,7 +125,7 @@ def _keep_rows(target: Target, keep: Tensor) -> Target:
     return target
 
 
-class RandomScaleJitter:
+class RandomScaleJitter(RandomTransform):
     """Zoom in or out by a random factor while keeping the image size (scale augmentation).
 
     With probability ``p``, a factor ``s`` is drawn log-uniformly from ``scale = (lo, hi)``, the
@@ -154,14 +154,10 @@ class RandomScaleJitter:
         if not 0.0 < min_visible <= 1.0:
             raise ValueError(f"min_visible must be in (0, 1], got {min_visible}")
         self.scale = (lo, hi)
-        self.p = check_prob(p)
+        super().__init__(p, generator)
         self.min_visible = float(min_visible)
-        self.generator = generator
 
-    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
-        check_sample(image, target)
-        if uniform(self.generator) >= self.p:
-            return image, target
+    def apply(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
         lo, hi = self.scale
         s = math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * uniform(self.generator))
         h, w = image.shape[-2:]
