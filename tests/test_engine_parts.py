@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 
@@ -27,6 +28,14 @@ def test_is_int_and_is_number_refuse_bools_and_non_finite():
     assert schedule.is_int(3) and not schedule.is_int(True) and not schedule.is_int(3.0)
     assert schedule.is_number(0.5) and schedule.is_number(2)
     assert not schedule.is_number(False) and not schedule.is_number(float("nan")) and not schedule.is_number("1")
+
+
+def test_build_lr_scheduler_has_the_defaults_of_lr_factor():
+    # the scheduler repeats lr_factor's keyword signature (it wraps it); the defaults must agree
+    factor = inspect.signature(schedule.lr_factor).parameters
+    scheduler = inspect.signature(schedule.build_lr_scheduler).parameters
+    assert list(factor)[1:] == list(scheduler)[1:]
+    assert all(factor[k].default == scheduler[k].default for k in list(factor)[1:])
 
 
 def test_metrics_log_writes_on_rank_0_only_and_truncates(tmp_path):
