@@ -11,9 +11,10 @@ Every transform is a small callable ``t(image, target) -> (image, target)`` wher
 Random transforms draw from ``generator`` when one is given and from torch's global RNG otherwise,
 so ``torch.manual_seed`` makes a pipeline reproducible. Transforms never modify their inputs in place.
 
-Modules, one job each: :mod:`.base` (:class:`Compose`, the sample check), :mod:`.geometry`
-(flips, quarter turns), :mod:`.scale` (:class:`Resize`, :class:`RandomScaleJitter`),
-:mod:`.photometric` (:class:`ColorJitter`) and :mod:`.pipeline` (:func:`build_transforms`).
+Modules, one job each: :mod:`.base` (:class:`Compose`, the sample check, the base of the random
+transforms), :mod:`.geometry` (flips, quarter turns), :mod:`.scale` (:class:`Resize`,
+:class:`RandomScaleJitter`), :mod:`.photometric` (:class:`ColorJitter`) and :mod:`.pipeline`
+(:func:`build_transforms`).
 """
 
 from .base import Compose, Target, Transform  # noqa: F401  (Target, Transform: the types, importable here as before)
