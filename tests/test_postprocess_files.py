@@ -22,7 +22,8 @@ from locconf.cli import main
 from locconf.engine import evaluate_methods
 from locconf.fusion import fuse
 from locconf.postprocess import postprocess
-from locconf.postprocess_files import _Source, fuse_files, postprocess_file, read_detections
+from locconf.postprocess_files import fuse_files, postprocess_file, read_detections
+from locconf.postprocess_files.source import _Source
 
 # Three images; COCO category ids 7 and 3 (not contiguous); image 3 has no objects.
 GT = [(1, 7, [10, 10, 100, 80]), (1, 3, [150, 150, 90, 100]), (1, 7, [40, 30, 60, 60]),
