@@ -1,0 +1,53 @@
+"""From a configuration to a trained, evaluated detector: what ``locconf train|eval|predict|demo`` run.
+
+A configuration is a dict (a YAML file) with four sections that map one to one onto the keyword
+arguments of the functions they feed:
+
+```yaml
+model:                      # build_model(**model)
+  arch: rcnn                # rcnn | one_stage | torchvision_frcnn
+  quality: dir              # ... any keyword of the builder (locconf.models.build_rcnn here)
+data:                       # build_datasets(**data)
+  source: neon-trees        # neon-trees | synthetic | coco
+  root: data/neon
+train:                      # locconf.engine.train.train(model, dataset, **train)
+  iterations: 3000
+  out_dir: runs/neon_frcnn_r18
+eval:                       # evaluate(...)
+  methods: [nms, soft-linear, soft-gaussian]
+```
+
+No registries and no inheritance: unknown keys (nested ones such as ``data.synthetic.<key>``
+included) are errors that name the section and the key, and so are values of another type than
+the one the receiving function declares (``true`` is not a number). YAML files are read with
+:class:`ConfigLoader`, for which ``1e-4`` is a float (PyYAML's YAML 1.1 reading makes it a string).
+
+The package, one job a module: ``config`` (reading and checking a configuration), ``keywords``
+(a section against the keywords of the function it feeds), ``build`` (the model and the data of a
+configuration), ``recipe`` (the NEON CPU recipe), ``training`` (``run_train``, ``load_trained``),
+``evaluate`` (``run_eval``) and ``inference`` (``predict``, ``categories_of``).
+"""
+
+from .build import ARCHS, SYNTHETIC_DEFAULTS, build_datasets, build_model
+from .config import SECTIONS, ConfigLoader, check_config, load_config
+from .evaluate import run_eval
+from .inference import categories_of, predict
+from .recipe import neon_recipe
+from .training import load_trained, run_train
+
+__all__ = [
+    "ARCHS",
+    "SECTIONS",
+    "SYNTHETIC_DEFAULTS",
+    "ConfigLoader",
+    "build_datasets",
+    "build_model",
+    "categories_of",
+    "check_config",
+    "load_config",
+    "load_trained",
+    "neon_recipe",
+    "predict",
+    "run_eval",
+    "run_train",
+]

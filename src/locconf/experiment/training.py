@@ -1,0 +1,99 @@
+"""Training a configured detector (``locconf train``) and rebuilding a trained one from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from ..files import atomic_write_text
+from .build import build_datasets, build_model, device_of
+from .config import check_config, load_config, read_yaml
+from .keywords import call
+
+#: Keys that may change when a run is resumed (they do not change what is trained).
+_BOOKKEEPING = {"train": {"out_dir", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "progress",
+                          "num_workers", "device"},
+                "data": {"fetch"}, "model": {"num_classes"}}
+
+
+def run_train(cfg: dict[str, dict], resume: bool = False) -> dict:
+    """Train the configured model; the configuration is saved beside the checkpoints (``config.yaml``).
+
+    Every check comes before anything is written: the configuration (:func:`check_config`, and
+    ``train.iterations`` given), then ``train.out_dir``: a fresh run into a folder that holds
+    checkpoints is refused, and so is ``resume`` with a configuration that differs from the saved
+    ``config.yaml`` (the message names the keys; bookkeeping such as ``train.log_every`` may
+    change). ``config.yaml`` is written once :func:`locconf.engine.train.train` has accepted its
+    arguments and the checkpoint. The global RNGs are seeded with ``train.seed`` before the data
+    and the model are built, so one configuration gives the same run every time (on one thread).
+    """
+    from ..engine.checkpoint import list_checkpoints
+    from ..engine.train import seed_everything, train
+
+    cfg = check_config(cfg)
+    train_cfg = dict(cfg["train"])
+    if "iterations" not in train_cfg:
+        raise ValueError("train.iterations is required to train")
+    out_dir = Path(train_cfg.setdefault("out_dir", "runs/default"))
+    if not resume and list_checkpoints(out_dir):
+        raise ValueError(f"train.out_dir {out_dir} already holds a run (checkpoints): resume it or use another out_dir")
+    config_file = out_dir / "config.yaml"
+    if resume and config_file.is_file():
+        changed = _run_differences(read_yaml(config_file) or {}, cfg)
+        if changed:
+            raise ValueError(f"cannot resume the run in {out_dir}: its config.yaml differs in {'; '.join(changed)}; "
+                             "resume with the saved configuration or train into another out_dir")
+    seed_everything(train_cfg.get("seed", 0))  # before the data and the model draw anything
+    train_ds, _, _ = call(build_datasets, "data", cfg["data"])
+    model = call(build_model, "model", dict(cfg["model"], num_classes=train_ds.num_classes))
+    saved = dict(cfg, model=dict(cfg["model"], num_classes=train_ds.num_classes))
+
+    def write_config() -> None:
+        atomic_write_text(config_file, yaml.safe_dump(saved, sort_keys=False))
+
+    return call(train, "train", dict(train_cfg, resume=resume, on_start=write_config), model, train_ds)
+
+
+def _run_differences(saved: dict, cfg: dict[str, dict]) -> list[str]:
+    """``section.key: old -> new`` for every training-relevant key of ``cfg`` that differs from ``saved``."""
+    def plain(v: Any) -> Any:  # tuples and lists compare equal, as YAML writes both as lists
+        return json.loads(json.dumps(v, default=str))
+
+    out = []
+    for section in ("model", "data", "train"):
+        old, new = plain((saved or {}).get(section) or {}), plain(cfg.get(section) or {})
+        for key in sorted((set(old) | set(new)) - _BOOKKEEPING.get(section, set())):
+            if old.get(key, "(not set)") != new.get(key, "(not set)"):
+                out.append(f"{section}.{key}: {old.get(key, '(not set)')!r} -> {new.get(key, '(not set)')!r}")
+    return out
+
+
+def load_trained(checkpoint: str | os.PathLike, cfg: dict[str, dict] | None = None,
+                 device: str | None = None) -> tuple[nn.Module, dict[str, dict]]:
+    """Rebuild a model from its configuration (default: ``config.yaml`` beside the checkpoint)."""
+    from ..engine.checkpoint import load_checkpoint
+
+    checkpoint = Path(checkpoint)
+    if cfg is None:
+        cfg = load_config(checkpoint.parent / "config.yaml")
+    state = load_checkpoint(checkpoint)
+    num_classes = int(cfg["model"].get("num_classes", 0))
+    beside = checkpoint.parent / "config.yaml"
+    if not num_classes and beside.is_file():  # run_train records it there
+        num_classes = int((load_config(beside)["model"]).get("num_classes", 0))
+    num_classes = num_classes or _num_classes_from_state(state["model"])
+    model = build_model(num_classes=num_classes, **{k: v for k, v in cfg["model"].items() if k != "num_classes"})
+    model.load_state_dict(state["model"])
+    return model.to(device_of(device)).eval(), cfg
+
+
+def _num_classes_from_state(state: dict) -> int:
+    for key, value in state.items():
+        if key.endswith("cls_score.weight"):
+            return value.shape[0] - 1
+    raise ValueError("cannot infer num_classes from the checkpoint; set model.num_classes")
