@@ -179,7 +179,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="locconf", description="Localization-confidence-aware object detection.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_parser(sub)
+    _add_train_parser(sub)
+    _add_eval_parser(sub)
+    _add_predict_parser(sub)
+    _add_demo_parser(sub)
+    _add_postprocess_parser(sub)
+    _add_bench_parser(sub)
+    return parser
 
+
+def _add_data_parser(sub) -> None:
     data = sub.add_parser("data", help="fetch or generate a dataset in COCO format")
     dsub = data.add_subparsers(dest="dataset", required=True)
     neon = dsub.add_parser("neon-trees", help="NEON aerial tree crowns from the deepforest wheel, tiled and split")
@@ -197,11 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=_cmd_data)
 
+
+def _add_train_parser(sub) -> None:
     train = sub.add_parser("train", help="train a detector from a YAML config")
     train.add_argument("config", type=Path)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
     train.set_defaults(func=_cmd_train)
 
+
+def _add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint under several post-processing methods")
     ev.add_argument("config", type=Path)
     ev.add_argument("--checkpoint", type=Path, required=True)
@@ -212,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gallery", type=int, default=8, help="images in the report's gallery of detections")
     ev.set_defaults(func=_cmd_eval)
 
+
+def _add_predict_parser(sub) -> None:
     pr = sub.add_parser("predict", help="detect objects in an image of any size (tiled) and draw them",
                         description="Tile the image, run the checkpoint on batches of tiles, merge the tiles' "
                         "candidates (handling boxes cut by tile borders) and write a drawing, a CSV "
@@ -239,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default=None)
     pr.set_defaults(func=_cmd_predict)
 
+
+def _add_demo_parser(sub) -> None:
     demo = sub.add_parser("demo", help="the whole idea in a few CPU minutes on NEON tree crowns")
     demo.add_argument("--iterations", type=int, default=1000)
     demo.add_argument("--data", type=Path, default=Path("data/neon"))
@@ -246,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--checkpoint", type=Path, default=None, help="evaluate this checkpoint instead of training")
     demo.set_defaults(func=_cmd_demo)
 
+
+def _add_postprocess_parser(sub) -> None:
     pp = sub.add_parser("postprocess", help="post-process or fuse any detector's candidates in COCO results files",
                         description="Read candidates (COCO results: a JSON array or JSON Lines of {image_id, "
                         "category_id, bbox [x, y, w, h], score, optional quality, optional variance [4]}), "
@@ -275,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--no-progress", action="store_true", help="no progress bar")
     pp.set_defaults(func=_cmd_postprocess)
 
+
+def _add_bench_parser(sub) -> None:
     from .bench.cli import add_arguments as bench_arguments  # no torch import: --help stays fast
 
     bench = sub.add_parser("bench", help="the accuracy comparison: every detector, same budget, several seeds",
@@ -284,7 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
                            "Resumable: finished trainings and evaluations are reused.")
     bench_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
