@@ -21,12 +21,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
         print(f"val holds {counts['val_fraction']:.0%} of the crowns; COCO files: {counts['train_json']}, "
               f"{counts['val_json']} ({counts['seconds']} s)")
     else:
-        from .data import SyntheticScenes, write_synthetic_coco
+        from .experiment.build import write_synthetic_splits
 
-        for split, n, seed in (("train", args.num_train, args.seed), ("val", args.num_val, args.seed + 1)):
-            ds = SyntheticScenes(n, image_size=args.image_size, num_classes=args.num_classes, seed=seed,
-                                 min_size=max(4, args.image_size // 16), max_size=max(8, args.image_size * 3 // 8))
-            print(f"{split}: {n} scenes -> {write_synthetic_coco(ds, args.out, split=split)}")
+        splits = write_synthetic_splits(args.out, args.num_train, args.num_val, args.image_size, args.num_classes,
+                                        args.seed)
+        for split, (n, path) in splits.items():
+            print(f"{split}: {n} scenes -> {path}")
     return 0
 
 

@@ -95,7 +95,7 @@ def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/n
         if missing and source == "neon-trees":
             neon_trees(root)
         elif missing:
-            _write_synthetic(root, synthetic)
+            write_synthetic_splits(root, **synthetic_options(synthetic))
     elif source != "coco":
         raise ValueError(f"data.source must be 'neon-trees', 'synthetic' or 'coco', got {source!r}")
     if not train_json or not val_json:
@@ -108,16 +108,21 @@ def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/n
     return train_ds, val_ds, root / val_json
 
 
-def _write_synthetic(root: Path, synthetic: dict | None) -> None:
-    """Generate the synthetic ``train`` and ``val`` splits (``data.synthetic`` options) into ``root``."""
+def write_synthetic_splits(root: str | os.PathLike, num_train: int, num_val: int, image_size: int,
+                           num_classes: int, seed: int) -> dict[str, tuple[int, Path]]:
+    """Generate synthetic scenes into ``root`` as COCO: ``train`` with ``seed``, ``val`` with ``seed + 1``.
+
+    Object scales ``sqrt(w * h)`` range from 1/16 to 3/8 of the image side (at least 4 and 8
+    pixels). Returns each split's number of scenes and COCO file.
+    """
     from ..data import SyntheticScenes, write_synthetic_coco
 
-    opts = synthetic_options(synthetic)
-    size = opts["image_size"]
-    common = dict(image_size=size, num_classes=opts["num_classes"], min_size=max(4, size // 16),
-                  max_size=max(8, size * 3 // 8))
-    write_synthetic_coco(SyntheticScenes(opts["num_train"], seed=opts["seed"], **common), root, "train")
-    write_synthetic_coco(SyntheticScenes(opts["num_val"], seed=opts["seed"] + 1, **common), root, "val")
+    common = dict(image_size=image_size, num_classes=num_classes, min_size=max(4, image_size // 16),
+                  max_size=max(8, image_size * 3 // 8))
+    out = {}
+    for split, n, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1)):
+        out[split] = (n, write_synthetic_coco(SyntheticScenes(n, seed=split_seed, **common), root, split))
+    return out
 
 
 def synthetic_options(synthetic: dict | None) -> dict[str, int]:
