@@ -339,3 +339,15 @@ def test_ablation_variants_build_the_model_they_name(name):
         assert roi.quality_head.inference_features == v.model["dir_inference_features"]
     if "refine_order" in v.model:
         assert roi.refine_order == v.model["refine_order"]
+
+
+@pytest.mark.parametrize("name, quality", [("cascade", None), ("cascade_dir", "dir")])
+def test_cascade_variants_build_a_three_stage_cascade(name, quality):
+    from locconf.experiment import build_model
+    from locconf.models.cascade import CascadeRoIHeads
+
+    setting = settings.synthetic_setting(iterations=1)
+    model = build_model(**settings.make_config(setting, settings.ALL_VARIANTS[name], 0, "unused", 3)["model"])
+    roi = model.roi_heads
+    assert isinstance(roi, CascadeRoIHeads) and roi.iou_thresholds == [0.5, 0.6, 0.7]
+    assert model.quality == quality and (roi.quality_head is None) == (quality is None)

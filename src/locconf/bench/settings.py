@@ -76,10 +76,16 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             {"arch": "one_stage", "head": "clq"}, expects=("quality",)),
 )}
 DEFAULT_VARIANTS = tuple(VARIANTS)
-#: Not in the default list: torchvision's own Faster R-CNN, a reference and the harness's smoke test.
-EXTRA_VARIANTS: dict[str, Variant] = {
-    "tv_frcnn": Variant("tv_frcnn", "torchvision Faster R-CNN (reference)", "two_stage", {"arch": "torchvision_frcnn"}),
-}
+#: Not in the default list: torchvision's own Faster R-CNN, a reference and the harness's smoke test;
+#: Cascade R-CNN (0.5 / 0.6 / 0.7) without and with DIR on its last stage (DIR Table 1, third block).
+EXTRA_VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("tv_frcnn", "torchvision Faster R-CNN (reference)", "two_stage", {"arch": "torchvision_frcnn"}),
+    Variant("cascade", "Cascade R-CNN (3 stages, IoU 0.5 / 0.6 / 0.7)", "two_stage",
+            {"arch": "rcnn", "cascade": [0.5, 0.6, 0.7]}),
+    Variant("cascade_dir", "Cascade R-CNN + DIR on the last stage", "two_stage",
+            {"arch": "rcnn", "cascade": [0.5, 0.6, 0.7], "quality": "dir"}, headline="quality",
+            expects=("quality",)),
+)}
 #: Ablations that re-evaluate a trained variant's weights (``reuse``): DIR Table 5 (which confidence
 #: ranks: Eq. 5's IoU, the default, against Purity, Integrity and their means), DIR Table 4 (proposal
 #: or regressed-box features at training and at inference), and IoU-Net's refinement in the former
