@@ -27,6 +27,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EXPECTED = {
     "coco_frcnn_r50_1x": ("rcnn", None, ()),
     "coco_dir_r50_1x": ("rcnn", "dir", ("quality",)),
+    "coco_cascade_dir_r50_1x": ("rcnn", "dir", ("quality",)),
     "coco_iou_net_r50_1x": ("rcnn", "iou_net", ("quality",)),
     "coco_kl_r50_1x": ("rcnn", "kl", ("variances",)),
     "coco_atss_r50_1x": ("one_stage", "atss", ()),
@@ -40,7 +41,7 @@ COCO_NAMES = {1: "person", 18: "dog", 90: "toothbrush"}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_the_coco_configs_are_the_six_of_the_issue():
+def test_the_coco_configs_are_the_six_of_the_issue_and_cascade_dir():
     assert sorted(p.stem for p in CONFIGS.glob("coco_*.yaml")) == sorted(EXPECTED)
 
 
@@ -62,6 +63,8 @@ def test_papers_settings(name):
     assert m.get("quality" if arch == "rcnn" else "head") == head
     assert (m["backbone"], m["fpn_channels"], m["min_size"], m["max_size"]) == ("resnet50", 256, 800, 1333)
     assert m["norm"] == "frozen" and "weights" not in m  # pretrained weights: documented, commented out
+    assert m["frozen_stages"] == 1  # MMDetection's frozen stem and stage 1
+    assert m.get("cascade") == ([0.5, 0.6, 0.7] if "cascade" in name else None)
     assert m["candidates_per_image"] == 1000
     assert d == {"source": "coco", "root": "data/coco", "train_json": "annotations/instances_train2017.json",
                  "val_json": "annotations/instances_val2017.json", "train_images": "train2017",
