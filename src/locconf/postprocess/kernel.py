@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import namedtuple
 
 import numba
 import numpy as np
@@ -115,6 +116,309 @@ def _nb_candidates(cx2, cy1, cy2, lo, hi, px1, py1, py2, mask, buf, k):
     return k
 
 
+#: The remaining boxes packed into "slots" by (class, band, x1), each field (N,): the box, its area,
+#: its current score, its inverse variances (N, 4) (0 rows without voting), its original index and
+#: its segment (a class's band).
+_Slots = namedtuple("_Slots", "x1 y1 x2 y2 area cur iv box seg")
+#: The segments, each field (N,): its slots [lo, hi), its widest box ``w``, its lowest y1 and
+#: highest y2, its class (numbered from 0); segments [cls_lo[c], cls_lo[c + 1]) are class c's.
+_Segments = namedtuple("_Segments", "lo hi w y1 y2 cls cls_lo")
+
+# The steps of ``_nb_greedy``. The two that allocate (``_nb_layout``, ``_nb_queue``) run once per
+# call and are inlined into it at numba's IR level (``inline="always"``). The others allocate
+# nothing and are compiled without reference counting (``_njit_light``); LLVM inlines them into
+# the caller, and the kernel runs as fast as the single 229-line function it was written as:
+# new / old time 0.99-1.02 on 2,000 and 5,000 detector-like boxes of 1 and 80 classes (hard NMS,
+# variance voting, Gaussian Soft-NMS; interleaved runs, one thread). Inlined at the IR level
+# instead, every array argument of a per-selection step costs an increment and a decrement of its
+# reference count at each call: 1.5-1.9 times the time on 2,000 boxes of 80 classes, where most
+# boxes are selected. Their small helpers above stay ``inline="always"``.
+# Every step stays in this file: numba's disk cache checks only the source file of the cached
+# function, so a step changed in another file would leave a stale kernel in the cache.
+
+
+def _njit_light(fn):
+    """A step of the kernel that allocates nothing: compiled without reference counting (numba's
+    ``_nrt=False``), so that passing it arrays costs nothing once LLVM has inlined it."""
+    return _njit(_nrt=False)(fn)
+
+
+@_njit_light
+def _nb_class_end(lab, sweep, p):
+    """End of the run of one class that starts at sweep[p] (all of ``sweep`` without labels)."""
+    n = sweep.shape[0]
+    e = p + 1
+    if lab.shape[0] == n:
+        while e < n and lab[sweep[e]] == lab[sweep[p]]:
+            e += 1
+    else:
+        e = n
+    return e
+
+
+@_njit_light
+def _nb_bands(b, sweep, alive, p, e, band_size, band, count):
+    """Split the alive boxes of the class run sweep[p:e] into ``nb`` bands of equal height in y1
+    (about ``band_size`` boxes each, 64 at most): ``band[t]`` of each, ``count[g + 1]`` the boxes
+    of band g. Returns ``(nb, number of alive boxes)``."""
+    lo_y = np.inf
+    hi_y = -np.inf
+    cnt = 0
+    for t in range(p, e):
+        i = sweep[t]
+        if alive[i]:
+            cnt += 1
+            lo_y = min(lo_y, b[i, 1])
+            hi_y = max(hi_y, b[i, 1])
+    nb = max(1, min(cnt // band_size, 64))
+    span = hi_y - lo_y
+    if not (span > 0.0 and span < np.inf):
+        nb = 1
+    count[: nb + 1] = 0
+    for t in range(p, e):
+        i = sweep[t]
+        if alive[i]:
+            g = 0
+            if nb > 1:
+                g = min(nb - 1, int((b[i, 1] - lo_y) / span * nb))
+            band[t] = g
+            count[g + 1] += 1
+    return nb, cnt
+
+
+@_njit_light
+def _nb_open_segments(sg, count, nseg, nb, ncls, m):
+    """Open the ``nb`` empty segments of class ``ncls`` from segment ``nseg`` and slot ``m``; turns
+    ``count`` into the first slot of each band (from ``m``)."""
+    sg.cls_lo[ncls] = nseg
+    for g in range(nb):
+        count[g + 1] += count[g]
+        sg.lo[nseg + g] = m + count[g]
+        sg.hi[nseg + g] = m + count[g + 1]
+        sg.w[nseg + g] = 0.0
+        sg.y1[nseg + g] = np.inf
+        sg.y2[nseg + g] = -np.inf
+        sg.cls[nseg + g] = ncls
+
+
+@_njit_light
+def _nb_fill_slots(b, s, var, vote, sweep, alive, p, e, band, count, nseg, m, sl, sg, slot):
+    """Put the alive boxes of sweep[p:e] into their band's slots (a stable counting sort by band
+    keeps each band sorted by x1); grow each segment's width and y-extent."""
+    for t in range(p, e):
+        i = sweep[t]
+        if alive[i]:
+            g = nseg + band[t]
+            q = m + count[band[t]]
+            count[band[t]] += 1
+            sl.x1[q], sl.y1[q], sl.x2[q], sl.y2[q] = b[i, 0], b[i, 1], b[i, 2], b[i, 3]
+            sl.area[q] = (b[i, 2] - b[i, 0]) * (b[i, 3] - b[i, 1])
+            sl.cur[q] = s[i]
+            if vote:
+                for c in range(4):
+                    sl.iv[q, c] = 1.0 / var[i, c]
+            sl.box[q] = i
+            sl.seg[q] = g
+            slot[i] = q
+            sg.w[g] = max(sg.w[g], b[i, 2] - b[i, 0])
+            sg.y1[g] = min(sg.y1[g], b[i, 1])
+            sg.y2[g] = max(sg.y2[g], b[i, 3])
+
+
+@_njit(inline="always")
+def _nb_layout(b, s, lab, sweep, alive, var, vote, band_size):
+    """Pack the alive boxes into slots by (class, band, x1).
+
+    Returns ``(slots, segments, slot of each original index, number of segments, of slots)``."""
+    n = s.shape[0]
+    sl = _Slots(np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n),
+                np.empty((n if vote else 0, 4)), np.empty(n, np.int64), np.empty(n, np.int64))
+    sg = _Segments(np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n), np.empty(n), np.empty(n),
+                   np.empty(n, np.int64), np.empty(n + 1, np.int64))
+    slot = np.empty(n, np.int64)
+    band = np.empty(n, np.int64)
+    count = np.empty(66, np.int64)
+    nseg = 0
+    ncls = 0
+    m = 0
+    p = 0
+    while p < n:
+        e = _nb_class_end(lab, sweep, p)
+        nb, cnt = _nb_bands(b, sweep, alive, p, e, band_size, band, count)
+        _nb_open_segments(sg, count, nseg, nb, ncls, m)
+        _nb_fill_slots(b, s, var, vote, sweep, alive, p, e, band, count, nseg, m, sl, sg, slot)
+        m += cnt
+        nseg += nb
+        ncls += 1
+        p = e
+    sg.cls_lo[ncls] = nseg
+    return sl, sg, slot, nseg, m
+
+
+@_njit(inline="always")
+def _nb_queue(s, rank, alive):
+    """The alive boxes by decreasing score, ties by lower index: keys ``hk`` and indices ``ht``,
+    already a valid max-heap. Returns ``(hk, ht, size)``."""
+    n = s.shape[0]
+    hk = np.empty(n)
+    ht = np.empty(n, np.int64)
+    size = 0
+    for r in range(n):
+        if alive[rank[r]]:
+            hk[size] = s[rank[r]]
+            ht[size] = rank[r]
+            size += 1
+    r = 0
+    while r < size:
+        e = r + 1
+        while e < size and hk[e] == hk[r]:
+            e += 1
+        if e - r > 1:
+            ht[r:e] = np.sort(ht[r:e])
+        r = e
+    return hk, ht, size
+
+
+@_njit_light
+def _nb_next_in_order(ht, size, r, alive):
+    """Hard suppression never changes a score: the next box is the queue's next alive one, read
+    from position ``r``. Returns ``(box or -1, r)``."""
+    while r < size and not alive[ht[r]]:
+        r += 1
+    if r == size:
+        return -1, r
+    return ht[r], r + 1
+
+
+@_njit_light
+def _nb_pop(hk, ht, size, alive, cur, slot):
+    """With decays the queue (``hk``, ``ht``, ``size``) is a lazy max-heap whose key bounds each
+    box's current score from above: the top's stale key is replaced by its current score, a
+    removed box is dropped, until the top is alive and current. Returns ``(box or -1, size)``."""
+    while size > 0:
+        i = ht[0]
+        stale = alive[i] and hk[0] != cur[slot[i]]
+        if stale:
+            hk[0] = cur[slot[i]]
+        else:
+            size -= 1
+            hk[0] = hk[size]
+            ht[0] = ht[size]
+        _nb_sift_down(hk, ht, size, 0)
+        if not stale and alive[i]:
+            return i, size
+    return -1, size
+
+
+@_njit(inline="always")
+def _nb_leave(alive, sl, q):
+    """The box of slot ``q`` leaves (selected or removed): y1 = +inf, y2 = -inf fail every overlap test."""
+    alive[sl.box[q]] = False
+    sl.y1[q] = np.inf
+    sl.y2[q] = -np.inf
+
+
+@_njit_light
+def _nb_take(alive, sl, q):
+    """Select the box of slot ``q``: it leaves; returns its (x1, y1, x2, y2, area)."""
+    p = (sl.x1[q], sl.y1[q], sl.x2[q], sl.y2[q], sl.area[q])
+    _nb_leave(alive, sl, q)
+    return p
+
+
+@_njit_light
+def _nb_overlapping(sl, sg, sp, p, mask, buf):
+    """Into ``buf`` the remaining slots of slot ``sp``'s class that may overlap box ``p``
+    (x1, y1, x2, y2, area); returns how many."""
+    px1, py1, px2, py2, _ = p
+    k = 0
+    c = sg.cls[sl.seg[sp]]
+    for g in range(sg.cls_lo[c], sg.cls_lo[c + 1]):
+        lo, hi = sg.lo[g], sg.hi[g]
+        if lo == hi or sg.y1[g] >= py2 or sg.y2[g] <= py1:
+            continue
+        lim = px1 - sg.w[g] * 1.000001 - abs(px1) * 1e-15  # <= x1 of any box reaching past px1
+        lo = _nb_lower_bound(sl.x1, lo, hi, lim)
+        a = _nb_lower_bound(sl.x1, lo, hi, px2)
+        k = _nb_candidates(sl.x2, sl.y1, sl.y2, lo, a, px1, py1, py2, mask, buf, k)
+    return k
+
+
+@_njit_light
+def _nb_vote_start(num, den, b, sl, i, q):
+    """Start the vote of selected box ``i`` (slot ``q``) with itself, weights 1 / variance."""
+    for c in range(4):
+        den[c] = sl.iv[q, c]
+        num[c] = b[i, c] * den[c]
+
+
+@_njit(inline="always")
+def _nb_vote_add(num, den, c, w, x):
+    """Add coordinate ``x`` with weight ``w`` to coordinate ``c`` of the vote."""
+    num[c] += w * x
+    den[c] += w
+
+
+@_njit_light
+def _nb_visit(rule, vote, sigma_t, sl, buf, k, i, p, alive, dropper, num, den):
+    """The operations of the sequential algorithm between selected box ``i`` (``p``: x1, y1, x2,
+    y2, area) and each slot of buf[:k], in order: vote, then decay or remove (``rule``: mode,
+    iou_threshold, sigma, min_score). Returns how many boxes were removed."""
+    mode, iou_threshold, sigma, min_score = rule
+    px1, py1, px2, py2, pa = p
+    removed = 0
+    for t in range(k):
+        q = buf[t]
+        iw = min(px2, sl.x2[q]) - max(px1, sl.x1[q])
+        ih = min(py2, sl.y2[q]) - max(py1, sl.y1[q])
+        inter = iw * ih
+        union = pa + sl.area[q] - inter
+        iou = inter / union if union > 0.0 else 0.0
+        if iou > 0.0:
+            if vote:
+                pv = math.exp(-((1.0 - iou) ** 2) / sigma_t)
+                _nb_vote_add(num, den, 0, pv * sl.iv[q, 0], sl.x1[q])
+                _nb_vote_add(num, den, 1, pv * sl.iv[q, 1], sl.y1[q])
+                _nb_vote_add(num, den, 2, pv * sl.iv[q, 2], sl.x2[q])
+                _nb_vote_add(num, den, 3, pv * sl.iv[q, 3], sl.y2[q])
+            f = _nb_decay(mode, iou, iou_threshold, sigma)
+            if f < 1.0:
+                new = sl.cur[q] * f
+                if f == 0.0 or new < min_score:
+                    _nb_leave(alive, sl, q)
+                    dropper[sl.box[q]] = i
+                    removed += 1
+                else:
+                    sl.cur[q] = new
+    return removed
+
+
+@_njit_light
+def _nb_repack(alive, sl, sg, nseg, m, slot, vote):
+    """Move the alive slots of [0, m) to the front, in order, and fix ``slot`` and the segments'
+    ranges. Returns the new number of slots."""
+    w2 = 0
+    for q in range(m):
+        if alive[sl.box[q]]:
+            sl.x1[w2], sl.y1[w2], sl.x2[w2], sl.y2[w2] = sl.x1[q], sl.y1[q], sl.x2[q], sl.y2[q]
+            sl.area[w2] = sl.area[q]
+            sl.cur[w2] = sl.cur[q]
+            if vote:
+                for c in range(4):
+                    sl.iv[w2, c] = sl.iv[q, c]
+            sl.box[w2] = sl.box[q]
+            sl.seg[w2] = sl.seg[q]
+            slot[sl.box[q]] = w2
+            w2 += 1
+    sg.lo[:nseg] = 0
+    sg.hi[:nseg] = 0
+    for q in range(w2 - 1, -1, -1):
+        sg.lo[sl.seg[q]] = q
+    for q in range(w2):
+        sg.hi[sl.seg[q]] = q + 1
+    return w2
+
+
 @_njit()
 def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, var, sigma_t, vote, band_size):
     """Greedy suppression (hard, linear or Gaussian decay), optionally with variance voting.
@@ -129,118 +433,14 @@ def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, va
     ``vote``).
     """
     n = s.shape[0]
-    inf = np.inf
     alive = np.empty(n, np.bool_)  # remaining, by original index
     for i in range(n):
         alive[i] = s[i] >= min_score  # boxes that start below min_score are never candidates
-
-    # 1. Layout: slots by (class, band, x1); a (class, band) is a segment. Per slot: the box,
-    #    its area, its current score, its inverse variances (voting) and its original index.
-    cx1 = np.empty(n)
-    cy1 = np.empty(n)
-    cx2 = np.empty(n)
-    cy2 = np.empty(n)
-    carea = np.empty(n)
-    ccur = np.empty(n)
-    civ = np.empty((n if vote else 0, 4))
-    cid = np.empty(n, np.int64)
-    cseg = np.empty(n, np.int64)  # segment of each slot
-    slot = np.empty(n, np.int64)  # slot of each original index
-    seg_lo = np.empty(n, np.int64)  # slots [seg_lo, seg_hi) of each segment
-    seg_hi = np.empty(n, np.int64)
-    seg_w = np.empty(n)  # its widest box
-    seg_y1 = np.empty(n)  # its lowest y1
-    seg_y2 = np.empty(n)  # its highest y2
-    seg_cls = np.empty(n, np.int64)  # its class (numbered from 0)
-    cls_lo = np.empty(n + 1, np.int64)  # segments [cls_lo[c], cls_lo[c + 1]) of class c
-    band = np.empty(n, np.int64)
-    count = np.empty(66, np.int64)
-    nseg = 0
-    ncls = 0
-    m = 0
-    p = 0
-    while p < n:
-        e = p + 1  # the class run sweep[p:e]
-        if lab.shape[0] == n:
-            while e < n and lab[sweep[e]] == lab[sweep[p]]:
-                e += 1
-        else:
-            e = n
-        lo_y = inf
-        hi_y = -inf
-        cnt = 0
-        for t in range(p, e):
-            i = sweep[t]
-            if alive[i]:
-                cnt += 1
-                lo_y = min(lo_y, b[i, 1])
-                hi_y = max(hi_y, b[i, 1])
-        nb = max(1, min(cnt // band_size, 64))  # bands of equal height in y1
-        span = hi_y - lo_y
-        if not (span > 0.0 and span < inf):
-            nb = 1
-        count[: nb + 1] = 0
-        for t in range(p, e):
-            i = sweep[t]
-            if alive[i]:
-                g = 0
-                if nb > 1:
-                    g = min(nb - 1, int((b[i, 1] - lo_y) / span * nb))
-                band[t] = g
-                count[g + 1] += 1
-        cls_lo[ncls] = nseg
-        for g in range(nb):
-            count[g + 1] += count[g]
-            seg_lo[nseg + g] = m + count[g]
-            seg_hi[nseg + g] = m + count[g + 1]
-            seg_w[nseg + g] = 0.0
-            seg_y1[nseg + g] = inf
-            seg_y2[nseg + g] = -inf
-            seg_cls[nseg + g] = ncls
-        for t in range(p, e):  # a stable counting sort by band keeps each band sorted by x1
-            i = sweep[t]
-            if alive[i]:
-                g = nseg + band[t]
-                q = m + count[band[t]]
-                count[band[t]] += 1
-                cx1[q], cy1[q], cx2[q], cy2[q] = b[i, 0], b[i, 1], b[i, 2], b[i, 3]
-                carea[q] = (b[i, 2] - b[i, 0]) * (b[i, 3] - b[i, 1])
-                ccur[q] = s[i]
-                if vote:
-                    for c in range(4):
-                        civ[q, c] = 1.0 / var[i, c]
-                cid[q] = i
-                cseg[q] = g
-                slot[i] = q
-                seg_w[g] = max(seg_w[g], b[i, 2] - b[i, 0])
-                seg_y1[g] = min(seg_y1[g], b[i, 1])
-                seg_y2[g] = max(seg_y2[g], b[i, 3])
-        m += cnt
-        nseg += nb
-        ncls += 1
-        p = e
-    cls_lo[ncls] = nseg
+    sl, sg, slot, nseg, m = _nb_layout(b, s, lab, sweep, alive, var, vote, band_size)
     n_alive = m
-
-    # 2. Selection. Hard suppression never changes a score, so the order is ``rank``; with
-    #    decays, a lazy max-heap keyed by (score, -index) holds one entry per remaining box whose
-    #    key bounds its current score from above (``rank`` is then a valid heap).
-    hk = np.empty(n)
-    ht = np.empty(n, np.int64)
-    size = 0
-    for r in range(n):
-        if alive[rank[r]]:
-            hk[size] = s[rank[r]]
-            ht[size] = rank[r]
-            size += 1
-    r = 0
-    while r < size:  # ties in the score: lower index first
-        e = r + 1
-        while e < size and hk[e] == hk[r]:
-            e += 1
-        if e - r > 1:
-            ht[r:e] = np.sort(ht[r:e])
-        r = e
+    cur = sl.cur
+    hk, ht, size = _nb_queue(s, rank, alive)
+    rule = (mode, iou_threshold, sigma, min_score)
     sel = np.empty(n, np.int64)
     sel_score = np.empty(n)
     dropper = np.full(n, -1, np.int64)
@@ -253,109 +453,26 @@ def _nb_greedy(b, s, lab, sweep, rank, mode, iou_threshold, sigma, min_score, va
     r = 0
     while True:
         if mode == 0:
-            while r < size and not alive[ht[r]]:
-                r += 1
-            if r == size:
-                break
-            i = ht[r]
-            r += 1
+            i, r = _nb_next_in_order(ht, size, r, alive)
         else:
-            if size == 0:
-                break
-            i = ht[0]
-            if alive[i] and hk[0] != ccur[slot[i]]:  # stale key: re-insert with the current score
-                hk[0] = ccur[slot[i]]
-                _nb_sift_down(hk, ht, size, 0)
-                continue
-            size -= 1
-            hk[0] = hk[size]
-            ht[0] = ht[size]
-            _nb_sift_down(hk, ht, size, 0)
-            if not alive[i]:  # removed since it was pushed
-                continue
-        # Select i.
+            i, size = _nb_pop(hk, ht, size, alive, cur, slot)
+        if i < 0:
+            break
         sp = slot[i]
-        px1, py1, px2, py2, pa = cx1[sp], cy1[sp], cx2[sp], cy2[sp], carea[sp]
-        alive[i] = False
-        cy1[sp] = inf
-        cy2[sp] = -inf
-        n_alive -= 1
         sel[ns] = i
-        sel_score[ns] = ccur[sp]
+        sel_score[ns] = cur[sp]
+        p = _nb_take(alive, sl, sp)
+        n_alive -= 1
         if vote:
-            for c in range(4):
-                den[c] = civ[sp, c]
-                num[c] = b[i, c] * den[c]
-        # 3. The remaining boxes of its class that may overlap it.
-        k = 0
-        for g in range(cls_lo[seg_cls[cseg[sp]]], cls_lo[seg_cls[cseg[sp]] + 1]):
-            lo, hi = seg_lo[g], seg_hi[g]
-            if lo == hi or seg_y1[g] >= py2 or seg_y2[g] <= py1:
-                continue
-            lim = px1 - seg_w[g] * 1.000001 - abs(px1) * 1e-15  # <= x1 of any box reaching past px1
-            lo = _nb_lower_bound(cx1, lo, hi, lim)
-            a = _nb_lower_bound(cx1, lo, hi, px2)
-            k = _nb_candidates(cx2, cy1, cy2, lo, a, px1, py1, py2, mask, buf, k)
-        # 4. The operations of the sequential algorithm, pair by pair.
-        for t in range(k):
-            q = buf[t]
-            iw = min(px2, cx2[q]) - max(px1, cx1[q])
-            ih = min(py2, cy2[q]) - max(py1, cy1[q])
-            inter = iw * ih
-            union = pa + carea[q] - inter
-            iou = inter / union if union > 0.0 else 0.0
-            if iou > 0.0:
-                if vote:
-                    pv = math.exp(-((1.0 - iou) ** 2) / sigma_t)
-                    w = pv * civ[q, 0]
-                    num[0] += w * cx1[q]
-                    den[0] += w
-                    w = pv * civ[q, 1]
-                    num[1] += w * cy1[q]
-                    den[1] += w
-                    w = pv * civ[q, 2]
-                    num[2] += w * cx2[q]
-                    den[2] += w
-                    w = pv * civ[q, 3]
-                    num[3] += w * cy2[q]
-                    den[3] += w
-                f = _nb_decay(mode, iou, iou_threshold, sigma)
-                if f < 1.0:
-                    new = ccur[q] * f
-                    if f == 0.0 or new < min_score:
-                        alive[cid[q]] = False
-                        cy1[q] = inf
-                        cy2[q] = -inf
-                        n_alive -= 1
-                        dropper[cid[q]] = i
-                    else:
-                        ccur[q] = new
+            _nb_vote_start(num, den, b, sl, i, sp)
+        k = _nb_overlapping(sl, sg, sp, p, mask, buf)
+        n_alive -= _nb_visit(rule, vote, sigma_t, sl, buf, k, i, p, alive, dropper, num, den)
         if vote:
             for c in range(4):
                 voted[ns, c] = num[c] / den[c]
         ns += 1
-        # Re-pack once more than half of the slots are dead (O(N) in all).
-        if m - n_alive > max(n_alive, 32):
-            w2 = 0
-            for q in range(m):
-                if alive[cid[q]]:
-                    cx1[w2], cy1[w2], cx2[w2], cy2[w2] = cx1[q], cy1[q], cx2[q], cy2[q]
-                    carea[w2] = carea[q]
-                    ccur[w2] = ccur[q]
-                    if vote:
-                        for c in range(4):
-                            civ[w2, c] = civ[q, c]
-                    cid[w2] = cid[q]
-                    cseg[w2] = cseg[q]
-                    slot[cid[q]] = w2
-                    w2 += 1
-            m = w2
-            seg_lo[:nseg] = 0
-            seg_hi[:nseg] = 0
-            for q in range(m - 1, -1, -1):
-                seg_lo[cseg[q]] = q
-            for q in range(m):
-                seg_hi[cseg[q]] = q + 1
+        if m - n_alive > max(n_alive, 32):  # re-pack once more than half of the slots are dead (O(N) in all)
+            m = _nb_repack(alive, sl, sg, nseg, m, slot, vote)
     return sel[:ns], sel_score[:ns], dropper, voted[:ns]
 
 
