@@ -41,6 +41,8 @@ class RoIBatch:
             class-agnostic, else the row's class).
         deltas: training only, (N, 4) predicted regression of each row for its target class.
         target_deltas: training only, (N, 4) regression targets of each row.
+        labels: (N,) the class (1..K) of each row's box: at inference the candidate's class, in
+            training the RoI's label (0 = background); used by class-aware heads.
     """
 
     features: dict[str, Tensor]
@@ -56,6 +58,7 @@ class RoIBatch:
     box_class: Optional[Tensor] = None
     deltas: Optional[Tensor] = None
     target_deltas: Optional[Tensor] = None
+    labels: Optional[Tensor] = None
 
 
 def mlp_branch(in_features: int, hidden: int, out_features: int = 1) -> nn.Sequential:

@@ -30,15 +30,17 @@ As described in Sec. 3 of the paper:
   of optimization-based refinement (Sec. 3.3, Algorithm 2; :meth:`IoUNetHead.refine`,
   :func:`locconf.refine.refine_boxes`).
 
-Choices: the predictor is class-agnostic (one output, like DIR's regressors) where the paper's is
-class-aware; with one or few classes this is the same model. ``refine_keep_best=True`` (an option,
+Choices: the predictor is class-agnostic by default (one output, like DIR's regressors); the
+paper's is class-aware, which ``num_classes=K`` gives (K outputs, the one of the box's class read:
+in training the class of the best-matching ground truth, at inference the candidate's class; the
+refinement climbs the IoU of the candidate's class). With one class the two are the same model. ``refine_keep_best=True`` (an option,
 ours) makes the refinement return the best box each candidate visited instead of Algorithm 2's
 box at the stopping step; ``build_rcnn`` passes ``refine_keep_best=False``, the paper's rule.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -69,13 +71,15 @@ class IoUNetHead(nn.Module):
         max_boxes_per_image: cap on the training boxes of one image (a uniform random subset).
         iou_loss: ``"bce"`` | ``"smooth_l1"`` (module docstring).
         refine_keep_best: default of :meth:`refine`'s ``keep_best`` (module docstring).
+        num_classes: None (one class-agnostic output) or K: class-aware, one output per class.
     """
 
     signal = "quality"
 
     def __init__(self, in_channels: int, featmap_names: Sequence[str], pool_size: int = 7,
                  representation_size: int = 1024, boxes_per_gt: int = 128, loss_weight: float = 1.0,
-                 max_boxes_per_image: int = 1000, iou_loss: str = "bce", refine_keep_best: bool = True) -> None:
+                 max_boxes_per_image: int = 1000, iou_loss: str = "bce", refine_keep_best: bool = True,
+                 num_classes: Optional[int] = None) -> None:
         super().__init__()
         if in_channels < 1 or pool_size < 1 or boxes_per_gt < 1:
             raise ValueError(f"in_channels, pool_size and boxes_per_gt must be >= 1, got "
@@ -88,42 +92,55 @@ class IoUNetHead(nn.Module):
             raise ValueError(f"iou_loss must be one of {IOU_LOSSES}, got {iou_loss!r}")
         if not isinstance(refine_keep_best, bool):
             raise ValueError(f"refine_keep_best must be a bool, got {refine_keep_best!r}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be None or an int >= 1, got {num_classes!r}")
+        self.num_classes = num_classes
         self.pool = MultiScalePrRoIPool(list(featmap_names), pool_size)
-        self.iou = mlp_branch(in_channels * pool_size * pool_size, representation_size)
+        self.iou = mlp_branch(in_channels * pool_size * pool_size, representation_size, num_classes or 1)
         self.boxes_per_gt = int(boxes_per_gt)
         self.max_boxes_per_image = max_boxes_per_image
         self.loss_weight = float(loss_weight)
         self.iou_loss = iou_loss
         self.refine_keep_best = refine_keep_best
 
-    def score_boxes(self, features: dict[str, Tensor], boxes: list[Tensor],
-                    image_sizes: list[tuple[int, int]]) -> Tensor:
-        """(sum n_i,) predicted IoU of per-image boxes; differentiable in the box coordinates."""
-        return torch.sigmoid(self.iou(self.pool(features, boxes, image_sizes))).squeeze(1)
+    def score_boxes(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]],
+                    labels: Optional[Tensor] = None) -> Tensor:
+        """(sum n_i,) predicted IoU of per-image boxes; differentiable in the box coordinates.
+        A class-aware head reads the output of each box's class, ``labels`` (sum n_i,) in 1..K."""
+        out = torch.sigmoid(self.iou(self.pool(features, boxes, image_sizes)))
+        if self.num_classes is None:
+            return out.squeeze(1)
+        if labels is None:
+            raise ValueError("a class-aware IoU head (num_classes set) needs the boxes' labels")
+        return out.gather(1, (labels.to(torch.int64) - 1).clamp(0, self.num_classes - 1)[:, None]).squeeze(1)
 
-    def training_boxes(self, gt_boxes: Tensor) -> tuple[Tensor, Tensor]:
-        """One image's IoU-balanced training boxes and their targets.
+    def training_boxes(self, gt_boxes: Tensor, gt_labels: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """One image's IoU-balanced training boxes, their targets and classes.
 
-        ``gt_boxes`` (M, 4) -> ``(boxes (K, 4), iou (K,))``: :func:`locconf.boxes.jitter_boxes` with
-        ``boxes_per_gt`` per ground truth, then a uniform random subset of ``max_boxes_per_image``
+        ``gt_boxes`` (M, 4) -> ``(boxes (K, 4), iou (K,), labels (K,))``: :func:`locconf.boxes.jitter_boxes`
+        with ``boxes_per_gt`` per ground truth, then a uniform random subset of ``max_boxes_per_image``
         where there are more (torch's global generator); the target is the IoU with the
-        best-matching ground truth. Every loop is inside ``jitter_boxes`` (vectorised).
+        best-matching ground truth, the label that ground truth's (``gt_labels`` (M,); zeros
+        without). Every loop is inside ``jitter_boxes`` (vectorised).
         """
         jittered, _ = jitter_boxes(gt_boxes, self.boxes_per_gt)
         if len(jittered) > self.max_boxes_per_image:
             keep = torch.randperm(len(jittered), device=jittered.device)[:self.max_boxes_per_image]
             jittered = jittered[keep.sort().values]
         if len(jittered) == 0:
-            return jittered, gt_boxes.new_zeros((0,))
-        return jittered.detach(), box_iou(jittered, gt_boxes).max(dim=1).values
+            return jittered, gt_boxes.new_zeros((0,)), torch.zeros(0, dtype=torch.int64, device=gt_boxes.device)
+        best = box_iou(jittered, gt_boxes).max(dim=1)
+        labels = gt_labels[best.indices] if gt_labels is not None else torch.zeros_like(best.indices)
+        return jittered.detach(), best.values, labels
 
     def loss(self, batch: RoIBatch) -> dict[str, Tensor]:
         """BCE (or smooth L1) of the predicted IoU of jittered ground-truth boxes (IoU >= 0.5)."""
-        boxes, targets = zip(*(self.training_boxes(t["boxes"]) for t in batch.targets))
+        boxes, targets, labels = zip(*(self.training_boxes(t["boxes"], t.get("labels")) for t in batch.targets))
         target = torch.cat(targets)
         if target.numel() == 0:
             return {"loss_iou_net": zero_loss(self)}
-        pred = self.score_boxes(batch.features, list(boxes), batch.image_sizes)
+        pred = self.score_boxes(batch.features, list(boxes), batch.image_sizes, torch.cat(labels))
         if self.iou_loss == "smooth_l1":
             value = F.smooth_l1_loss(pred.float(), target.float(), beta=1.0)
         else:
@@ -134,12 +151,14 @@ class IoUNetHead(nn.Module):
         """(N,) predicted IoU of ``batch.boxes``."""
         if batch.index.numel() == 0:
             return batch.pooled.new_zeros((0,))
-        return self.score_boxes(batch.features, batch.boxes, batch.image_sizes)
+        return self.score_boxes(batch.features, batch.boxes, batch.image_sizes, batch.labels)
 
     def refine(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]],
-               steps: int = 5, step_size: float = 0.5, **kwargs) -> tuple[list[Tensor], list[Tensor]]:
+               steps: int = 5, step_size: float = 0.5, labels: Optional[list[Tensor]] = None,
+               **kwargs) -> tuple[list[Tensor], list[Tensor]]:
         """Optimization-based refinement (Algorithm 2): per image, gradient ascent of the predicted IoU.
 
+        ``labels``: per image (n_i,) the boxes' classes (needed by a class-aware head).
         Returns per image the refined boxes (n_i, 4) and their predicted IoU (n_i,); other keyword
         arguments go to :func:`locconf.refine.refine_boxes` (``min_gain``, ``max_drop``,
         ``keep_best``, ...); ``keep_best`` defaults to ``refine_keep_best``.
@@ -148,10 +167,10 @@ class IoUNetHead(nn.Module):
         out_boxes, out_scores = [], []
         for i, b in enumerate(boxes):
             feats = {k: v[i:i + 1] for k, v in features.items()}
-            size = image_sizes[i]
+            size, lab = image_sizes[i], None if labels is None else labels[i]
 
-            def score_fn(x: Tensor, feats=feats, size=size) -> Tensor:
-                return self.score_boxes(feats, [x], [size])
+            def score_fn(x: Tensor, feats=feats, size=size, lab=lab) -> Tensor:
+                return self.score_boxes(feats, [x], [size], lab)
 
             result = refine_boxes(score_fn, b, steps=steps, step_size=step_size, image_size=size, **kwargs)
             out_boxes.append(result.boxes)

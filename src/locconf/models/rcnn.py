@@ -28,15 +28,17 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from ..heads import DirectIoUHead, DIRHead, ForesightDIRHead, IoUNetHead, KLHead
 from ..postprocess import check_method, postprocess
+from ..prroi_pool import MultiScalePrRoIPool
 from .backbone import build_fpn_backbone
 from .cascade import CascadeRoIHeads
 from .inputs import check_detection_inputs
 from .roi_heads import BOX_LOSSES, REFINE_ORDERS, BoxHead, RoIHeads
 
 __all__ = ["build_rcnn", "RCNN", "RoIHeads", "BoxHead", "CascadeRoIHeads", "QUALITY_HEADS", "DEFAULT_METHODS",
-           "REFINE_ORDERS", "BOX_LOSSES"]
+           "REFINE_ORDERS", "BOX_LOSSES", "BOX_POOLS"]
 
 QUALITY_HEADS = (None, "iou_net", "dir", "dir_foresight", "iou_direct", "kl")
+BOX_POOLS = ("roi_align", "prroi")
 
 #: The post-processing each head's paper uses (``RCNN.detect``'s default), by its name in
 #: :data:`locconf.postprocess.METHODS`.
@@ -149,6 +151,7 @@ def build_rcnn(
     iou_net_boxes_per_gt: int = 64,
     iou_net_max_boxes_per_image: int = 512,
     iou_net_loss: str = "bce",
+    iou_net_class_aware: bool = False,
     refine_keep_best: bool = False,
     refine_order: str = "after_nms",
     refine_top_k: int = 100,
@@ -157,6 +160,7 @@ def build_rcnn(
     dir_inference_features: Optional[str] = None,
     box_loss: str = "smooth_l1",
     giou_weight: float = 10.0,
+    box_pool: str = "roi_align",
     cascade: Optional[Sequence[float]] = None,
     cascade_loss_weights: Optional[Sequence[float]] = None,
     channels_last: bool = False,
@@ -195,6 +199,8 @@ def build_rcnn(
             CPU-scale default (:class:`locconf.heads.IoUNetHead`).
         iou_net_loss: ``"bce"`` (default, as the reimplementation found it 0.3 AP better) or
             ``"smooth_l1"`` (the paper's, per the reimplementation).
+        iou_net_class_aware: one IoU output per class, the paper's predictor (default False: one
+            class-agnostic output, like DIR's; the same model with one class).
         refine_keep_best: IoU-Net refinement stops as the paper's Algorithm 2 states (False, the
             default: a box keeps the step that stopped it) or undoes a step that lowers the
             predicted IoU by more than ``max_drop`` and returns the best box visited (True).
@@ -210,6 +216,10 @@ def build_rcnn(
             (``"boxes"`` for ``"dir"``, ``"proposals"`` for ``"dir_foresight"``).
         box_loss, giou_weight: the box regression loss, ``"smooth_l1"`` (the papers') or
             ``"giou"`` (:class:`RoIHeads`); KL-Loss replaces it with its own.
+        box_pool: the box head's pooling of the RoIs, ``"roi_align"`` (torchvision's
+            ``MultiScaleRoIAlign``, 7 x 7, 2 samples per bin) or ``"prroi"`` (Precise RoI Pooling,
+            :class:`locconf.prroi_pool.MultiScalePrRoIPool`, 7 x 7: IoU-Net's pooling, Sec. 3.3,
+            which its IoU head always uses; here an option for the box head of any detector).
         cascade: Cascade R-CNN (:mod:`locconf.models.cascade`): the stages' IoU thresholds, e.g.
             ``(0.5, 0.6, 0.7)`` (the paper's); one box head per stage, class-agnostic regression,
             the quality head on the last stage (not KL-Loss, not masks). None: one stage.
@@ -229,6 +239,10 @@ def build_rcnn(
     if quality not in ("dir", "dir_foresight") and dir_options != {"confidence": "iou"}:
         raise ValueError(f"dir_confidence, dir_train_features and dir_inference_features need quality='dir' or "
                          f"'dir_foresight', got quality={quality!r}")
+    if iou_net_class_aware and quality != "iou_net":
+        raise ValueError(f"iou_net_class_aware needs quality='iou_net', got quality={quality!r}")
+    if box_pool not in BOX_POOLS:
+        raise ValueError(f"box_pool must be one of {BOX_POOLS}, got {box_pool!r}")
     if refine_steps < 0 or refine_step_size < 0:
         raise ValueError(f"refine_steps and refine_step_size must be >= 0, got {refine_steps}, {refine_step_size}")
     if representation_size < 1:
@@ -260,7 +274,8 @@ def build_rcnn(
         None: lambda: None,
         "iou_net": lambda: IoUNetHead(fpn_channels, names, 7, q_size, iou_net_boxes_per_gt,
                                       max_boxes_per_image=iou_net_max_boxes_per_image, iou_loss=iou_net_loss,
-                                      refine_keep_best=refine_keep_best),
+                                      refine_keep_best=refine_keep_best,
+                                      num_classes=num_classes if iou_net_class_aware else None),
         "dir": lambda: DIRHead(fpn_channels, names, 7, q_size, **dir_options),
         "dir_foresight": lambda: ForesightDIRHead(fpn_channels, names, 7, q_size, **dir_options),
         "iou_direct": lambda: DirectIoUHead(fpn_channels, names, 7, q_size),
@@ -276,7 +291,10 @@ def build_rcnn(
         score_thresh=score_thresh, candidates_per_image=candidates_per_image, quality_thresh=quality_thresh,
         refine_steps=refine_steps, refine_step_size=refine_step_size, box_loss=box_loss, giou_weight=giou_weight,
         refine_order=refine_order, refine_top_k=refine_top_k)
-    box_pool = MultiScaleRoIAlign(names, 7, sampling_ratio=2)
+    if box_pool == "prroi":
+        box_pool = MultiScalePrRoIPool(names, 7)
+    else:
+        box_pool = MultiScaleRoIAlign(names, 7, sampling_ratio=2)
     if cascade is not None:
         if isinstance(cascade, (str, bytes)) or not isinstance(cascade, Sequence) or len(cascade) < 1:
             raise ValueError(f"cascade must be a sequence of IoU thresholds, e.g. (0.5, 0.6, 0.7), got {cascade!r}")

@@ -249,7 +249,8 @@ class RoIHeads(nn.Module):
         pos = torch.cat(stage.labels) > 0
         batch = RoIBatch(features, image_sizes, stage.proposals, stage.pooled, stage.rep, boxes,
                          torch.arange(len(stage.pred), device=stage.pred.device), list(stage.matched),
-                         list(pos.split(counts)), targets, stage.box_class, stage.pred, stage.target)
+                         list(pos.split(counts)), targets, stage.box_class, stage.pred, stage.target,
+                         torch.cat(stage.labels))
         if getattr(self.quality_head, "replaces_box_loss", False):
             del losses[box_loss_key]
         losses.update(self.quality_head.loss(batch))
@@ -292,13 +293,13 @@ class RoIHeads(nn.Module):
         if self.quality_head is None:
             return out
         batch = RoIBatch(features, image_sizes, proposals, pooled, rep, cand_boxes, torch.cat(cand_index),
-                         box_class=torch.cat(cand_group))
+                         box_class=torch.cat(cand_group), labels=torch.cat(cand_labels))
         signal = self.quality_head.signal
         if self.refine_steps > 0 and isinstance(self.quality_head, IoUNetHead):
             if self.refine_order == "after_nms":
                 return self._nms_then_refine(features, image_sizes, out, self.quality_head.predict(batch))
             refined, quality = self.quality_head.refine(features, cand_boxes, image_sizes, self.refine_steps,
-                                                         self.refine_step_size)
+                                                         self.refine_step_size, labels=cand_labels)
             for o, b, q in zip(out, refined, quality):
                 o["boxes"], o[signal] = b, q
             return out
@@ -319,7 +320,8 @@ class RoIHeads(nn.Module):
             dets.append(postprocess(dict(o, quality=q), "iou-guided", max_detections=len(q)))
         heads = [d["boxes"][:self.refine_top_k] for d in dets]
         refined, scores = self.quality_head.refine(features, heads, image_sizes, self.refine_steps,
-                                                   self.refine_step_size)
+                                                   self.refine_step_size,
+                                                   labels=[d["labels"][:self.refine_top_k] for d in dets])
         for d, b, q in zip(dets, refined, scores):
             k = len(b)
             d["boxes"] = torch.cat([b.to(d["boxes"].dtype), d["boxes"][k:]])
@@ -332,7 +334,8 @@ class RoIHeads(nn.Module):
         offsets = [sum(len(s) for s in scores[:i]) for i in range(len(scores))]
         rows = torch.cat([k + o for k, o in zip(keep, offsets)])
         sub = RoIBatch(batch.features, batch.image_sizes, batch.proposals, batch.pooled, batch.box_features,
-                       [b[k] for b, k in zip(batch.boxes, keep)], batch.index[rows], box_class=batch.box_class[rows])
+                       [b[k] for b, k in zip(batch.boxes, keep)], batch.index[rows], box_class=batch.box_class[rows],
+                       labels=batch.labels[rows])
         values = batch.pooled.new_zeros(batch.index.shape[0])
         values[rows] = self.quality_head.predict(sub).to(values.dtype)
         return values
