@@ -19,6 +19,21 @@ from .greedy import _greedy, _hard_nms
 from .modes import _GAUSSIAN, _HARD, _SOFT_MODES
 
 
+def _check_args(iou_threshold: float, backend: Optional[str], fractions: tuple = (), positives: tuple = (),
+                non_negatives: tuple = ()) -> None:
+    """Validate a method's own arguments, in this order: ``iou_threshold`` and each ``(value, name)``
+    of ``fractions`` in [0, 1], of ``positives`` positive and finite, of ``non_negatives`` in
+    [0, inf], then ``backend``."""
+    _check_threshold(iou_threshold, "iou_threshold")
+    for value, name in fractions:
+        _check_threshold(value, name)
+    for value, name in positives:
+        _check_positive(value, name)
+    for value, name in non_negatives:
+        _check_threshold(value, name, 0.0, math.inf)
+    _check_backend(backend)
+
+
 def nms(boxes: Tensor, scores: Tensor, labels: Optional[Tensor] = None, iou_threshold: float = 0.5,
         backend: Optional[str] = None) -> Tensor:
     """Hard NMS: suppress a box whose IoU with a kept box is greater than ``iou_threshold``.
@@ -33,8 +48,7 @@ def nms(boxes: Tensor, scores: Tensor, labels: Optional[Tensor] = None, iou_thre
         (K,) int64 indices of the kept boxes, by decreasing score (ties: lower index first).
     """
     check_fields(boxes, scores, labels)
-    _check_threshold(iou_threshold, "iou_threshold")
-    _check_backend(backend)
+    _check_args(iou_threshold, backend)
     if boxes.shape[0] == 0:
         return _empty_long(boxes.device)
     return _hard_nms(boxes, scores, labels, iou_threshold, backend)
@@ -68,10 +82,7 @@ def soft_nms(
     check_fields(boxes, scores, labels)
     if method not in _SOFT_MODES:
         raise ValueError(f"method must be 'linear' or 'gaussian', got {method!r}")
-    _check_threshold(iou_threshold, "iou_threshold")
-    _check_positive(sigma, "sigma")
-    _check_threshold(min_score, "min_score", 0.0, math.inf)
-    _check_backend(backend)
+    _check_args(iou_threshold, backend, positives=((sigma, "sigma"),), non_negatives=((min_score, "min_score"),))
     if boxes.shape[0] == 0:
         return _empty_long(boxes.device), scores.new_empty(0)
     cd = _compute_dtype(boxes)
@@ -102,8 +113,7 @@ def iou_guided_nms(
         ``(keep, new_scores)``: (K,) indices in selection (quality) order and (K,) scores.
     """
     check_fields(boxes, scores, labels, quality=quality)
-    _check_threshold(iou_threshold, "iou_threshold")
-    _check_backend(backend)
+    _check_args(iou_threshold, backend)
     if boxes.shape[0] == 0:
         return _empty_long(boxes.device), scores.new_empty(0)
     cd = _compute_dtype(boxes)
@@ -135,11 +145,8 @@ def quality_nms(
         ``(keep, new_scores)``: (K,) indices in selection order and their (K,) combined scores.
     """
     check_fields(boxes, scores, labels, quality=quality)
-    _check_threshold(iou_threshold, "iou_threshold")
-    _check_threshold(weight, "weight")
-    _check_positive(sigma, "sigma")
-    _check_threshold(min_score, "min_score", 0.0, math.inf)
-    _check_backend(backend)
+    _check_args(iou_threshold, backend, fractions=((weight, "weight"),), positives=((sigma, "sigma"),),
+                non_negatives=((min_score, "min_score"),))
     if soft not in (None, "linear", "gaussian"):
         raise ValueError(f"soft must be None, 'linear' or 'gaussian', got {soft!r}")
     combined = scores.clamp(0, 1) ** (1 - weight) * quality.to(scores.dtype).clamp(0, 1) ** weight
@@ -190,11 +197,8 @@ def var_voting(
         ``(keep, new_boxes, new_scores)``: (K,) indices, (K, 4) voted boxes, (K,) scores.
     """
     check_fields(boxes, scores, labels, variances=variances)
-    _check_threshold(iou_threshold, "iou_threshold")
-    _check_positive(sigma_t, "sigma_t")
-    _check_positive(soft_sigma, "soft_sigma")
-    _check_threshold(min_score, "min_score", 0.0, math.inf)
-    _check_backend(backend)
+    _check_args(iou_threshold, backend, positives=((sigma_t, "sigma_t"), (soft_sigma, "soft_sigma")),
+                non_negatives=((min_score, "min_score"),))
     if suppression not in ("hard", "soft"):
         raise ValueError(f"suppression must be 'hard' or 'soft', got {suppression!r}")
     if boxes.shape[0] == 0:
