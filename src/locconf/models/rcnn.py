@@ -226,47 +226,17 @@ def build_rcnn(
         cascade_loss_weights: the stages' loss weights (default 1, 0.5, 0.25, MMDetection's).
         channels_last: use the channels-last memory format (faster convolutions on CPU).
     """
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be an int >= 1 (background excluded), got {num_classes!r}")
-    if quality not in QUALITY_HEADS:
-        raise ValueError(f"quality must be one of {QUALITY_HEADS}, got {quality!r}")
-    if refine_steps and quality != "iou_net":
-        raise ValueError(f"refine_steps needs quality='iou_net' (the refinement climbs IoU-Net's prediction), "
-                         f"got quality={quality!r}")
     dir_options = {"confidence": dir_confidence, "train_features": dir_train_features,
                    "inference_features": dir_inference_features}
     dir_options = {k: v for k, v in dir_options.items() if v is not None}
-    if quality not in ("dir", "dir_foresight") and dir_options != {"confidence": "iou"}:
-        raise ValueError(f"dir_confidence, dir_train_features and dir_inference_features need quality='dir' or "
-                         f"'dir_foresight', got quality={quality!r}")
-    if iou_net_class_aware and quality != "iou_net":
-        raise ValueError(f"iou_net_class_aware needs quality='iou_net', got quality={quality!r}")
-    if box_pool not in BOX_POOLS:
-        raise ValueError(f"box_pool must be one of {BOX_POOLS}, got {box_pool!r}")
-    if refine_steps < 0 or refine_step_size < 0:
-        raise ValueError(f"refine_steps and refine_step_size must be >= 0, got {refine_steps}, {refine_step_size}")
-    if representation_size < 1:
-        raise ValueError(f"representation_size must be >= 1, got {representation_size}")
-    if not 0 <= score_thresh < 1 or not 0 <= quality_thresh < 1:
-        raise ValueError(f"score_thresh and quality_thresh must be in [0, 1), got {score_thresh}, {quality_thresh}")
-    if candidates_per_image < 1:
-        raise ValueError(f"candidates_per_image must be >= 1, got {candidates_per_image}")
-    if min_size < 1 or max_size < min_size:
-        raise ValueError(f"need 1 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
+    _check_arguments(num_classes, quality, refine_steps, refine_step_size, dir_options, iou_net_class_aware, box_pool,
+                     representation_size, score_thresh, quality_thresh, candidates_per_image, min_size, max_size,
+                     cascade, cascade_loss_weights, mask, class_agnostic_box)
     layers = list(returned_layers)
     body = build_fpn_backbone(backbone, fpn_channels=fpn_channels, returned_layers=layers, norm=norm,
                               norm_groups=norm_groups, weights=weights, frozen_stages=frozen_stages)
-    num_levels = len(layers) + 1
-    anchor_sizes = tuple(anchor_sizes) if anchor_sizes is not None else tuple(16.0 * 2**i for i in range(num_levels))
-    if len(anchor_sizes) != num_levels:
-        raise ValueError(f"anchor_sizes needs one size per pyramid level ({num_levels}), got {len(anchor_sizes)}")
-    anchors = AnchorGenerator(sizes=tuple((float(s),) for s in anchor_sizes),
-                              aspect_ratios=(tuple(float(a) for a in aspect_ratios),) * num_levels)
-    rpn = RegionProposalNetwork(
-        anchors, RPNHead(fpn_channels, anchors.num_anchors_per_location()[0]),
-        fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=rpn_batch_size_per_image, positive_fraction=0.5,
-        pre_nms_top_n=dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
-        post_nms_top_n=dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test), nms_thresh=0.7)
+    rpn = _build_rpn(fpn_channels, len(layers) + 1, anchor_sizes, aspect_ratios, rpn_batch_size_per_image,
+                     (rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test), (rpn_post_nms_top_n_train, rpn_post_nms_top_n_test))
     names = [str(i) for i in range(len(layers))]
     box_head = BoxHead(fpn_channels * 49, representation_size, num_classes, class_agnostic_box)
     q_size = quality_representation_size or representation_size
@@ -296,20 +266,68 @@ def build_rcnn(
     else:
         box_pool = MultiScaleRoIAlign(names, 7, sampling_ratio=2)
     if cascade is not None:
-        if isinstance(cascade, (str, bytes)) or not isinstance(cascade, Sequence) or len(cascade) < 1:
-            raise ValueError(f"cascade must be a sequence of IoU thresholds, e.g. (0.5, 0.6, 0.7), got {cascade!r}")
-        if mask or not class_agnostic_box:
-            raise ValueError("cascade needs mask=False and class_agnostic_box=True (Cascade R-CNN's regressors "
-                             "are class-agnostic)")
         heads = [BoxHead(fpn_channels * 49, representation_size, num_classes, True) for _ in cascade[:-1]]
         roi_heads = CascadeRoIHeads(box_pool, [*heads, box_head], cascade, quality_head,
                                     stage_loss_weights=cascade_loss_weights, **roi_options)
     else:
-        if cascade_loss_weights is not None:
-            raise ValueError("cascade_loss_weights needs cascade")
         roi_heads = RoIHeads(box_pool, box_head, quality_head, *mask_parts, **roi_options)
     transform = GeneralizedRCNNTransform(min_size, max_size, list(body.image_mean), list(body.image_std))
     model = RCNN(body, rpn, roi_heads, transform, num_classes, quality)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def _check_arguments(num_classes, quality, refine_steps, refine_step_size, dir_options, iou_net_class_aware, box_pool,
+                     representation_size, score_thresh, quality_thresh, candidates_per_image, min_size, max_size,
+                     cascade, cascade_loss_weights, mask, class_agnostic_box) -> None:
+    """:func:`build_rcnn`'s argument checks, before anything is built."""
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1 (background excluded), got {num_classes!r}")
+    if quality not in QUALITY_HEADS:
+        raise ValueError(f"quality must be one of {QUALITY_HEADS}, got {quality!r}")
+    if refine_steps and quality != "iou_net":
+        raise ValueError(f"refine_steps needs quality='iou_net' (the refinement climbs IoU-Net's prediction), "
+                         f"got quality={quality!r}")
+    if quality not in ("dir", "dir_foresight") and dir_options != {"confidence": "iou"}:
+        raise ValueError(f"dir_confidence, dir_train_features and dir_inference_features need quality='dir' or "
+                         f"'dir_foresight', got quality={quality!r}")
+    if iou_net_class_aware and quality != "iou_net":
+        raise ValueError(f"iou_net_class_aware needs quality='iou_net', got quality={quality!r}")
+    if box_pool not in BOX_POOLS:
+        raise ValueError(f"box_pool must be one of {BOX_POOLS}, got {box_pool!r}")
+    if refine_steps < 0 or refine_step_size < 0:
+        raise ValueError(f"refine_steps and refine_step_size must be >= 0, got {refine_steps}, {refine_step_size}")
+    if representation_size < 1:
+        raise ValueError(f"representation_size must be >= 1, got {representation_size}")
+    if not 0 <= score_thresh < 1 or not 0 <= quality_thresh < 1:
+        raise ValueError(f"score_thresh and quality_thresh must be in [0, 1), got {score_thresh}, {quality_thresh}")
+    if candidates_per_image < 1:
+        raise ValueError(f"candidates_per_image must be >= 1, got {candidates_per_image}")
+    if min_size < 1 or max_size < min_size:
+        raise ValueError(f"need 1 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
+    if cascade is not None:
+        if isinstance(cascade, (str, bytes)) or not isinstance(cascade, Sequence) or len(cascade) < 1:
+            raise ValueError(f"cascade must be a sequence of IoU thresholds, e.g. (0.5, 0.6, 0.7), got {cascade!r}")
+        if mask or not class_agnostic_box:
+            raise ValueError("cascade needs mask=False and class_agnostic_box=True (Cascade R-CNN's regressors "
+                             "are class-agnostic)")
+    elif cascade_loss_weights is not None:
+        raise ValueError("cascade_loss_weights needs cascade")
+
+
+def _build_rpn(fpn_channels: int, num_levels: int, anchor_sizes: Optional[Sequence[float]],
+               aspect_ratios: Sequence[float], batch_size_per_image: int, pre_nms_top_n: tuple[int, int],
+               post_nms_top_n: tuple[int, int]) -> RegionProposalNetwork:
+    """torchvision's RPN with one anchor size per level (default ``16 * 2**i``); ``*_top_n`` are
+    (training, testing) counts per level and image."""
+    anchor_sizes = tuple(anchor_sizes) if anchor_sizes is not None else tuple(16.0 * 2**i for i in range(num_levels))
+    if len(anchor_sizes) != num_levels:
+        raise ValueError(f"anchor_sizes needs one size per pyramid level ({num_levels}), got {len(anchor_sizes)}")
+    anchors = AnchorGenerator(sizes=tuple((float(s),) for s in anchor_sizes),
+                              aspect_ratios=(tuple(float(a) for a in aspect_ratios),) * num_levels)
+    return RegionProposalNetwork(
+        anchors, RPNHead(fpn_channels, anchors.num_anchors_per_location()[0]),
+        fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=batch_size_per_image, positive_fraction=0.5,
+        pre_nms_top_n=dict(training=pre_nms_top_n[0], testing=pre_nms_top_n[1]),
+        post_nms_top_n=dict(training=post_nms_top_n[0], testing=post_nms_top_n[1]), nms_thresh=0.7)
