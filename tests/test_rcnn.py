@@ -419,3 +419,18 @@ def test_giou_box_loss_matches_torchvision_on_the_decoded_positives():
     assert torch.allclose(plain._box_losses(logits, deltas, target, labels, proposals, gt)["loss_box_reg"], expected)
     with pytest.raises(ValueError, match="box_loss"):
         build_rcnn(num_classes=2, box_loss="l2")
+
+
+def test_every_two_stage_head_is_built_by_its_name_from_one_table():
+    """The head protocol (heads/common.py): name, default_method, signal, from_options; build_rcnn
+    reads QUALITY_HEADS and DEFAULT_METHODS from TWO_STAGE_HEADS, so a new head is one file and its line."""
+    from locconf.heads import TWO_STAGE_HEADS
+
+    assert QUALITY_HEADS == (None, *(h.name for h in TWO_STAGE_HEADS))
+    assert len(set(QUALITY_HEADS)) == len(QUALITY_HEADS)
+    for head in TWO_STAGE_HEADS:
+        assert DEFAULT_METHODS[head.name] == head.default_method
+        assert set(METHODS[head.default_method].needs) == {head.signal}
+        torch.manual_seed(0)
+        model = build_rcnn(2, quality=head.name, **TINY)
+        assert type(model.roi_heads.quality_head) is head

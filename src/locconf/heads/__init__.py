@@ -10,15 +10,19 @@ name               method                                                       
 ``kl``             KL-Loss: log-variance of each box coordinate                 ``variances``
 =================  ===========================================================  ==============
 
-:func:`locconf.models.build_rcnn` builds the head named by its ``quality`` argument; the interface
-every head follows is documented in :mod:`.common`.
+:func:`locconf.models.build_rcnn` builds the head of ``TWO_STAGE_HEADS`` whose ``name`` is its
+``quality`` argument; the interface every head follows is documented in :mod:`.common`. A new head
+is one new file and its line here.
 """
 
-from .common import RoIBatch
+from .common import HeadContext, RoIBatch
 from .dir import DIRHead
 from .dir_foresight import ForesightDIRHead
 from .iou_direct import DirectIoUHead
 from .iou_net import IoUNetHead
 from .kl import KLHead, kl_loss
 
-__all__ = ["RoIBatch", "DIRHead", "ForesightDIRHead", "DirectIoUHead", "IoUNetHead", "KLHead", "kl_loss"]
+#: The two-stage quality heads, in the order of ``locconf.models.rcnn.QUALITY_HEADS``.
+TWO_STAGE_HEADS = (IoUNetHead, DIRHead, ForesightDIRHead, DirectIoUHead, KLHead)
+
+__all__ = ["TWO_STAGE_HEADS", "HeadContext", "RoIBatch", "DIRHead", "ForesightDIRHead", "DirectIoUHead", "IoUNetHead", "KLHead", "kl_loss"]

@@ -2,12 +2,18 @@
 
 A quality head of the two-stage detector (:mod:`locconf.models.rcnn`) is an ``nn.Module`` with
 
+- ``name``: its ``quality=`` name in :func:`locconf.models.build_rcnn`;
+- ``default_method``: the post-processing of its paper (:data:`locconf.postprocess.METHODS`);
 - ``signal``: the candidate field it predicts, ``"quality"`` (N,) in [0, 1] or ``"variances"`` (N, 4);
+- ``from_options(context: HeadContext, options: dict) -> head`` (classmethod): build it from what
+  the detector knows and ``build_rcnn``'s keyword options (the head reads its own keys);
 - ``loss(batch: RoIBatch) -> dict[str, Tensor]``: its named training losses;
-- ``predict(batch: RoIBatch) -> Tensor``: the signal for ``batch.boxes`` at inference.
+- ``predict(batch: RoIBatch) -> Tensor``: the signal for ``batch.boxes`` at inference;
+- optionally ``box_coding = "corner"`` (the box regressor uses corner offsets) and
+  ``replaces_box_loss = True`` (its loss replaces the box regression loss).
 
 Each method lives in its own file: :mod:`.iou_net`, :mod:`.dir`, :mod:`.dir_foresight`,
-:mod:`.iou_direct`, :mod:`.kl`.
+:mod:`.iou_direct`, :mod:`.kl`; ``TWO_STAGE_HEADS`` in :mod:`locconf.heads` lists them.
 """
 
 from __future__ import annotations
@@ -18,7 +24,30 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RoIBatch", "mlp_branch", "zero_loss", "bce"]
+__all__ = ["RoIBatch", "HeadContext", "mlp_branch", "zero_loss", "bce"]
+
+
+@dataclass(frozen=True)
+class HeadContext:
+    """What the detector tells a quality head's ``from_options`` about itself.
+
+    Attributes:
+        in_channels: FPN channels C.
+        featmap_names: the FPN levels the box head pools from.
+        pool_size: the box head's pooled size S.
+        representation_size: width of the quality branches' hidden layers.
+        box_representation_size: width R of the box head's representation.
+        box_groups: column groups of the box regressor (1 class-agnostic, else classes + 1).
+        num_classes: object classes K.
+    """
+
+    in_channels: int
+    featmap_names: list[str]
+    pool_size: int
+    representation_size: int
+    box_representation_size: int
+    box_groups: int
+    num_classes: int
 
 
 @dataclass

@@ -36,14 +36,14 @@ Ablations of Sec. 4.3, as options of the same head (no copy of the code):
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign
 
 from ..boxes import elementwise_integrity, elementwise_purity, iou_from_purity_integrity
-from .common import RoIBatch, bce, mlp_branch, zero_loss
+from .common import HeadContext, RoIBatch, bce, mlp_branch, zero_loss
 
 __all__ = ["DIRHead", "CONFIDENCES", "FEATURES"]
 
@@ -69,7 +69,16 @@ class DIRHead(nn.Module):
             (foresight) in training / at inference (Table 4, module docstring).
     """
 
-    signal = "quality"
+    name, default_method, signal = "dir", "quality", "quality"
+
+    @classmethod
+    def from_options(cls, context: HeadContext, options: Mapping[str, Any]) -> "DIRHead":
+        """Built with ``build_rcnn``'s ``dir_confidence``, ``dir_train_features`` and
+        ``dir_inference_features`` (None: the class's own default)."""
+        chosen = {"confidence": options["dir_confidence"], "train_features": options["dir_train_features"],
+                  "inference_features": options["dir_inference_features"]}
+        return cls(context.in_channels, context.featmap_names, context.pool_size, context.representation_size,
+                   **{k: v for k, v in chosen.items() if v is not None})
 
     def __init__(self, in_channels: int, featmap_names: Sequence[str], pool_size: int = 7,
                  representation_size: int = 1024, loss_weight: float = 1.0, *, confidence: str = "iou",

@@ -27,6 +27,8 @@ class ForesightDIRHead(DIRHead):
     (Table 4's first row, 37.9 AP); its other arguments, ``confidence`` included, are DIRHead's.
     """
 
+    name = "dir_foresight"
+
     def __init__(self, in_channels: int, featmap_names: Sequence[str], pool_size: int = 7,
                  representation_size: int = 1024, loss_weight: float = 1.0, *, confidence: str = "iou",
                  train_features: str = "proposals", inference_features: str = "proposals") -> None:

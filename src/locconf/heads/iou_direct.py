@@ -12,14 +12,14 @@ It trains on the same rows as DIR, the regressed boxes of the positive proposals
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign
 
 from ..boxes import elementwise_box_iou
-from .common import RoIBatch, bce, mlp_branch, zero_loss
+from .common import HeadContext, RoIBatch, bce, mlp_branch, zero_loss
 from .dir import DIRHead
 
 __all__ = ["DirectIoUHead"]
@@ -36,7 +36,12 @@ class DirectIoUHead(nn.Module):
         loss_weight: scale of the BCE loss.
     """
 
-    signal = "quality"
+    name, default_method, signal = "iou_direct", "quality", "quality"
+
+    @classmethod
+    def from_options(cls, context: HeadContext, options: Mapping[str, Any]) -> "DirectIoUHead":
+        """Built from the context alone (no option of its own)."""
+        return cls(context.in_channels, context.featmap_names, context.pool_size, context.representation_size)
 
     def __init__(self, in_channels: int, featmap_names: Sequence[str], pool_size: int = 7,
                  representation_size: int = 1024, loss_weight: float = 1.0) -> None:

@@ -40,7 +40,7 @@ box at the stopping step; ``build_rcnn`` passes ``refine_keep_best=False``, the 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from ..boxes import box_iou, jitter_boxes
 from ..prroi_pool import MultiScalePrRoIPool
 from ..refine import refine_boxes
-from .common import RoIBatch, bce, mlp_branch, zero_loss
+from .common import HeadContext, RoIBatch, bce, mlp_branch, zero_loss
 
 __all__ = ["IoUNetHead", "IOU_LOSSES"]
 
@@ -74,7 +74,16 @@ class IoUNetHead(nn.Module):
         num_classes: None (one class-agnostic output) or K: class-aware, one output per class.
     """
 
-    signal = "quality"
+    name, default_method, signal = "iou_net", "iou-guided", "quality"
+
+    @classmethod
+    def from_options(cls, context: HeadContext, options: Mapping[str, Any]) -> "IoUNetHead":
+        """Built with ``build_rcnn``'s ``iou_net_boxes_per_gt``, ``iou_net_max_boxes_per_image``,
+        ``iou_net_loss``, ``refine_keep_best`` and ``iou_net_class_aware``."""
+        return cls(context.in_channels, context.featmap_names, context.pool_size, context.representation_size,
+                   options["iou_net_boxes_per_gt"], max_boxes_per_image=options["iou_net_max_boxes_per_image"],
+                   iou_loss=options["iou_net_loss"], refine_keep_best=options["refine_keep_best"],
+                   num_classes=context.num_classes if options["iou_net_class_aware"] else None)
 
     def __init__(self, in_channels: int, featmap_names: Sequence[str], pool_size: int = 7,
                  representation_size: int = 1024, boxes_per_gt: int = 128, loss_weight: float = 1.0,

@@ -41,10 +41,12 @@ Sources: the paper (arXiv 1809.08545) and the released code, github.com/ethanhe4
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 from torch import Tensor, nn
 
-from .common import RoIBatch
+from .common import HeadContext, RoIBatch
 
 __all__ = ["KLHead", "kl_loss"]
 
@@ -83,9 +85,14 @@ class KLHead(nn.Module):
         beta: quadratic-to-linear transition of :func:`kl_loss` (1, the paper's).
     """
 
-    signal = "variances"
+    name, default_method, signal = "kl", "var-voting+soft", "variances"
     box_coding = "corner"
     replaces_box_loss = True
+
+    @classmethod
+    def from_options(cls, context: HeadContext, options: Mapping[str, Any]) -> "KLHead":
+        """Built on the box head's representation and regressor groups (no option of its own)."""
+        return cls(context.box_representation_size, context.box_groups)
 
     def __init__(self, representation_size: int, num_box_groups: int = 1, weight: float = 10.0,
                  beta: float = 1.0) -> None:

@@ -26,7 +26,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from ..heads import DirectIoUHead, DIRHead, ForesightDIRHead, IoUNetHead, KLHead
+from ..heads import TWO_STAGE_HEADS, HeadContext
 from ..postprocess import check_method, postprocess
 from ..prroi_pool import MultiScalePrRoIPool
 from .backbone import build_fpn_backbone
@@ -37,13 +37,14 @@ from .roi_heads import BOX_LOSSES, REFINE_ORDERS, BoxHead, RoIHeads
 __all__ = ["build_rcnn", "RCNN", "RoIHeads", "BoxHead", "CascadeRoIHeads", "QUALITY_HEADS", "DEFAULT_METHODS",
            "REFINE_ORDERS", "BOX_LOSSES", "BOX_POOLS"]
 
-QUALITY_HEADS = (None, "iou_net", "dir", "dir_foresight", "iou_direct", "kl")
+_HEADS = {head.name: head for head in TWO_STAGE_HEADS}
+#: ``quality=`` names: None (plain Faster R-CNN) and each head of :data:`locconf.heads.TWO_STAGE_HEADS`.
+QUALITY_HEADS = (None, *_HEADS)
 BOX_POOLS = ("roi_align", "prroi")
 
 #: The post-processing each head's paper uses (``RCNN.detect``'s default), by its name in
 #: :data:`locconf.postprocess.METHODS`.
-DEFAULT_METHODS = {None: "nms", "iou_net": "iou-guided", "dir": "quality", "dir_foresight": "quality",
-                   "iou_direct": "quality", "kl": "var-voting+soft"}
+DEFAULT_METHODS = {None: "nms", **{name: head.default_method for name, head in _HEADS.items()}}
 
 
 class RCNN(nn.Module):
@@ -226,6 +227,10 @@ def build_rcnn(
         cascade_loss_weights: the stages' loss weights (default 1, 0.5, 0.25, MMDetection's).
         channels_last: use the channels-last memory format (faster convolutions on CPU).
     """
+    head_options = dict(iou_net_boxes_per_gt=iou_net_boxes_per_gt, iou_net_max_boxes_per_image=iou_net_max_boxes_per_image,
+                        iou_net_loss=iou_net_loss, refine_keep_best=refine_keep_best,
+                        iou_net_class_aware=iou_net_class_aware, dir_confidence=dir_confidence,
+                        dir_train_features=dir_train_features, dir_inference_features=dir_inference_features)
     dir_options = {"confidence": dir_confidence, "train_features": dir_train_features,
                    "inference_features": dir_inference_features}
     dir_options = {k: v for k, v in dir_options.items() if v is not None}
@@ -240,17 +245,8 @@ def build_rcnn(
     names = [str(i) for i in range(len(layers))]
     box_head = BoxHead(fpn_channels * 49, representation_size, num_classes, class_agnostic_box)
     q_size = quality_representation_size or representation_size
-    quality_head = {
-        None: lambda: None,
-        "iou_net": lambda: IoUNetHead(fpn_channels, names, 7, q_size, iou_net_boxes_per_gt,
-                                      max_boxes_per_image=iou_net_max_boxes_per_image, iou_loss=iou_net_loss,
-                                      refine_keep_best=refine_keep_best,
-                                      num_classes=num_classes if iou_net_class_aware else None),
-        "dir": lambda: DIRHead(fpn_channels, names, 7, q_size, **dir_options),
-        "dir_foresight": lambda: ForesightDIRHead(fpn_channels, names, 7, q_size, **dir_options),
-        "iou_direct": lambda: DirectIoUHead(fpn_channels, names, 7, q_size),
-        "kl": lambda: KLHead(representation_size, box_head.box_groups),
-    }[quality]()
+    context = HeadContext(fpn_channels, names, 7, q_size, representation_size, box_head.box_groups, num_classes)
+    quality_head = None if quality is None else _HEADS[quality].from_options(context, head_options)
     mask_parts = (None, None, None)
     if mask:
         mask_parts = (MultiScaleRoIAlign(names, 14, sampling_ratio=2),
