@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
