@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from locconf.heads import IoUNetHead
+from locconf.heads import IoUNetHead, RoIBatch
 from locconf.models import build_rcnn
 from locconf.prroi_pool import MultiScalePrRoIPool
 
@@ -48,15 +48,33 @@ def test_class_aware_training_boxes_take_the_class_of_the_best_matching_ground_t
     head = IoUNetHead(8, ["0"], 7, 16, boxes_per_gt=20, num_classes=3)
     gt = torch.tensor([[0.0, 0, 30, 30], [60, 60, 95, 95]])  # far apart: a jittered box (IoU >= 0.5) matches its own
     torch.manual_seed(0)
-    boxes, iou, labels = head.training_boxes(gt, torch.tensor([2, 3]))
+    boxes, iou, matched = head._training_boxes(gt)
+    labels = torch.tensor([2, 3])[matched]
     near_first = ((boxes[:, :2] + boxes[:, 2:]) / 2).sum(1) < 90
     assert near_first.any() and (~near_first).any() and (iou >= 0.5 - 1e-6).all()
     assert (labels[near_first] == 2).all() and (labels[~near_first] == 3).all()
-    # class-agnostic: the same boxes and targets as before (labels zero), so its training is unchanged
+    # class-agnostic: the same boxes and targets (the public training_boxes), so its training is unchanged
     agnostic = IoUNetHead(8, ["0"], 7, 16, boxes_per_gt=20)
     torch.manual_seed(0)
-    b2, iou2, lab2 = agnostic.training_boxes(gt)
-    assert torch.equal(b2, boxes) and torch.equal(iou2, iou) and (lab2 == 0).all()
+    b2, iou2 = agnostic.training_boxes(gt)
+    assert torch.equal(b2, boxes) and torch.equal(iou2, iou)
+
+
+def test_class_aware_loss_reads_the_class_of_the_matched_ground_truth():
+    torch.manual_seed(0)
+    head = IoUNetHead(8, ["0", "1"], 7, 16, boxes_per_gt=10, num_classes=3)
+    feats, gt = _features(), torch.tensor([[0.0, 0, 30, 30], [50, 40, 95, 90]])
+    batch = RoIBatch(feats, [(96, 96)], [gt], torch.zeros(0), torch.zeros(0), [gt], torch.zeros(0),
+                     targets=[{"boxes": gt, "labels": torch.tensor([3, 1])}])
+    torch.manual_seed(1)
+    loss = head.loss(batch)["loss_iou_net"]
+    torch.manual_seed(1)
+    boxes, iou, matched = head._training_boxes(gt)
+    prob = head.score_boxes(feats, [boxes], [(96, 96)], torch.tensor([3, 1])[matched])
+    expected = -(iou * prob.log() + (1 - iou) * (1 - prob).log()).mean()
+    torch.testing.assert_close(loss, expected)
+    wrong = head.score_boxes(feats, [boxes], [(96, 96)], torch.tensor([1, 3])[matched])
+    assert not torch.allclose(wrong, prob)  # the class matters
 
 
 def test_class_aware_detector_trains_and_predicts_the_quality_of_each_candidate_class():

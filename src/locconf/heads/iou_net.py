@@ -124,15 +124,19 @@ class IoUNetHead(nn.Module):
             raise ValueError("a class-aware IoU head (num_classes set) needs the boxes' labels")
         return out.gather(1, (labels.to(torch.int64) - 1).clamp(0, self.num_classes - 1)[:, None]).squeeze(1)
 
-    def training_boxes(self, gt_boxes: Tensor, gt_labels: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-        """One image's IoU-balanced training boxes, their targets and classes.
+    def training_boxes(self, gt_boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """One image's IoU-balanced training boxes and their targets.
 
-        ``gt_boxes`` (M, 4) -> ``(boxes (K, 4), iou (K,), labels (K,))``: :func:`locconf.boxes.jitter_boxes`
-        with ``boxes_per_gt`` per ground truth, then a uniform random subset of ``max_boxes_per_image``
+        ``gt_boxes`` (M, 4) -> ``(boxes (K, 4), iou (K,))``: :func:`locconf.boxes.jitter_boxes` with
+        ``boxes_per_gt`` per ground truth, then a uniform random subset of ``max_boxes_per_image``
         where there are more (torch's global generator); the target is the IoU with the
-        best-matching ground truth, the label that ground truth's (``gt_labels`` (M,); zeros
-        without). Every loop is inside ``jitter_boxes`` (vectorised).
+        best-matching ground truth. Every loop is inside ``jitter_boxes`` (vectorised).
         """
+        boxes, iou, _ = self._training_boxes(gt_boxes)
+        return boxes, iou
+
+    def _training_boxes(self, gt_boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`training_boxes` and the index (K,) of each box's best-matching ground truth."""
         jittered, _ = jitter_boxes(gt_boxes, self.boxes_per_gt)
         if len(jittered) > self.max_boxes_per_image:
             keep = torch.randperm(len(jittered), device=jittered.device)[:self.max_boxes_per_image]
@@ -140,16 +144,19 @@ class IoUNetHead(nn.Module):
         if len(jittered) == 0:
             return jittered, gt_boxes.new_zeros((0,)), torch.zeros(0, dtype=torch.int64, device=gt_boxes.device)
         best = box_iou(jittered, gt_boxes).max(dim=1)
-        labels = gt_labels[best.indices] if gt_labels is not None else torch.zeros_like(best.indices)
-        return jittered.detach(), best.values, labels
+        return jittered.detach(), best.values, best.indices
 
     def loss(self, batch: RoIBatch) -> dict[str, Tensor]:
-        """BCE (or smooth L1) of the predicted IoU of jittered ground-truth boxes (IoU >= 0.5)."""
-        boxes, targets, labels = zip(*(self.training_boxes(t["boxes"], t.get("labels")) for t in batch.targets))
+        """BCE (or smooth L1) of the predicted IoU of jittered ground-truth boxes (IoU >= 0.5); a
+        class-aware head reads each box's output at the class of its best-matching ground truth."""
+        boxes, targets, matched = zip(*(self._training_boxes(t["boxes"]) for t in batch.targets))
+        labels = None
+        if self.num_classes is not None:
+            labels = torch.cat([t["labels"][m] for t, m in zip(batch.targets, matched)])
         target = torch.cat(targets)
         if target.numel() == 0:
             return {"loss_iou_net": zero_loss(self)}
-        pred = self.score_boxes(batch.features, list(boxes), batch.image_sizes, torch.cat(labels))
+        pred = self.score_boxes(batch.features, list(boxes), batch.image_sizes, labels)
         if self.iou_loss == "smooth_l1":
             value = F.smooth_l1_loss(pred.float(), target.float(), beta=1.0)
         else:
@@ -179,6 +186,8 @@ class IoUNetHead(nn.Module):
             size, lab = image_sizes[i], None if labels is None else labels[i]
 
             def score_fn(x: Tensor, feats=feats, size=size, lab=lab) -> Tensor:
+                if lab is None:
+                    return self.score_boxes(feats, [x], [size])
                 return self.score_boxes(feats, [x], [size], lab)
 
             result = refine_boxes(score_fn, b, steps=steps, step_size=step_size, image_size=size, **kwargs)
