@@ -48,14 +48,18 @@ class Variant:
     reuse: str | None = None
 
 
+#: IoU-Net's jittered training boxes at CPU scale (64 per ground truth, 512 per image; build_rcnn's
+#: default, 128 / 1000, is the paper's regime): every IoU-Net variant of the harness.
+IOU_NET_CPU = {"iou_net_boxes_per_gt": 64, "iou_net_max_boxes_per_image": 512}
+
 #: The variants of issue 7, in table order. ``baseline`` is the reference of every "vs baseline" delta.
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("baseline", "Faster R-CNN (two-stage baseline)", "two_stage", {"arch": "rcnn"}),
-    Variant("iou_net", "IoU-Net", "two_stage", {"arch": "rcnn", "quality": "iou_net"},
+    Variant("iou_net", "IoU-Net", "two_stage", {"arch": "rcnn", "quality": "iou_net", **IOU_NET_CPU},
             headline="iou-guided", expects=("quality",)),
     Variant("iou_net_refine", "IoU-Net + refinement after IoU-guided NMS (paper order; same weights, 5 steps, "
             "top 100)", "two_stage",
-            {"arch": "rcnn", "quality": "iou_net", "refine_steps": 5},
+            {"arch": "rcnn", "quality": "iou_net", **IOU_NET_CPU, "refine_steps": 5},
             headline="iou-guided", expects=("quality",), reuse="iou_net"),
     Variant("dir", "DIR (hindsight, Purity x Integrity)", "two_stage", {"arch": "rcnn", "quality": "dir"},
             headline="quality", expects=("quality",)),
@@ -104,7 +108,7 @@ ABLATION_VARIANTS: dict[str, Variant] = {v.name: v for v in (
             headline="quality", expects=("quality",), reuse="dir_foresight"),
     Variant("iou_net_refine_before_nms", "IoU-Net + refinement of every candidate before post-processing "
             "(former order)", "two_stage",
-            {"arch": "rcnn", "quality": "iou_net", "refine_steps": 5, "refine_order": "before_nms"},
+            {"arch": "rcnn", "quality": "iou_net", **IOU_NET_CPU, "refine_steps": 5, "refine_order": "before_nms"},
             headline="iou-guided", expects=("quality",), reuse="iou_net"),
 )}
 ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS, **ABLATION_VARIANTS}
