@@ -232,10 +232,7 @@ def build_rcnn(
                         iou_net_loss=iou_net_loss, refine_keep_best=refine_keep_best,
                         iou_net_class_aware=iou_net_class_aware, dir_confidence=dir_confidence,
                         dir_train_features=dir_train_features, dir_inference_features=dir_inference_features)
-    dir_options = {"confidence": dir_confidence, "train_features": dir_train_features,
-                   "inference_features": dir_inference_features}
-    dir_options = {k: v for k, v in dir_options.items() if v is not None}
-    _check_arguments(num_classes, quality, refine_steps, refine_step_size, dir_options, iou_net_class_aware, box_pool,
+    _check_arguments(num_classes, quality, refine_steps, refine_step_size, head_options, box_pool,
                      representation_size, score_thresh, quality_thresh, candidates_per_image, min_size, max_size,
                      cascade, cascade_loss_weights, mask, class_agnostic_box)
     layers = list(returned_layers)
@@ -275,7 +272,7 @@ def build_rcnn(
     return model
 
 
-def _check_arguments(num_classes, quality, refine_steps, refine_step_size, dir_options, iou_net_class_aware, box_pool,
+def _check_arguments(num_classes, quality, refine_steps, refine_step_size, head_options, box_pool,
                      representation_size, score_thresh, quality_thresh, candidates_per_image, min_size, max_size,
                      cascade, cascade_loss_weights, mask, class_agnostic_box) -> None:
     """:func:`build_rcnn`'s argument checks, before anything is built."""
@@ -286,10 +283,12 @@ def _check_arguments(num_classes, quality, refine_steps, refine_step_size, dir_o
     if refine_steps and quality != "iou_net":
         raise ValueError(f"refine_steps needs quality='iou_net' (the refinement climbs IoU-Net's prediction), "
                          f"got quality={quality!r}")
-    if quality not in ("dir", "dir_foresight") and dir_options != {"confidence": "iou"}:
+    dir_set = (head_options["dir_confidence"] != "iou" or head_options["dir_train_features"] is not None
+               or head_options["dir_inference_features"] is not None)
+    if quality not in ("dir", "dir_foresight") and dir_set:
         raise ValueError(f"dir_confidence, dir_train_features and dir_inference_features need quality='dir' or "
                          f"'dir_foresight', got quality={quality!r}")
-    if iou_net_class_aware and quality != "iou_net":
+    if head_options["iou_net_class_aware"] and quality != "iou_net":
         raise ValueError(f"iou_net_class_aware needs quality='iou_net', got quality={quality!r}")
     if box_pool not in BOX_POOLS:
         raise ValueError(f"box_pool must be one of {BOX_POOLS}, got {box_pool!r}")
