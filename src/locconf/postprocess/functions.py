@@ -191,8 +191,8 @@ def var_voting(
             its README's variance-voting numbers (39.2 AP, R-50-FPN 2x) come from that code. Pass
             ``sigma_t=0.01`` to reproduce the released code. A smaller value concentrates the vote
             on the boxes that overlap the selected one most. Measured on locconf's synthetic KL-Loss
-            detectors (2 seeds, ``benchmarks/results/sigma_t_synthetic.md``), 0.02 gives 1.1 AP and
-            2.7 AP90 more than 0.01 under both suppressions, and 0.04 about 0.6 AP more again.
+            detectors (2 seeds, ``benchmarks/results/sigma_t_synthetic.md``), 0.02 gives 1.1-1.2 AP and
+            2.7-3.0 AP90 more than 0.01 (hard / soft suppression), and 0.04 another 0.6-0.8 AP.
         suppression: ``"hard"`` or ``"soft"``.
 
     Returns:
