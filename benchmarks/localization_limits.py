@@ -14,6 +14,12 @@ boxes that hard NMS keeps (top 100 per image) and the COCO AP / AP75 after NMS:
 - both low on the training tiles too -> the outlines themselves are ambiguous (or the model
                                         underfits): no post-processing helps.
 
+A second table asks whether the model's confidence signals rank its candidates by localization on
+each split: the Pearson and Spearman correlation of the classification score and, for a model with a
+quality head (IoU-Net, DIR, CLQ), of the predicted IoU and of sqrt(score x IoU) with the true IoU
+(candidates with IoU > 0.5, as DIR's Figure 4), and the AP / AP75 of quality NMS beside NMS. A head
+that ranks the training tiles well but not val has learnt what does not transfer.
+
 Writes a Markdown table (``--out``, default ``benchmarks/results/localization_limits.md``).
 """
 
@@ -29,6 +35,7 @@ from torchvision.ops import box_iou
 
 from locconf.data import collate_fn
 from locconf.engine.evaluate import collect_candidates, evaluate_methods
+from locconf.evaluation.correlation import confidence_correlation
 from locconf.experiment import build_datasets, load_trained
 from locconf.postprocess import postprocess
 
@@ -55,8 +62,13 @@ def split_report(model, dataset, gt_json: Path, device: str) -> dict:
         kept = postprocess(cand, "nms", max_detections=100)
         nms_best.append(best_iou_per_gt(kept["boxes"].float(), gt))
     cand_best, nms_best = torch.cat(cand_best), torch.cat(nms_best)
-    metrics = evaluate_methods(candidates, str(gt_json), ["nms"], dataset.label_to_cat_id, progress=False)["nms"]
+    has_quality = any(c.get("quality") is not None for c in candidates)
+    methods = ["nms", "quality"] if has_quality else ["nms"]
+    by_method = evaluate_methods(candidates, str(gt_json), methods, dataset.label_to_cat_id, progress=False)
+    metrics = by_method["nms"]
     return {
+        "correlation": confidence_correlation(candidates, dataset, min_iou=0.5),
+        "quality_nms": ({k: by_method["quality"][k] for k in ("AP", "AP50", "AP75")} if has_quality else None),
         "crowns": int(cand_best.numel()),
         "candidates_per_image": sum(len(c["scores"]) for c in candidates) / max(1, len(candidates)),
         "candidate_recall": {t: float((cand_best >= t).float().mean()) for t in THRESHOLDS},
@@ -64,6 +76,24 @@ def split_report(model, dataset, gt_json: Path, device: str) -> dict:
         "median_best_iou": {"candidates": float(cand_best.median()), "nms": float(nms_best.median())},
         "AP": metrics["AP"], "AP50": metrics["AP50"], "AP75": metrics["AP75"],
     }
+
+
+def _corr(c: dict | None) -> str:
+    return "-" if c is None else f"{c['pearson']:+.2f} / {c['spearman']:+.2f}"
+
+
+def correlation_table(reports: dict) -> list[str]:
+    """Markdown lines: each signal's correlation with the true IoU, and quality NMS, per split."""
+    lines = ["Confidence against the true IoU (candidates with IoU > 0.5; Pearson / Spearman) and, for a",
+             "model with a quality head, quality NMS (ranking by sqrt(score x predicted IoU)) beside NMS:", "",
+             "| split | n | score | predicted IoU | sqrt(score x IoU) | NMS AP / AP75 | quality NMS AP / AP75 |",
+             "|---|---:|---|---|---|---|---|"]
+    for split, r in reports.items():
+        c, q = r["correlation"], r["quality_nms"]
+        quality = "-" if q is None else f"{100 * q['AP']:.1f} / {100 * q['AP75']:.1f}"
+        lines.append(f"| {split} | {c['score']['n']} | {_corr(c.get('score'))} | {_corr(c.get('quality'))} | "
+                     f"{_corr(c.get('combined'))} | {100 * r['AP']:.1f} / {100 * r['AP75']:.1f} | {quality} |")
+    return lines + [""]
 
 
 def main() -> None:
@@ -101,6 +131,7 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
         *rows,
         "",
+        *correlation_table(reports),
     ])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
