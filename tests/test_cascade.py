@@ -150,7 +150,63 @@ def test_quality_head_trains_on_the_last_stage():
         torch.testing.assert_close(boxes, _clip(_coder(3.0).decode_single(d, props), size), rtol=1e-5, atol=1e-4)
 
 
+def _iou(a, b) -> float:
+    """IoU of two xyxy boxes, by hand."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _record_quality_batch(model):
+    heads = model.roi_heads
+    stages, batches = [], []
+    original_stage, original_loss = heads._train_stage, heads.quality_head.loss
+
+    def record_stage(*args, **kw):
+        stages.append(original_stage(*args, **kw))
+        return stages[-1]
+
+    def record_loss(batch):
+        batches.append(batch)
+        return original_loss(batch)
+
+    heads._train_stage, heads.quality_head.loss = record_stage, record_loss
+    images, targets = _data()
+    model(images, targets)
+    return stages[-1], batches[0], batches[0].targets  # the targets in the resized images' coordinates
+
+
+def test_quality_positives_default_to_the_last_stage_positives():
+    last, batch, _ = _record_quality_batch(_model("dir"))
+    for pos, labels in zip(batch.positive, last.labels):
+        assert torch.equal(pos, labels > 0)
+
+
+@pytest.mark.parametrize("quality", ["dir", "iou_direct"])
+def test_cascade_quality_iou_trains_on_every_roi_above_it(quality):
+    default_last, default_batch, _ = _record_quality_batch(_model(quality))
+    last, batch, targets = _record_quality_batch(_model(quality, cascade_quality_iou=0.5))
+    assert batch.positive is not None
+    for rois, pos, matched, t in zip(last.proposals, batch.positive, batch.gt_boxes, targets):
+        gt = t["boxes"].tolist()
+        for k, roi in enumerate(rois.tolist()):  # brute force, one RoI at a time
+            ious = [_iou(roi, g) for g in gt]
+            best = max(range(len(gt)), key=lambda j: ious[j])
+            assert bool(pos[k]) == (ious[best] >= 0.5), (k, ious)
+            if pos[k]:
+                torch.testing.assert_close(matched[k], t["boxes"][best])
+    # the same seed samples the same RoIs: the option only adds positives (0.5 <= IoU < 0.7)
+    for p_new, p_old in zip(batch.positive, default_batch.positive):
+        assert bool((p_new | ~p_old).all())
+    assert sum(int(p.sum()) for p in batch.positive) > sum(int(p.sum()) for p in default_batch.positive)
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    (dict(quality="dir", cascade_quality_iou=1.5), r"quality_fg_iou must be None or in \(0, 1\)"),
+    (dict(quality="iou_net", cascade_quality_iou=0.5), "cascade_quality_iou needs"),
+    (dict(quality=None, cascade_quality_iou=0.5), "cascade_quality_iou needs"),
     (dict(quality="kl"), "quality head"),
     (dict(mask=True), "mask"),
     (dict(class_agnostic_box=False), "class_agnostic_box"),
@@ -167,3 +223,8 @@ def test_bad_cascade_arguments(kwargs, match):
 def test_loss_weights_need_a_cascade():
     with pytest.raises(ValueError, match="cascade_loss_weights needs cascade"):
         build_rcnn(2, cascade_loss_weights=(1.0,), **TINY)
+
+
+def test_cascade_quality_iou_needs_a_cascade():
+    with pytest.raises(ValueError, match="cascade_quality_iou needs cascade"):
+        build_rcnn(2, quality="dir", cascade_quality_iou=0.5, **TINY)

@@ -16,6 +16,14 @@ meant to refine. As in MMDetection's and detectron2's implementations:
   class score is the mean of the stages' softmax scores, the box the last stage's regression.
 - **Quality head** (DIR Table 1, third block; IoU-Net Sec. 4.4): trained on the last stage's RoIs
   and regressed boxes, and predicts for the final candidates, exactly as on a one-stage box head.
+  DIR trains its head on "the positive samples of the classification branch" (Sec. 3.3), which on
+  the last stage are the RoIs at IoU >= 0.7: the head then never sees a worse box, and on the NEON
+  crowns it predicts ~0.87 for every candidate and anti-correlates with the true IoU (Pearson -0.17
+  on val, -0.12 on the training tiles themselves; ``benchmarks/results/
+  localization_limits_neon_cascade_dir.md``). ``quality_fg_iou`` (e.g. 0.5, the single-stage
+  detector's threshold) trains it instead on every sampled last-stage RoI whose IoU with a ground
+  truth reaches that value: an option, because the paper does not say which positives its cascade
+  used.
 
 The first stage is :class:`locconf.models.rcnn.RoIHeads`' own machinery with ``scale=1``; the only
 new code is the loop over stages.
@@ -23,12 +31,14 @@ new code is the loop over stages.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
+from torchvision.ops import box_iou
 
 from ..boxes import clip_boxes
 from .roi_heads import BoxHead, RoIHeads
@@ -50,13 +60,17 @@ class CascadeRoIHeads(RoIHeads):
         stage_loss_weights: each stage's loss weight (default ``0.5 ** t``: for three stages
             :data:`CASCADE_LOSS_WEIGHTS`).
         coding_scales: each stage's box coding weight multiplier (default 1, 2, 3, ...).
+        quality_fg_iou: None (default, DIR's rule): the quality head trains on the last stage's
+            positives; a value in (0, 1): on every sampled last-stage RoI whose IoU with a ground
+            truth is at least this, matched to that ground truth (module docstring).
         **kwargs: the other arguments of :class:`locconf.models.rcnn.RoIHeads` (sampling,
             candidates, refinement); masks are not supported.
     """
 
     def __init__(self, box_pool: nn.Module, box_heads: Sequence[BoxHead], iou_thresholds: Sequence[float],
                  quality_head: Optional[nn.Module] = None, *, stage_loss_weights: Optional[Sequence[float]] = None,
-                 coding_scales: Optional[Sequence[float]] = None, **kwargs) -> None:
+                 coding_scales: Optional[Sequence[float]] = None, quality_fg_iou: Optional[float] = None,
+                 **kwargs) -> None:
         thresholds = [float(t) for t in iou_thresholds]
         if len(thresholds) < 1 or len(box_heads) != len(thresholds):
             raise ValueError(f"cascade needs one box head per IoU threshold, got {len(box_heads)} heads and "
@@ -68,6 +82,8 @@ class CascadeRoIHeads(RoIHeads):
         if getattr(quality_head, "replaces_box_loss", False) or getattr(quality_head, "signal", "quality") != "quality":
             raise ValueError("a cascade takes a quality head that predicts 'quality' (iou_net, dir, dir_foresight, "
                              "iou_direct); KL-Loss's variances are not defined on a cascade here")
+        if quality_fg_iou is not None and not 0 < quality_fg_iou < 1:
+            raise ValueError(f"quality_fg_iou must be None or in (0, 1), got {quality_fg_iou!r}")
         n = len(thresholds)
         weights = list(stage_loss_weights) if stage_loss_weights is not None else [0.5 ** t for t in range(n)]
         scales = list(coding_scales) if coding_scales is not None else [float(i + 1) for i in range(n)]
@@ -81,6 +97,7 @@ class CascadeRoIHeads(RoIHeads):
         self.earlier_heads = nn.ModuleList(box_heads[:-1])  # the last stage's head is self.box_head
         self.iou_thresholds, self.stage_loss_weights, self.coding_scales = thresholds, weights, scales
         self.matchers = [det_utils.Matcher(t, t, allow_low_quality_matches=False) for t in thresholds]
+        self.quality_fg_iou = quality_fg_iou
 
     @property
     def num_stages(self) -> int:
@@ -108,9 +125,28 @@ class CascadeRoIHeads(RoIHeads):
             if t < self.num_stages - 1:
                 proposals = self._next_proposals(stage.pred, stage.proposals, image_sizes, scale,
                                                  keep=[~g for g in stage.is_gt])
-        self._add_quality_loss(losses, f"loss_box_reg_s{self.num_stages}", features, image_sizes, targets, stage,
-                               self.coding_scales[-1])
+        self._add_quality_loss(losses, f"loss_box_reg_s{self.num_stages}", features, image_sizes, targets,
+                               self._quality_positives(stage, targets), self.coding_scales[-1])
         return losses
+
+    def _quality_positives(self, stage, targets):
+        """The last stage as its quality head sees it: unchanged, or with ``quality_fg_iou``, the
+        labels and matched ground truth of every sampled RoI re-derived from its best IoU with the
+        ground truth (foreground at IoU >= ``quality_fg_iou``)."""
+        if self.quality_fg_iou is None or self.quality_head is None:
+            return stage
+        labels, matched = [], []
+        for rois, old_labels, old_matched, t in zip(stage.proposals, stage.labels, stage.matched, targets):
+            gt = t["boxes"]
+            if gt.shape[0] == 0:
+                labels.append(old_labels)
+                matched.append(old_matched)
+                continue
+            best, idx = box_iou(rois, gt.to(rois.dtype)).max(dim=1)
+            fg = t["labels"][idx].to(old_labels.dtype)
+            labels.append(torch.where(best >= self.quality_fg_iou, fg, torch.zeros_like(fg)))
+            matched.append(gt[idx].to(old_matched.dtype))
+        return replace(stage, labels=labels, matched=matched)
 
     def _box_predictions(self, features, proposals, image_sizes):
         scores = None

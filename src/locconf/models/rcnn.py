@@ -164,6 +164,7 @@ def build_rcnn(
     box_pool: str = "roi_align",
     cascade: Optional[Sequence[float]] = None,
     cascade_loss_weights: Optional[Sequence[float]] = None,
+    cascade_quality_iou: Optional[float] = None,
     channels_last: bool = False,
 ) -> RCNN:
     """Build a Faster R-CNN FPN (Mask R-CNN with ``mask=True``) with a localization-quality head.
@@ -226,6 +227,10 @@ def build_rcnn(
             ``(0.5, 0.6, 0.7)`` (the paper's); one box head per stage, class-agnostic regression,
             the quality head on the last stage (not KL-Loss, not masks). None: one stage.
         cascade_loss_weights: the stages' loss weights (default 1, 0.5, 0.25, MMDetection's).
+        cascade_quality_iou: which last-stage RoIs train a cascade's quality head: None (default,
+            DIR's rule: the last stage's positives, IoU >= 0.7) or an IoU, e.g. 0.5, above which
+            every sampled RoI counts (:class:`CascadeRoIHeads`' ``quality_fg_iou``; on NEON the
+            default head never sees a box below 0.7 and ranks the candidates inversely).
         channels_last: use the channels-last memory format (faster convolutions on CPU).
     """
     head_options = dict(iou_net_boxes_per_gt=iou_net_boxes_per_gt, iou_net_max_boxes_per_image=iou_net_max_boxes_per_image,
@@ -235,6 +240,9 @@ def build_rcnn(
     _check_arguments(num_classes, quality, refine_steps, refine_step_size, head_options, box_pool,
                      representation_size, score_thresh, quality_thresh, candidates_per_image, min_size, max_size,
                      cascade, cascade_loss_weights, mask, class_agnostic_box)
+    if cascade_quality_iou is not None and (cascade is None or quality not in ("dir", "dir_foresight", "iou_direct")):
+        raise ValueError(f"cascade_quality_iou needs cascade and a quality head trained on the RoIs' boxes "
+                         f"('dir', 'dir_foresight', 'iou_direct'), got cascade={cascade!r}, quality={quality!r}")
     layers = list(returned_layers)
     body = build_fpn_backbone(backbone, fpn_channels=fpn_channels, returned_layers=layers, norm=norm,
                               norm_groups=norm_groups, weights=weights, frozen_stages=frozen_stages)
@@ -262,7 +270,8 @@ def build_rcnn(
     if cascade is not None:
         heads = [BoxHead(fpn_channels * 49, representation_size, num_classes, True) for _ in cascade[:-1]]
         roi_heads = CascadeRoIHeads(box_pool, [*heads, box_head], cascade, quality_head,
-                                    stage_loss_weights=cascade_loss_weights, **roi_options)
+                                    stage_loss_weights=cascade_loss_weights, quality_fg_iou=cascade_quality_iou,
+                                    **roi_options)
     else:
         roi_heads = RoIHeads(box_pool, box_head, quality_head, *mask_parts, **roi_options)
     transform = GeneralizedRCNNTransform(min_size, max_size, list(body.image_mean), list(body.image_std))
