@@ -125,31 +125,6 @@ def test_inference_matches_a_plain_reference():
         torch.testing.assert_close(c["boxes"][:5], b[rows] * ratio, rtol=1e-5, atol=1e-4)
 
 
-def test_quality_head_trains_on_the_last_stage():
-    model = _model("dir")
-    heads = model.roi_heads
-    stages, batches = [], []
-    original_stage, original_loss = heads._train_stage, heads.quality_head.loss
-
-    def record_stage(*args, **kw):
-        stages.append(original_stage(*args, **kw))
-        return stages[-1]
-
-    def record_loss(batch):
-        batches.append(batch)
-        return original_loss(batch)
-
-    heads._train_stage, heads.quality_head.loss = record_stage, record_loss
-    images, targets = _data()
-    model(images, targets)
-    assert len(stages) == 3 and len(batches) == 1
-    last = stages[-1]
-    assert all(torch.equal(a, b) for a, b in zip(batches[0].proposals, last.proposals))
-    deltas = last.pred.detach().split([len(p) for p in last.proposals])
-    for d, props, size, boxes in zip(deltas, last.proposals, batches[0].image_sizes, batches[0].boxes):
-        torch.testing.assert_close(boxes, _clip(_coder(3.0).decode_single(d, props), size), rtol=1e-5, atol=1e-4)
-
-
 def _iou(a, b) -> float:
     """IoU of two xyxy boxes, by hand."""
     w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
@@ -175,7 +150,17 @@ def _record_quality_batch(model):
     heads._train_stage, heads.quality_head.loss = record_stage, record_loss
     images, targets = _data()
     model(images, targets)
+    assert len(stages) == heads.num_stages == 3 and len(batches) == 1  # one quality loss, on the last stage
     return stages[-1], batches[0], batches[0].targets  # the targets in the resized images' coordinates
+
+
+def test_quality_head_trains_on_the_last_stage():
+    model = _model("dir")
+    last, batch, _ = _record_quality_batch(model)
+    assert all(torch.equal(a, b) for a, b in zip(batch.proposals, last.proposals))
+    deltas = last.pred.detach().split([len(p) for p in last.proposals])
+    for d, props, size, boxes in zip(deltas, last.proposals, batch.image_sizes, batch.boxes):
+        torch.testing.assert_close(boxes, _clip(_coder(3.0).decode_single(d, props), size), rtol=1e-5, atol=1e-4)
 
 
 def test_quality_positives_default_to_the_last_stage_positives():
