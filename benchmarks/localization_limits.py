@@ -68,6 +68,8 @@ def split_report(model, dataset, gt_json: Path, device: str) -> dict:
     metrics = by_method["nms"]
     return {
         "correlation": confidence_correlation(candidates, dataset, min_iou=0.5),
+        "mean_quality": (float(torch.cat([c["quality"].float() for c in candidates]).mean())
+                         if has_quality else None),
         "quality_nms": ({k: by_method["quality"][k] for k in ("AP", "AP50", "AP75")} if has_quality else None),
         "crowns": int(cand_best.numel()),
         "candidates_per_image": sum(len(c["scores"]) for c in candidates) / max(1, len(candidates)),
@@ -86,13 +88,15 @@ def correlation_table(reports: dict) -> list[str]:
     """Markdown lines: each signal's correlation with the true IoU, and quality NMS, per split."""
     lines = ["Confidence against the true IoU (candidates with IoU > 0.5; Pearson / Spearman) and, for a",
              "model with a quality head, quality NMS (ranking by sqrt(score x predicted IoU)) beside NMS:", "",
-             "| split | n | score | predicted IoU | sqrt(score x IoU) | NMS AP / AP75 | quality NMS AP / AP75 |",
-             "|---|---:|---|---|---|---|---|"]
+             "| split | n | score | predicted IoU | sqrt(score x IoU) | mean predicted IoU (all candidates) "
+             "| NMS AP / AP75 | quality NMS AP / AP75 |",
+             "|---|---:|---|---|---|---:|---|---|"]
     for split, r in reports.items():
         c, q = r["correlation"], r["quality_nms"]
         quality = "-" if q is None else f"{100 * q['AP']:.1f} / {100 * q['AP75']:.1f}"
+        mean_q = "-" if r["mean_quality"] is None else f"{r['mean_quality']:.2f}"
         lines.append(f"| {split} | {c['score']['n']} | {_corr(c.get('score'))} | {_corr(c.get('quality'))} | "
-                     f"{_corr(c.get('combined'))} | {100 * r['AP']:.1f} / {100 * r['AP75']:.1f} | {quality} |")
+                     f"{_corr(c.get('combined'))} | {mean_q} | {100 * r['AP']:.1f} / {100 * r['AP75']:.1f} | {quality} |")
     return lines + [""]
 
 

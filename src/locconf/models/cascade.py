@@ -18,7 +18,7 @@ meant to refine. As in MMDetection's and detectron2's implementations:
   and regressed boxes, and predicts for the final candidates, exactly as on a one-stage box head.
   DIR trains its head on "the positive samples of the classification branch" (Sec. 3.3), which on
   the last stage are the RoIs at IoU >= 0.7: the head then never sees a worse box, and on the NEON
-  crowns it predicts ~0.87 for every candidate and anti-correlates with the true IoU (Pearson -0.17
+  crowns it predicts 0.89 on average for every candidate and anti-correlates with the true IoU (Pearson -0.17
   on val, -0.12 on the training tiles themselves; ``benchmarks/results/
   localization_limits_neon_cascade_dir.md``). ``quality_fg_iou`` (e.g. 0.5, Faster R-CNN's
   threshold) trains it instead on every sampled last-stage RoI whose IoU with a ground
