@@ -98,6 +98,7 @@ PRETRAINED: dict = {
 BASES = {"scratch": BASE, "pretrained": PRETRAINED}
 TABLES = {"scratch": TABLE, "pretrained": TABLE.with_name("recipe_pretrained.md")}
 TABLES_DIR: Path | None = None  # --tables: write the tables there instead
+AMP: bool | None = None  # --amp: mixed precision of the trainings on CUDA (None: train()'s default, on)
 
 #: name -> (what changes, overrides by section; ``"base": "pretrained"`` picks the pretrained base,
 #: ``"aug"`` extra augmentation). Ordered as they were run.
@@ -146,6 +147,8 @@ def variant_config(name: str) -> dict:
     _, over = VARIANTS[name]
     cfg = merge(BASES[family(name)], {k: v for k, v in over.items() if k not in ("aug", "base")})
     cfg["train"]["out_dir"] = str(RUNS / name)
+    if AMP is not None:
+        cfg["train"]["amp"] = AMP
     return experiment.check_config(cfg, source=name)
 
 
@@ -183,9 +186,11 @@ def metrics_of(results_json: Path) -> dict:
 
 
 def evaluate(ckpt: Path, cfg: dict, out_dir: Path) -> dict:
+    """NMS metrics of one checkpoint on val (on the GPU when there is one), evaluated once."""
     if not (out_dir / "results.json").is_file():
-        model, _ = experiment.load_trained(ckpt, cfg=cfg, device="cpu")
-        experiment.run_eval(model, cfg, out_dir, methods=["nms"], device="cpu", progress=False)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, _ = experiment.load_trained(ckpt, cfg=cfg, device=device)
+        experiment.run_eval(model, cfg, out_dir, methods=["nms"], device=device, progress=False)
     return metrics_of(out_dir / "results.json")
 
 
@@ -203,7 +208,8 @@ def run_variant(name: str) -> None:
     info["train_seconds"] += summary["seconds"]
     info["threads"] = torch.get_num_threads()
     info["cpu"] = cpu_name()
-    info["device"] = (f"CUDA ({torch.cuda.get_device_name()}), mixed precision" if torch.cuda.is_available()
+    precision = "fp32" if cfg["train"].get("amp") is False else "mixed precision"
+    info["device"] = (f"CUDA ({torch.cuda.get_device_name()}), {precision}" if torch.cuda.is_available()
                       else "CPU")
     info_file.write_text(json.dumps(info, indent=1))
     ckpts = sorted(out.glob("checkpoint_*.pth"))
@@ -331,9 +337,12 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=RUNS, help="folder of the runs (default runs/recipe)")
     parser.add_argument("--tables", type=Path, default=None,
                         help="folder for the tables (default benchmarks/results/; e.g. results/device/ on a GPU)")
+    parser.add_argument("--amp", choices=["on", "off"], default=None,
+                        help="mixed precision on CUDA (default: train()'s, on; 'off' trains in fp32 as on the CPU)")
     args = parser.parse_args()
     globals()["RUNS"] = args.runs
     globals()["TABLES_DIR"] = args.tables
+    globals()["AMP"] = None if args.amp is None else args.amp == "on"
     if args.list:
         for name, (desc, over) in VARIANTS.items():
             print(f"{name:16s} {desc}  {json.dumps(over)}")

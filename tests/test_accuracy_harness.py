@@ -275,6 +275,49 @@ def test_tiny_run_writes_results_and_a_second_call_does_not_retrain(tmp_path):
     assert "failed" in (out / "table.md").read_text()
 
 
+def test_a_run_trained_elsewhere_is_aggregated_from_its_records_without_its_weights(tmp_path):
+    """A GPU machine returns a run's small files, not its checkpoints: the table is built from them."""
+    variant = settings.EXTRA_VARIANTS["tv_frcnn"]
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    first = runner.run_benchmark(_tiny_setting(tmp_path), [variant], [0], out, runs, progress=False)["variants"]
+    run_dir = runs / "tv_frcnn" / "it2_seed0"
+    for ckpt in run_dir.glob("checkpoint_*.pth"):
+        ckpt.unlink()
+    # recorded with fp32 on a GPU: precision, like the device, is not part of the experiment's config
+    saved = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(saved.replace("train:\n", "train:\n  amp: false\n  device: cuda\n", 1))
+    again = runner.run_benchmark(_tiny_setting(tmp_path), [variant], [0], out, runs, progress=False)["variants"]
+    run = again["tv_frcnn"]["runs"][0]
+    assert run["status"] == "records only, eval reused"
+    assert not list(run_dir.glob("checkpoint_*.pth"))  # not retrained
+    assert run["methods"] == json.loads(json.dumps(first["tv_frcnn"]["runs"][0]["methods"]))
+    assert run["train_s"] == pytest.approx(first["tv_frcnn"]["runs"][0]["train_s"])
+    # without its evaluation the records do not suffice: the run is trained again
+    (run_dir / "eval" / "results.json").unlink()
+    (run_dir / "config.yaml").write_text(saved)
+    third = runner.run_benchmark(_tiny_setting(tmp_path), [variant], [0], out, runs, progress=False)["variants"]
+    assert third["tv_frcnn"]["runs"][0]["status"] == "trained"
+    assert (run_dir / "checkpoint_0000002.pth").is_file()
+    # a recorded config that differs in the recipe is still refused
+    cfg_file = run_dir / "config.yaml"
+    cfg_file.write_text(cfg_file.read_text().replace("lr: 0.01", "lr: 0.03"))
+    for ckpt in run_dir.glob("checkpoint_*.pth"):
+        ckpt.unlink()
+    fourth = runner.run_benchmark(_tiny_setting(tmp_path), [variant], [0], out, runs, progress=False)["variants"]
+    assert "different configuration" in fourth["tv_frcnn"]["runs"][0]["error"]
+
+
+def test_amp_option_reaches_the_config_and_the_command():
+    setting = settings.neon_setting(iterations=10)
+    v = settings.VARIANTS["baseline"]
+    assert "amp" not in settings.make_config(setting, v, 0, "x")["train"]
+    assert settings.make_config(setting, v, 0, "x", amp=False)["train"]["amp"] is False
+    args = _parser().parse_args(["--setting", "neon", "--seeds", "1", "--variants", "dir", "--amp", "off"])
+    assert cli.command_of(args) == "locconf bench --setting neon --seeds 1 --variants dir --amp off"
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--setting", "neon", "--amp", "fp16"])
+
+
 def _parser() -> argparse.ArgumentParser:
     return cli.add_arguments(argparse.ArgumentParser())
 

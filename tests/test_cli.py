@@ -148,9 +148,9 @@ def test_bench_command_runs_the_accuracy_harness(tmp_path, monkeypatch, capsys):
 
     calls = []
 
-    def fake(setting, variants, seeds, out, runs_dir, device=None, inner_progress=False, command=""):
+    def fake(setting, variants, seeds, out, runs_dir, device=None, inner_progress=False, command="", amp=None):
         calls.append(dict(setting=setting, variants=[v.name for v in variants], seeds=list(seeds), out=out,
-                          runs=runs_dir, command=command))
+                          runs=runs_dir, command=command, amp=amp))
         out.mkdir(parents=True, exist_ok=True)
         (out / "table.md").write_text("# the table\n")
         failed = {"error": "RuntimeError: boom"} if "kl" in calls[-1]["variants"] else {}
@@ -165,6 +165,8 @@ def test_bench_command_runs_the_accuracy_harness(tmp_path, monkeypatch, capsys):
     assert call["variants"] == ["dir"] and call["seeds"] == [3]
     assert (call["out"], call["runs"]) == (tmp_path / "out", tmp_path / "runs")
     assert call["command"].startswith("locconf bench --setting synthetic --seeds 3 --iterations 5 --variants dir dir")
+    assert call["amp"] is None
+    assert main(argv + ["--amp", "off"]) == 0 and calls[-1]["amp"] is False
     assert "# the table" in capsys.readouterr().out
     assert main(argv[:-4] + ["kl", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]) == 1
     assert "FAILED runs" in capsys.readouterr().err

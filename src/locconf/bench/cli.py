@@ -30,6 +30,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--runs", default=None, help="training runs folder (default: runs/accuracy_<setting>)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    ap.add_argument("--amp", choices=["on", "off"], default=None,
+                    help="mixed precision of the trainings on CUDA (default: train()'s, on for CUDA; "
+                         "'off' trains in fp32 as on the CPU)")
     ap.add_argument("--inner-progress", action="store_true", help="also show the training/evaluation bars")
     return ap
 
@@ -44,6 +47,8 @@ def command_of(args: argparse.Namespace, prog: str = "locconf bench") -> str:
                         ("--device", args.device)):
         if value is not None:
             words += [flag, str(value)]
+    if args.amp is not None:
+        words += ["--amp", args.amp]
     if args.inner_progress:
         words.append("--inner-progress")
     return f"{prog} " + " ".join(shlex.quote(w) for w in words)
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace, root: str | Path = ".", command: str | None = 
     out = Path(args.out or root / "benchmarks" / "results" / f"accuracy_{args.setting}")
     runs = Path(args.runs or root / "runs" / f"accuracy_{args.setting}")
     results = run_benchmark(setting, [ALL_VARIANTS[n] for n in names], args.seeds, out, runs, device=args.device,
-                            inner_progress=args.inner_progress,
+                            inner_progress=args.inner_progress, amp=None if args.amp is None else args.amp == "on",
                             command=command_of(args) if command is None else command)
     print((out / "table.md").read_text())
     failed = [f"{n} seed {s}: {r['error']}" for n, info in results["variants"].items()

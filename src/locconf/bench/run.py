@@ -32,8 +32,11 @@ from .stats import aggregate
 
 log = logging.getLogger("locconf.bench")
 
-#: Training keys that do not change the trained model (ignored when comparing a run's saved config).
-_VOLATILE_TRAIN_KEYS = ("device", "progress", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints")
+#: Training keys that do not change the experiment (ignored when comparing a run's saved config): where and
+#: how fast it ran. ``device`` and ``amp`` (mixed precision on CUDA) change the arithmetic, not the recipe;
+#: both are recorded with each run (timing.json's ``hardware``), so a table that mixes CPU and GPU runs says so.
+_VOLATILE_TRAIN_KEYS = ("device", "amp", "progress", "num_workers", "log_every", "checkpoint_every",
+                        "keep_checkpoints")
 
 
 def select_methods(signals: Iterable[str], methods: Sequence[str] = METHODS) -> list[str]:
@@ -71,10 +74,13 @@ def hardware(device: str | None) -> dict:
             "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
 
 
-def _run_hardware(device: str | None) -> str:
+def _run_hardware(device: str | None, amp: bool | None = None) -> str:
     """One line naming where a run trained (kept with its timing: reruns may happen elsewhere)."""
     hw = hardware(device)
-    return f"{hw['device']}, {hw['cpu']}, {hw['threads']} threads"
+    precision = ""
+    if hw["device"].startswith("CUDA"):  # train()'s default on CUDA is mixed precision
+        precision = ", fp32" if amp is False else ", mixed precision"
+    return f"{hw['device']}{precision}, {hw['cpu']}, {hw['threads']} threads"
 
 
 # -- one run ----------------------------------------------------------------------------------
@@ -86,6 +92,9 @@ def _normalise(cfg: Mapping) -> dict:
     cfg.setdefault("train", {})
     for key in _VOLATILE_TRAIN_KEYS:
         cfg["train"].pop(key, None)
+    # the folder being compared is the run's own, however it was named when trained (relative,
+    # absolute, or on the machine that trained it)
+    cfg["train"].pop("out_dir", None)
     return cfg
 
 
@@ -140,12 +149,32 @@ def train_once(cfg: dict, progress: bool = False) -> dict:
     previous = json.loads(timing_file.read_text()).get("train_s", 0.0) if timing_file.is_file() else 0.0
     resumed = int(summary.get("start_step", 0)) > 0
     timing = {"train_s": elapsed + (previous if resumed else 0.0), "resumed_from_step": summary.get("start_step", 0),
-              "hardware": _run_hardware(cfg["train"].get("device"))}
+              "hardware": _run_hardware(cfg["train"].get("device"), cfg["train"].get("amp"))}
     timing_file.write_text(json.dumps(timing, indent=1))
     if not final.is_file():
         raise RuntimeError(f"training finished without writing {final}")
     return {"checkpoint": str(final), "status": "resumed" if resumed else "trained", "train_s": timing["train_s"],
             "s_per_iter": seconds_per_iteration(run_dir / "metrics.jsonl"), "hardware": timing["hardware"]}
+
+
+def records_only(run_dir: Path, eval_dir: Path, iterations: int) -> dict | None:
+    """The timing record of a run whose weights are not here but whose records are, else None.
+
+    A run trained and evaluated on another machine (a lent GPU) comes back as its small files
+    (``config.yaml``, ``metrics.jsonl``, ``timing.json``, ``eval/results.json`` and ``record.json``),
+    not its checkpoints; such a run is aggregated from them. Weights present, or any record missing:
+    None (train / evaluate as usual). ``timing.json`` is written only after a training finished.
+    """
+    from locconf.engine.checkpoint import checkpoint_path
+
+    timing_file = run_dir / "timing.json"
+    if checkpoint_path(run_dir, iterations).is_file() or not timing_file.is_file():
+        return None
+    if not ((eval_dir / "results.json").is_file() and (eval_dir / "record.json").is_file()):
+        return None
+    timing = json.loads(timing_file.read_text())
+    return {"checkpoint": None, "status": "records only", "train_s": timing.get("train_s"),
+            "s_per_iter": seconds_per_iteration(run_dir / "metrics.jsonl"), "hardware": timing.get("hardware")}
 
 
 def evaluate_once(checkpoint: str | Path, cfg: dict, eval_dir: Path, device: str | None = None,
@@ -175,18 +204,20 @@ def evaluate_once(checkpoint: str | Path, cfg: dict, eval_dir: Path, device: str
 
 
 def _run_variant_seed(setting: Setting, variant: Variant, seed: int, num_classes: int, runs_dir: Path, out: Path,
-                      device: str | None, inner_progress: bool) -> tuple[dict, str | None]:
+                      device: str | None, inner_progress: bool, amp: bool | None = None) -> tuple[dict, str | None]:
     """Train (or reuse) and evaluate one (variant, seed); returns its run record and a warning (or None)."""
     iterations = int(setting.train["iterations"])
     trained = ALL_VARIANTS[variant.reuse] if variant.reuse else variant
     train_dir = runs_dir / trained.name / f"it{iterations}_seed{seed}"
-    timing = train_once(make_config(setting, trained, seed, train_dir, num_classes), progress=inner_progress)
-    eval_cfg = make_config(setting, variant, seed, train_dir, num_classes)
+    train_cfg = make_config(setting, trained, seed, train_dir, num_classes, amp=amp)
+    eval_cfg = make_config(setting, variant, seed, train_dir, num_classes, amp=amp)
     eval_dir = runs_dir / variant.name / f"it{iterations}_seed{seed}" / "eval"
+    _check_saved_config(train_dir, train_cfg)
+    timing = records_only(train_dir, eval_dir, iterations) or train_once(train_cfg, progress=inner_progress)
     ev = evaluate_once(timing["checkpoint"], eval_cfg, eval_dir, device=device, progress=inner_progress)
     run = {
         "run_dir": str(train_dir), "eval_dir": str(eval_dir),
-        "status": (f"reuses {variant.reuse}" if variant.reuse else timing["status"])
+        "status": (f"reuses {variant.reuse}" if variant.reuse and timing["checkpoint"] else timing["status"])
         + ("" if ev["eval_status"] == "evaluated" else ", eval reused"),
         "train_s": None if variant.reuse else timing.get("train_s"),
         "s_per_iter": None if variant.reuse else timing.get("s_per_iter"),
@@ -235,8 +266,12 @@ def _json_default(value: Any) -> Any:
 
 def run_benchmark(setting: Setting, variants: Sequence[Variant], seeds: Sequence[int], out: str | Path,
                   runs_dir: str | Path, device: str | None = None, inner_progress: bool = False,
-                  progress: bool = True, command: str = "") -> dict:
+                  progress: bool = True, command: str = "", amp: bool | None = None) -> dict:
     """Train and evaluate every (variant, seed), aggregate, and write results.json, table.md and plots.
+
+    ``amp``: mixed precision of the trainings on CUDA (None: ``train()``'s default, on for CUDA).
+    A run trained elsewhere whose records are here but not its weights is aggregated from its
+    records (:func:`records_only`).
 
     Returns the results dict (also written to ``out/results.json``). A failing (variant, seed) is
     recorded as an error and the others go on.
@@ -263,7 +298,7 @@ def run_benchmark(setting: Setting, variants: Sequence[Variant], seeds: Sequence
         info = results_variants[variant.name]
         try:
             run, warning = _run_variant_seed(setting, variant, seed, train_ds.num_classes, runs_dir, out, device,
-                                             inner_progress)
+                                             inner_progress, amp=amp)
             if warning:
                 info["warnings"].append(warning)
             records[variant.name][seed] = run

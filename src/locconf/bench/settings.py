@@ -186,11 +186,12 @@ SETTINGS = {"neon": neon_setting, "neon-scratch": lambda iterations=None: neon_s
 
 
 def make_config(setting: Setting, variant: Variant, seed: int, out_dir: str | Path,
-                num_classes: int | None = None) -> dict:
+                num_classes: int | None = None, amp: bool | None = None) -> dict:
     """The full configuration (model/data/train/eval sections) of one variant and seed.
 
     The model section is the setting's shared keys, then its family's keys, then the variant's
-    overrides; the train section the setting's budget, its family's keys, the seed and ``out_dir``.
+    overrides; the train section the setting's budget, its family's keys, the seed and ``out_dir``,
+    and ``amp`` when given (mixed precision on CUDA; None leaves ``train()``'s default).
     """
     if variant.family not in ("two_stage", "one_stage"):
         raise ValueError(f"variant {variant.name!r}: family must be 'two_stage' or 'one_stage', got {variant.family!r}")
@@ -202,6 +203,8 @@ def make_config(setting: Setting, variant: Variant, seed: int, out_dir: str | Pa
         model["num_classes"] = int(num_classes)
     train = {**copy.deepcopy(setting.train), **copy.deepcopy(setting.family_train.get(variant.family, {})),
              "seed": int(seed), "out_dir": str(out_dir)}
+    if amp is not None:
+        train["amp"] = bool(amp)
     return {"model": model, "data": copy.deepcopy(setting.data), "train": train, "eval": {}}
 
 
