@@ -12,11 +12,13 @@
 # also packs them, with the runs' metrics and evaluation records, into $OUT/device.tar.gz every
 # 30 s and at the end, so that what a stage did comes back even if it runs out of time.
 #
-# Sizing (measured on an H200, benchmarks/results/device/probe.md): one NEON training process runs
-# ~24 iterations/s alone, 16 sharing the GPU ~59/s together. Stages tests + bench take ~5 min; the
-# recipe at 3000 iterations ~3-4 min alone; `compare` (8 trained detectors x 3 seeds x 1500
-# iterations) ~10 min of training at 59/s: more than one 8-minute command, so give it SEEDS="0"
-# (or fewer VARIANTS) per call.
+# Sizing (measured on an H200): one NEON training process runs ~24 iterations/s alone; 16 sharing the
+# GPU by time-slicing ~59/s together (benchmarks/results/device/probe.md); 16 under MPS (MPS=1)
+# ~170/s together (each 1500-iteration training 2.1-2.7 min: 24 comparison trainings and 3 recipe
+# runs, 16 at a time, finished in 347 s; benchmarks/results/device/queue.md). Stages tests + bench
+# take ~5 min.
+# Without MPS, `compare` (11 trained detectors x 3 seeds x 1500 iterations) is more than one
+# 10-minute device command: give it SEEDS="0" (or fewer VARIANTS) per call, or use MPS=1.
 #
 # Stages (each needs a CUDA device; the script stops at once without one):
 #   tests    the CUDA tests (pytest -m cuda): boxes, post-processing, PrRoIPool, refinement and
@@ -113,7 +115,9 @@ if [ "$MPS" = 1 ]; then  # NVIDIA MPS: the processes' kernels run side by side i
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
     mps=off
-    if command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d >> "$LOG/mps.txt" 2>&1; then
+    # a daemon left by an earlier command on the same machine ("already running") is used as it is
+    if command -v nvidia-cuda-mps-control >/dev/null && { nvidia-cuda-mps-control -d >> "$LOG/mps.txt" 2>&1 ||
+            echo get_server_list | nvidia-cuda-mps-control >> "$LOG/mps.txt" 2>&1; }; then
         if timeout 60 $PY -c "import torch; x = torch.ones(4, device='cuda'); assert float(x.sum()) == 4.0" \
                 >> "$LOG/mps.txt" 2>&1; then
             mps=on

@@ -99,6 +99,7 @@ BASES = {"scratch": BASE, "pretrained": PRETRAINED}
 TABLES = {"scratch": TABLE, "pretrained": TABLE.with_name("recipe_pretrained.md")}
 TABLES_DIR: Path | None = None  # --tables: write the tables there instead
 AMP: bool | None = None  # --amp: mixed precision of the trainings on CUDA (None: train()'s default, on)
+SEED = 0  # --seed: the training seed; a run of another seed than 0 lives in runs/recipe/<variant>_seed<N>/
 
 #: name -> (what changes, overrides by section; ``"base": "pretrained"`` picks the pretrained base,
 #: ``"aug"`` extra augmentation). Ordered as they were run.
@@ -143,10 +144,18 @@ def family(name: str) -> str:
     return VARIANTS[name][1].get("base", "scratch")
 
 
-def variant_config(name: str) -> dict:
+def run_dir(name: str, seed: int = 0) -> Path:
+    """Where a variant's run of ``seed`` lives (seed 0: the variant's own name, as before seeds)."""
+    return RUNS / (name if seed == 0 else f"{name}_seed{seed}")
+
+
+def variant_config(name: str, seed: int | None = None) -> dict:
+    seed = SEED if seed is None else seed
     _, over = VARIANTS[name]
     cfg = merge(BASES[family(name)], {k: v for k, v in over.items() if k not in ("aug", "base")})
-    cfg["train"]["out_dir"] = str(RUNS / name)
+    cfg["train"]["out_dir"] = str(run_dir(name, seed))
+    if seed != 0:  # seed 0 is train()'s default: the runs made before --seed keep their config
+        cfg["train"]["seed"] = seed
     if AMP is not None:
         cfg["train"]["amp"] = AMP
     return experiment.check_config(cfg, source=name)
@@ -259,35 +268,46 @@ def _fmt(x) -> str:
 HEADERS = {
     "scratch": ["# From-scratch Faster R-CNN recipes on NEON tree crowns", "",
                 "torchvision Faster R-CNN from random weights, batch 2, SGD momentum 0.9, weight decay 1e-4,",
-                "warm-up 100 iterations, one seed (0)."],
+                "warm-up 100 iterations, seed 0 unless a row names another."],
     "pretrained": ["# Pretrained Faster R-CNN recipes on NEON tree crowns", "",
                    "locconf's Faster R-CNN (`arch: rcnn`) on ImageNet EfficientNet-Lite0 (`weights: imagenet`, frozen",
                    "BatchNorm and stem), C2-C4 -> P2-P5 FPN of 64 channels, 256 RoIs/img, batch 2, SGD momentum 0.9,",
-                   "weight decay 1e-4, lr 0.01, gradient clipping 10, warm-up 100 iterations, steps at 70/90 %, one",
-                   "seed (0)."],
+                   "weight decay 1e-4, lr 0.01, gradient clipping 10, warm-up 100 iterations, steps at 70/90 %, seed",
+                   "0 unless a row names another."],
 }
+
+
+def seeds_run(name: str) -> list[int]:
+    """The seeds of ``name`` with a run folder: 0 (the variant's own folder) and any ``<name>_seed<N>``."""
+    extra = sorted(int(p.name.rsplit("_seed", 1)[1]) for p in RUNS.glob(f"{name}_seed*")
+                   if p.name.rsplit("_seed", 1)[1].isdigit())
+    return [0, *extra]
 
 
 def write_table(fam: str = "scratch") -> str:
     rows, curves, devices = [], [], set()
     speed_file = RUNS / "speed.json"
     alone = json.loads(speed_file.read_text()) if speed_file.is_file() else {}
-    for name, (desc, over) in VARIANTS.items():
-        out = RUNS / name
+    for name, seed in [(n, s) for n in VARIANTS for s in seeds_run(n)]:
+        desc = VARIANTS[name][0]
+        out = run_dir(name, seed)
         res = out / "eval" / "results.json"
         if family(name) != fam or not res.is_file():
             continue
-        cfg = variant_config(name)
+        cfg = variant_config(name, seed)
+        label = name if seed == 0 else f"{name} (seed {seed})"
         m = metrics_of(res)
         times = [json.loads(line).get("time") for line in (out / "metrics.jsonl").read_text().splitlines()]
         times = [t for t in times if t is not None]
         info = json.loads((out / "run_info.json").read_text())
-        devices.add(info.get("device", "CPU"))
+        device = info.get("device", "CPU")
+        devices.add(f"{device} ({info['cpu']})" if device == "CPU" and info.get("cpu") else device)
         per_site = m.get("sites") or {}
         site = " / ".join(f"{s} {_fmt(per_site[s]['AP'])}/{_fmt(per_site[s]['AP50'])}/{_fmt(per_site[s]['AP75'])}"
                           for s in sorted(per_site))
-        solo = f"{alone[name]:.2f}" if name in alone else "-"
-        rows.append(f"| {name} | {desc} | {cfg['train']['iterations']} | {sum(times) / len(times):.2f} | {solo} | "
+        solo = f"{alone[name]:.2f}" if name in alone and seed == 0 else "-"
+        where = device.replace("CUDA (NVIDIA ", "").replace(")", "")  # "CPU" or e.g. "H200, fp32"
+        rows.append(f"| {label} | {desc} | {cfg['train']['iterations']} | {where} | {sum(times) / len(times):.2f} | {solo} | "
                     f"{info['train_seconds'] / 60:.1f} | {_fmt(m['AP'])} | {_fmt(m['AP50'])} | {_fmt(m['AP75'])} | "
                     f"{_fmt(m['AP90'])} | {site} |")
         points = []
@@ -295,23 +315,24 @@ def write_table(fam: str = "scratch") -> str:
             mm = metrics_of(d / "results.json")
             points.append(f"{int(d.name.split('_')[1])}: {_fmt(mm['AP'])}/{_fmt(mm['AP50'])}/{_fmt(mm['AP75'])}")
         points.append(f"{cfg['train']['iterations']}: {_fmt(m['AP'])}/{_fmt(m['AP50'])}/{_fmt(m['AP75'])}")
-        curves.append(f"| {name} | {', '.join(points)} |")
+        curves.append(f"| {label} | {', '.join(points)} |")
     text = "\n".join([
         *HEADERS[fam],
         "",
         "Written by `benchmarks/recipe.py`. Train: 64 YELL tiles of 400 x 400 (1,149 boxes); val: 11 images",
         "(YELL 9 / 206 boxes, OSBS 1 / 61, SOAP 1 / 37).",
-        f"Trained on: {', '.join(sorted(devices)) or 'CPU'}; CPU {cpu_name()}, `OMP_NUM_THREADS=1`"
-        + (", 2 cores shared with other jobs (timings +-15 %)." if devices <= {"CPU"} else "."),
+        f"Trained on: {'; '.join(sorted(devices)) or 'CPU'}; `OMP_NUM_THREADS=1`"
+        + (", 2 cores shared with other jobs (timings +-15 %)." if all(d.startswith("CPU") for d in devices)
+           else " (each row's `trained on`; GPU times do not compare with CPU times)."),
         "Metrics: COCO bbox AP of `locconf`'s evaluation after hard NMS (IoU 0.5), in percent;",
         "per site AP/AP50/AP75. Val is small: one evaluation swings by a few AP50 points.",
         "",
         "`s/iter` is the mean over the run (shared machine); `alone` is `--speed`: 6 timed iterations",
         "after 2 warm-ups with nothing else of ours running (still a shared machine).",
         "",
-        "| variant | change vs base | iters | s/iter | alone | wall min | AP | AP50 | AP75 | AP90 "
+        "| variant | change vs base | iters | trained on | s/iter | alone | wall min | AP | AP50 | AP75 | AP90 "
         "| per site AP/AP50/AP75 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "Val AP/AP50/AP75 at the saved checkpoints (iteration: AP/AP50/AP75):",
@@ -337,12 +358,17 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=RUNS, help="folder of the runs (default runs/recipe)")
     parser.add_argument("--tables", type=Path, default=None,
                         help="folder for the tables (default benchmarks/results/; e.g. results/device/ on a GPU)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed (default 0; another seed trains into runs/recipe/<variant>_seed<N>)")
     parser.add_argument("--amp", choices=["on", "off"], default=None,
                         help="mixed precision on CUDA (default: train()'s, on; 'off' trains in fp32 as on the CPU)")
     args = parser.parse_args()
     globals()["RUNS"] = args.runs
     globals()["TABLES_DIR"] = args.tables
     globals()["AMP"] = None if args.amp is None else args.amp == "on"
+    if args.seed < 0:
+        parser.error("--seed must be >= 0")
+    globals()["SEED"] = args.seed
     if args.list:
         for name, (desc, over) in VARIANTS.items():
             print(f"{name:16s} {desc}  {json.dumps(over)}")
@@ -360,7 +386,8 @@ def main() -> None:
             print(f"[{name}] {time.perf_counter() - t0:.0f} s", flush=True)
             write_table(family(name))
     for fam in BASES:
-        if any(family(n) == fam and (RUNS / n / "eval" / "results.json").is_file() for n in VARIANTS):
+        if any(family(n) == fam and (run_dir(n, s) / "eval" / "results.json").is_file()
+               for n in VARIANTS for s in seeds_run(n)):
             print(write_table(fam))  # a family without finished runs here keeps its committed table
 
 
