@@ -290,6 +290,7 @@ def test_a_run_trained_elsewhere_is_aggregated_from_its_records_without_its_weig
     run = again["tv_frcnn"]["runs"][0]
     assert run["status"] == "records only, eval reused"
     assert not list(run_dir.glob("checkpoint_*.pth"))  # not retrained
+    assert "trained on" not in (out / "table.md").read_text()  # one machine: no column
     assert run["methods"] == json.loads(json.dumps(first["tv_frcnn"]["runs"][0]["methods"]))
     assert run["train_s"] == pytest.approx(first["tv_frcnn"]["runs"][0]["train_s"])
     # without its evaluation the records do not suffice: the run is trained again
@@ -305,6 +306,22 @@ def test_a_run_trained_elsewhere_is_aggregated_from_its_records_without_its_weig
         ckpt.unlink()
     fourth = runner.run_benchmark(_tiny_setting(tmp_path), [variant], [0], out, runs, progress=False)["variants"]
     assert "different configuration" in fourth["tv_frcnn"]["runs"][0]["error"]
+
+
+def test_report_says_which_run_trained_where_when_machines_differ():
+    gpu = "CUDA (NVIDIA H200), fp32, Intel(R) Xeon(R) Processor, 1 threads"
+    assert report._short_place(gpu) == "H200, fp32"
+    assert report._short_place("CUDA (NVIDIA H100 80GB HBM3), mixed precision, x, 16 threads") == (
+        "H100 80GB HBM3, mixed precision")
+    assert report._short_place("CPU, AMD EPYC, 1 threads") == "CPU" and report._short_place(None) == "-"
+    variants = {"baseline": {"runs": {0: {"train_hardware": "CPU, AMD EPYC, 1 threads", "status": "reused"},
+                                      1: {"train_hardware": gpu, "status": "records only"}}}}
+    lines = report._runs_table(variants)
+    assert "| trained on |" in lines[2] and lines[3].count("|") == lines[2].count("|")
+    assert lines[4].startswith("| baseline | 0 | reused | CPU | ") and "| H200, fp32 | " in lines[5]
+    assert any("different hardware" in line for line in lines)
+    one = report._runs_table({"baseline": {"runs": {0: variants["baseline"]["runs"][0]}}})
+    assert "trained on" not in one[2] and not any("different hardware" in line for line in one)
 
 
 def test_amp_option_reaches_the_config_and_the_command():

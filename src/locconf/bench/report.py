@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..evaluation import CONFIDENCE_SIGNALS as SIGNALS  # score, quality, combined
 from .settings import BASELINE
@@ -70,17 +70,22 @@ def format_summary(results: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _header(meta: Mapping) -> list[str]:
-    """Title, data, budget, hardware, seeds, wall time, command and how to read the tables."""
+def _header(meta: Mapping, places: Sequence[str] = ()) -> list[str]:
+    """Title, data, budget, hardware, seeds, wall time, command and how to read the tables.
+
+    ``places``: where the runs trained (each run's ``train_hardware``), when that is not one machine.
+    """
     hw = meta["hardware"]
     return [
         f"# Accuracy benchmark: {meta['setting']}", "",
         f"- Data: {meta['description']}; train {meta['data']['train_images']} images / {meta['data']['train_boxes']} "
         f"boxes, val {meta['data']['val_images']} images / {meta['data']['val_boxes']} boxes.",
         f"- Budget (every variant): {meta['budget']}.",
-        f"- Hardware: {hw['device']}; {hw['cpu']}, {hw['threads']} torch "
-        f"threads; torch {hw['torch']}, torchvision {hw['torchvision']}, "
+        f"- Hardware{' of this invocation' if len(places) > 1 else ''}: {hw['device']}; {hw['cpu']}, "
+        f"{hw['threads']} torch threads; torch {hw['torch']}, torchvision {hw['torchvision']}, "
         f"Python {hw['python']}.",
+        *([f"- Trained on several machines (the Runs table says which run where): {'; '.join(places)}."]
+          if len(places) > 1 else []),
         f"- Seeds: {', '.join(str(s) for s in meta['seeds'])}. Cells are mean ± sample std over seeds "
         "(n - 1; a single seed shows the value alone); results.json has min, max and every seed.",
         f"- Wall time: {meta['wall_time_runs_s'] / 3600:.2f} h ({meta['wall_time_runs_s'] / 60:.0f} min) of "
@@ -183,10 +188,29 @@ def _targets_table(agg: Mapping) -> list[str]:
     return lines
 
 
+def _places(variants: Mapping) -> list[str]:
+    """The distinct ``train_hardware`` lines of the runs, sorted."""
+    return sorted({r["train_hardware"] for info in variants.values() for r in info["runs"].values()
+                   if r.get("train_hardware")})
+
+
+def _short_place(place: str | None) -> str:
+    """'CUDA (NVIDIA H200), fp32, <cpu>, 1 threads' -> 'H200, fp32'; 'CPU, <cpu>, 1 threads' -> 'CPU'."""
+    if not place:
+        return "-"
+    if place.startswith("CUDA ("):
+        gpu = place[len("CUDA ("):].split(")", 1)[0].replace("NVIDIA ", "")
+        return gpu + (", fp32" if ", fp32" in place else ", mixed precision" if "mixed precision" in place else "")
+    return place.split(",", 1)[0]
+
+
 def _runs_table(variants: Mapping) -> list[str]:
     """Every (variant, seed): status, times, signals and scatter plot; then hardware notes and warnings."""
-    lines = ["## Runs", "", "| variant | seed | status | train (min) | s/iter | eval (s) | signals | scatter plot |",
-             "|---|---:|---|---:|---:|---:|---|---|"]
+    places = _places(variants)
+    where = len(places) > 1  # a "trained on" column only when the runs trained on different machines
+    lines = ["## Runs", "", "| variant | seed | status | " + ("trained on | " if where else "")
+             + "train (min) | s/iter | eval (s) | signals | scatter plot |",
+             "|---|---:|---|" + ("---|" if where else "") + "---:|---:|---:|---|---|"]
     for name, info in variants.items():
         for seed, run in info["runs"].items():
             train_min = f"{run['train_s'] / 60:.1f}" if run.get("train_s") is not None else "-"
@@ -196,11 +220,10 @@ def _runs_table(variants: Mapping) -> list[str]:
             status = run.get("status", "")
             if run.get("error"):
                 status = f"failed: {_short(run['error'])}"
-            lines.append(f"| {name} | {seed} | {status} | {train_min} | {s_iter} | {eval_s} | "
+            trained = f"{_short_place(run.get('train_hardware'))} | " if where else ""
+            lines.append(f"| {name} | {seed} | {status} | {trained}{train_min} | {s_iter} | {eval_s} | "
                          f"{', '.join(run.get('signals') or []) or 'none'} | {plot} |")
-    places = sorted({r["train_hardware"] for info in variants.values() for r in info["runs"].values()
-                     if r.get("train_hardware")})
-    if len(places) > 1:
+    if where:
         lines += ["", "The runs were trained on different hardware, so their times do not compare: "
                   + "; ".join(places) + "."]
     warnings = [w for info in variants.values() for w in info.get("warnings", [])]
@@ -212,7 +235,7 @@ def _runs_table(variants: Mapping) -> list[str]:
 def format_report(results: Mapping) -> str:
     """The Markdown report of :func:`locconf.bench.run.run_benchmark`'s results dict."""
     agg, meta, variants = results["aggregate"], results["meta"], results["variants"]
-    lines = _header(meta)
+    lines = _header(meta, _places(variants))
     if meta.get("summary_plot"):
         lines += [f"![summary]({meta['summary_plot']})", ""]
     lines += ["## Summary: each variant under its paper's post-processing", "", format_summary(results)]
