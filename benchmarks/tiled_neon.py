@@ -1,7 +1,7 @@
 """Tiled prediction on whole NEON images: merge methods and border handling, scored on whole held-out bands.
 
     python benchmarks/tiled_neon.py --checkpoint /work/bench/runs/recipe/lite0_3000/checkpoint_0003000.pth
-    python benchmarks/tiled_neon.py --checkpoint runs/demo/checkpoint_0001000.pth --out benchmarks/results/tiled_neon_dir.md
+    python benchmarks/tiled_neon.py --checkpoint runs/demo1000/checkpoint_0001000.pth --out benchmarks/results/tiled_neon_dir.md  # locconf demo --iterations 1000 --out runs/demo1000
 
 The held-out data of ``locconf data neon-trees`` (``locconf.data.neon``) are: the bottom
 ``--val-height`` pixels of each image larger than a tile (the two YELL crops: a 2299 x 400 and a

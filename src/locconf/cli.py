@@ -258,7 +258,10 @@ def _add_predict_parser(sub) -> None:
 
 def _add_demo_parser(sub) -> None:
     demo = sub.add_parser("demo", help="the whole idea in a few CPU minutes on NEON tree crowns")
-    demo.add_argument("--iterations", type=int, default=1000)
+    # 750: what fits the demo's ~10 minutes on two idle CPU cores (1000 took 12.5 min; README, "What
+    # `locconf demo` does")
+    demo.add_argument("--iterations", type=int, default=750,
+                      help="training iterations (default 750, ~10 min on two idle CPU cores)")
     demo.add_argument("--data", type=Path, default=Path("data/neon"))
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--checkpoint", type=Path, default=None, help="evaluate this checkpoint instead of training")
