@@ -122,6 +122,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                      "anchor_sizes": [24, 48, 96, 192]}}),
     "lite0_giou": ("pretrained base with a GIoU box loss (x10, decoded boxes) instead of smooth-L1, 1500 iterations",
                    {"base": "pretrained", "model": {"box_loss": "giou"}}),
+    "lite0_frozen3": ("pretrained base with the trunk it uses frozen (stem and stages 1-3, frozen_stages=3), 1500 iterations",
+                      {"base": "pretrained", "model": {"frozen_stages": 3}}),
 }
 
 
