@@ -212,8 +212,11 @@ def _run_variant_seed(setting: Setting, variant: Variant, seed: int, num_classes
     train_cfg = make_config(setting, trained, seed, train_dir, num_classes, amp=amp)
     eval_cfg = make_config(setting, variant, seed, train_dir, num_classes, amp=amp)
     eval_dir = runs_dir / variant.name / f"it{iterations}_seed{seed}" / "eval"
-    _check_saved_config(train_dir, train_cfg)
-    timing = records_only(train_dir, eval_dir, iterations) or train_once(train_cfg, progress=inner_progress)
+    timing = records_only(train_dir, eval_dir, iterations)
+    if timing is None:
+        timing = train_once(train_cfg, progress=inner_progress)  # checks the saved config itself
+    else:
+        _check_saved_config(train_dir, train_cfg)
     ev = evaluate_once(timing["checkpoint"], eval_cfg, eval_dir, device=device, progress=inner_progress)
     run = {
         "run_dir": str(train_dir), "eval_dir": str(eval_dir),
