@@ -162,7 +162,7 @@ for stage in $STAGES; do
         for i in $(seq "$PARALLEL"); do
             OMP_NUM_THREADS=1 $PY benchmarks/gpu.py train-step --variants baseline --iters 30 --warmup 5 \
                 --out "$LOG/probe_$i.md" > "$LOG/probe_$i.log" 2>&1 &
-                pids+=($!)
+            pids+=($!)
         done
         wait_jobs
         { echo "# $PARALLEL training processes sharing the GPU (baseline, fp32 and AMP ms/iter each)"; echo
@@ -172,7 +172,7 @@ for stage in $STAGES; do
         for v in lite0_3000 lite0_600px lite0_giou; do
             OMP_NUM_THREADS=1 $PY benchmarks/recipe.py "$v" --runs "$RUNS/recipe" --tables "$RES" $amp_flag \
                 > "$LOG/recipe_$v.log" 2>&1 &
-                pids+=($!)
+            pids+=($!)
         done
         wait_jobs || status=1
         OMP_NUM_THREADS=1 $PY benchmarks/recipe.py --table-only --runs "$RUNS/recipe" --tables "$RES" \
@@ -189,7 +189,7 @@ print(' '.join(n for n, v in a.VARIANTS.items() if not v.reuse))")}
             OMP_NUM_THREADS=1 $PY benchmarks/accuracy.py --setting neon --variants "$v" --seeds "$s" $iters \
                 --runs "$RUNS/accuracy_neon" --out "$RUNS/accuracy_neon_parts/${v}_$s" --threads 1 $amp_flag \
                 > "$LOG/accuracy_${v}_$s.log" 2>&1 &
-                pids+=($!)
+            pids+=($!)
             wait_below "$PARALLEL"
         done
         wait_jobs || status=1
@@ -211,13 +211,13 @@ print(' '.join(n for n, v in a.VARIANTS.items() if not v.reuse))")}
                 OMP_NUM_THREADS=1 $PY benchmarks/accuracy.py --setting neon --variants $names --seeds "$s" $iters \
                     --runs "$RUNS/accuracy_neon" --out "$RUNS/accuracy_neon_parts/${v}_$s" --threads 1 $amp_flag \
                     > "$LOG/accuracy_${v}_$s.log" 2>&1 &
-                    pids+=($!)
+                pids+=($!)
                 ;;
             recipe:*)
                 v=${job#recipe:}; recipes="$recipes $v"
                 OMP_NUM_THREADS=1 $PY benchmarks/recipe.py "$v" --runs "$RUNS/recipe" --tables "$RES" $amp_flag \
                     > "$LOG/recipe_$v.log" 2>&1 &
-                    pids+=($!)
+                pids+=($!)
                 ;;
             *) echo "unknown job $job (acc:<variant>:<seed> or recipe:<variant>)"; status=1; continue ;;
             esac

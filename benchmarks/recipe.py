@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_name  # noqa: E402  benchmarks/common.py
 
 from locconf import experiment  # noqa: E402
+from locconf.bench.report import short_place  # noqa: E402
 
 RUNS = ROOT / "runs" / "recipe"
 TABLE = ROOT / "benchmarks" / "results" / "recipe.md"
@@ -308,7 +309,7 @@ def write_table(fam: str = "scratch") -> str:
         site = " / ".join(f"{s} {_fmt(per_site[s]['AP'])}/{_fmt(per_site[s]['AP50'])}/{_fmt(per_site[s]['AP75'])}"
                           for s in sorted(per_site))
         solo = f"{alone[name]:.2f}" if name in alone and seed == 0 else "-"
-        where = device.replace("CUDA (NVIDIA ", "").replace(")", "")  # "CPU" or e.g. "H200, fp32"
+        where = short_place(device)  # "CPU" or e.g. "H200, fp32"
         rows.append(f"| {label} | {desc} | {cfg['train']['iterations']} | {where} | {sum(times) / len(times):.2f} | {solo} | "
                     f"{info['train_seconds'] / 60:.1f} | {_fmt(m['AP'])} | {_fmt(m['AP50'])} | {_fmt(m['AP75'])} | "
                     f"{_fmt(m['AP90'])} | {site} |")

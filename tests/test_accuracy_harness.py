@@ -310,10 +310,10 @@ def test_a_run_trained_elsewhere_is_aggregated_from_its_records_without_its_weig
 
 def test_report_says_which_run_trained_where_when_machines_differ():
     gpu = "CUDA (NVIDIA H200), fp32, Intel(R) Xeon(R) Processor, 1 threads"
-    assert report._short_place(gpu) == "H200, fp32"
-    assert report._short_place("CUDA (NVIDIA H100 80GB HBM3), mixed precision, x, 16 threads") == (
+    assert report.short_place(gpu) == "H200, fp32"
+    assert report.short_place("CUDA (NVIDIA H100 80GB HBM3), mixed precision, x, 16 threads") == (
         "H100 80GB HBM3, mixed precision")
-    assert report._short_place("CPU, AMD EPYC, 1 threads") == "CPU" and report._short_place(None) == "-"
+    assert report.short_place("CPU, AMD EPYC, 1 threads") == "CPU" and report.short_place(None) == "-"
     variants = {"baseline": {"runs": {0: {"train_hardware": "CPU, AMD EPYC, 1 threads", "status": "reused"},
                                       1: {"train_hardware": gpu, "status": "records only"}}}}
     lines = report._runs_table(variants)

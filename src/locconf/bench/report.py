@@ -194,8 +194,9 @@ def _places(variants: Mapping) -> list[str]:
                    if r.get("train_hardware")})
 
 
-def _short_place(place: str | None) -> str:
-    """'CUDA (NVIDIA H200), fp32, <cpu>, 1 threads' -> 'H200, fp32'; 'CPU, <cpu>, 1 threads' -> 'CPU'."""
+def short_place(place: str | None) -> str:
+    """A run's hardware line, short: 'CUDA (NVIDIA H200), fp32, <cpu>, 1 threads' -> 'H200, fp32';
+    'CPU, <cpu>, 1 threads' -> 'CPU' (also benchmarks/recipe.py's table)."""
     if not place:
         return "-"
     if place.startswith("CUDA ("):
@@ -220,7 +221,7 @@ def _runs_table(variants: Mapping) -> list[str]:
             status = run.get("status", "")
             if run.get("error"):
                 status = f"failed: {_short(run['error'])}"
-            trained = f"{_short_place(run.get('train_hardware'))} | " if where else ""
+            trained = f"{short_place(run.get('train_hardware'))} | " if where else ""
             lines.append(f"| {name} | {seed} | {status} | {trained}{train_min} | {s_iter} | {eval_s} | "
                          f"{', '.join(run.get('signals') or []) or 'none'} | {plot} |")
     if where:
