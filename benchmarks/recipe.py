@@ -125,6 +125,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                    {"base": "pretrained", "model": {"box_loss": "giou"}}),
     "lite0_frozen3": ("pretrained base with the trunk it uses frozen (stem and stages 1-3, frozen_stages=3), 1500 iterations",
                       {"base": "pretrained", "model": {"frozen_stages": 3}}),
+    # Issue 29's levers: the pipeline's scale jitter (off in the recipe) and the larger pretrained
+    # trunks whose ImageNet weights install with the `lite` extra, alone and with 600 px.
+    "lite0_sj": ("pretrained base + scale jitter 0.75-1.33 (data.scale_jitter), 1500 iterations",
+                 {"base": "pretrained", "data": {"scale_jitter": [0.75, 1.33]}}),
+    "lite1": ("pretrained base on ImageNet EfficientNet-Lite1, 1500 iterations",
+              {"base": "pretrained", "model": {"backbone": "efficientnet_lite1"}}),
+    "lite2": ("pretrained base on ImageNet EfficientNet-Lite2, 1500 iterations",
+              {"base": "pretrained", "model": {"backbone": "efficientnet_lite2"}}),
 }
 
 
