@@ -172,3 +172,119 @@ def test_bench_command_runs_the_accuracy_harness(tmp_path, monkeypatch, capsys):
     assert "FAILED runs" in capsys.readouterr().err
     args = build_parser().parse_args(["bench", "--setting", "neon"])
     assert args.seeds == [0, 1] and args.out is None and "tv_frcnn" not in args.variants
+
+
+def test_choices_mirror_the_library():
+    """The command line's torch-free choice lists are the library's own tables."""
+    from locconf.cli import choices
+    from locconf.fusion import CONF_TYPES, WEIGHTS
+    from locconf.postprocess import METHODS
+    from locconf.tiling import BORDERS
+
+    assert choices.METHODS == tuple(METHODS)
+    assert choices.BORDERS == tuple(BORDERS)
+    assert choices.WEIGHTS == tuple(WEIGHTS) and choices.CONF_TYPES == tuple(CONF_TYPES)
+
+
+def test_version_and_help_show_defaults_and_choices(capsys):
+    import locconf
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"locconf {locconf.__version__}"
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 400)" in text and "{none,drop,down-weight}" in text and "(default: drop)" in text
+    assert "soft-gaussian" in text and "(default: nms)" in text
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert main(["train", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"locconf train: error: config file {missing} does not exist"]
+    assert "Traceback" not in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {arch: nope}\ntrain: {iterations: 1}\n")
+    assert main(["train", str(bad), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "model.arch must be one of" in err
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    assert main(["train", str(tmp_path / "nope.yaml"), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv("LOCCONF_DEBUG", "1")
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch):
+    from locconf.cli import train as train_cmd
+
+    def boom(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(train_cmd, "run", boom)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["train", "x.yaml"])
+
+
+def test_interrupt_is_reported_as_such(monkeypatch, capsys):
+    from locconf.cli import train as train_cmd
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cmd, "run", interrupted)
+    assert main(["train", "x.yaml"]) == 130
+    assert capsys.readouterr().err.strip() == "locconf train: interrupted"
+
+
+def test_quiet_and_verbose_set_the_package_log_level():
+    import logging
+
+    from locconf.cli import build_parser, configure_logging
+
+    for argv, level in ((["-q", "data", "synthetic", "--out", "x"], logging.WARNING),
+                        (["data", "synthetic", "--out", "x", "-v"], logging.DEBUG),
+                        (["data", "synthetic", "--out", "x"], logging.INFO)):
+        args = build_parser().parse_args(argv)
+        configure_logging(-1 if getattr(args, "quiet", False) else int(getattr(args, "verbose", 0) or 0))
+        assert logging.getLogger("locconf").level == level
+    configure_logging(0)
+
+
+def test_progress_bars_follow_tqdm_disable_and_the_terminal(monkeypatch):
+    from locconf.progress import progress_disabled
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert progress_disabled(False) is True
+    assert progress_disabled(True) is None  # tqdm decides: shown only on a terminal
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert progress_disabled(True) is True
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    assert progress_disabled(True) is None
+
+
+def test_a_piped_training_prints_no_progress_bar_updates(tmp_path):
+    """`locconf train cfg.yaml 2>&1 | cat`: standard error is not a terminal, so no bar is drawn."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = {"model": dict(arch="rcnn", backbone="resnet18", fpn_channels=16, min_size=64, max_size=64,
+                         representation_size=32, candidates_per_image=50),
+           "data": dict(source="synthetic", root=str(tmp_path / "data"),
+                        synthetic=dict(num_train=2, num_val=1, image_size=64, num_classes=1)),
+           "train": dict(iterations=4, batch_size=1, lr=0.001, warmup_iters=1, out_dir=str(tmp_path / "run"),
+                         checkpoint_every=4, log_every=1)}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "locconf", "train", str(tmp_path / "cfg.yaml")],
+                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                             "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr and "s/it" not in proc.stderr
+    assert "step 4" in proc.stdout

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from locconf.analysis import confidence_correlation
-from locconf.cli import main
+from locconf.cli import run_command as main  # exceptions propagate
 from locconf.engine import evaluate_methods
 from locconf.fusion import fuse
 from locconf.postprocess import postprocess
@@ -419,8 +419,9 @@ def test_bad_json_and_bad_arguments(tmp_path):
         run(tmp_path / "obj.json", "--out", tmp_path / "o.json")
     with pytest.raises(ValueError, match="no such file"):
         run(tmp_path / "missing.json", "--out", tmp_path / "o.json")
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's choices: usage and "invalid choice" on stderr
         run(good, "--out", tmp_path / "o.json", "--method", "wbf")
+    assert exit_info.value.code == 2
     with pytest.raises(ValueError, match="params: .*'sigmaa'"):
         run(good, "--out", tmp_path / "o.json", "--method", "soft-gaussian", "--param", "sigmaa=0.5")
     with pytest.raises(ValueError, match="params: sigma must be a positive number"):

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from locconf import boxes as B
-from locconf.cli import main
+from locconf.cli import run_command as main  # exceptions propagate
 from locconf.engine.evaluate import evaluate_methods
 from locconf.experiment import check_config, load_config, run_train
 

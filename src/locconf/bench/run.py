@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import yaml
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from locconf.candidates import signals as _signals
 from locconf.postprocess import REQUIRED_SIGNALS
@@ -295,7 +295,7 @@ def run_benchmark(setting: Setting, variants: Sequence[Variant], seeds: Sequence
     }
     records: dict[str, dict] = {v.name: {} for v in variants}
     jobs = [(v, s) for v in variants for s in seeds]
-    bar = tqdm(jobs, desc=f"accuracy/{setting.name}", unit="run", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(jobs, desc=f"accuracy/{setting.name}", unit="run", progress=progress, dynamic_ncols=True)
     for variant, seed in bar:
         bar.set_postfix_str(f"{variant.name} seed {seed}")
         info = results_variants[variant.name]

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from ..progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def _add_tile(coco: dict, counts: dict, image: dict, boxes: np.ndarray) -> None:
 
 
 def _convert_image(voc: VocImage, windows: list[tuple[str, tuple]], min_visible: float, out_dir: Path,
-                   coco: dict, counts: dict, bar: tqdm) -> np.ndarray:
+                   coco: dict, counts: dict, bar) -> np.ndarray:
     """Write the tiles of one source image (PNGs under ``out_dir``, records into ``coco`` and
     ``counts`` per split; ``bar`` advances by one a tile). Returns (N,) bool: which of its boxes
     some tile kept."""
@@ -287,7 +287,7 @@ def convert_voc_to_coco(
         (out_dir / s).mkdir(parents=True, exist_ok=True)
     jobs = [(voc, _windows(voc, tile_size, overlap, val_height)) for voc in vocs]
     dropped = 0
-    bar = tqdm(total=sum(len(w) for _, w in jobs), desc="neon tiles", disable=not progress)
+    bar = progress_bar(total=sum(len(w) for _, w in jobs), desc="neon tiles", progress=progress)
     for voc, windows in jobs:
         dropped += int((~_convert_image(voc, windows, min_visible, out_dir, coco, counts, bar)).sum())
     bar.close()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from tqdm import tqdm
+from ..progress import progress_bar
 
 __all__ = ["SyntheticScenes", "write_synthetic_coco", "SHAPES"]
 
@@ -256,7 +256,7 @@ def write_synthetic_coco(
     out_dir = Path(out_dir)
     (out_dir / split).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    for i in tqdm(range(len(dataset)), desc=f"synthetic {split}", disable=not progress):
+    for i in progress_bar(range(len(dataset)), desc=f"synthetic {split}", progress=progress):
         image, target = dataset.scene(i)
         name = f"{split}/{i:06d}.png"
         arr = (image.permute(1, 2, 0) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()

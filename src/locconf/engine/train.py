@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from locconf.data import collate_fn
 from locconf.engine import distributed as du
@@ -199,7 +199,7 @@ def _evaluate(model: nn.Module, eval_fn: Callable[[nn.Module, int], dict], step:
 
 
 def _iterate(
-    run: TrainingRun, batches: Iterable, log: MetricsLog, bar: tqdm, *, iterations: int, log_every: int,
+    run: TrainingRun, batches: Iterable, log: MetricsLog, bar, *, iterations: int, log_every: int,
     eval_fn: Callable[[nn.Module, int], dict] | None, eval_every: int | None, checkpoint_every: int,
     keep_checkpoints: int | None,
 ) -> dict[str, Any]:
@@ -346,7 +346,7 @@ def train(
     if run.main:
         _prepare_out_dir(run, on_start, unreadable, resumed=ckpt is not None)
     log = MetricsLog(run.out_dir / METRICS_FILE if run.main else None)
-    bar = tqdm(total=iterations, initial=run.start_step, desc="train", disable=not (progress and run.main),
+    bar = progress_bar(total=iterations, initial=run.start_step, desc="train", progress=progress and run.main,
                dynamic_ncols=True)
     try:
         return _iterate(run, loader, log, bar, iterations=iterations, log_every=log_every, eval_fn=eval_fn,

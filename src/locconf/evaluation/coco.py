@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 from torch import Tensor
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..candidates import Candidates, signals
 from ..data.coco import read_json
@@ -117,7 +117,7 @@ def _coco_results(
 ) -> list[dict]:
     """Post-process every image with ``method``; COCO result records (``bbox`` as x, y, w, h)."""
     records: list[dict] = []
-    for cand in tqdm(candidates, desc=method, disable=not progress, leave=False):
+    for cand in progress_bar(candidates, desc=method, progress=progress, leave=False):
         fields = {k: v for k, v in cand.items() if isinstance(v, Tensor)}
         det = postprocess(fields, method=method, max_detections=max_detections, **params)
         if det["boxes"].shape[0] == 0:

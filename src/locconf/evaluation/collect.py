@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..candidates import Candidates
 
@@ -63,7 +63,7 @@ def collect_candidates(
     model.eval()
     candidates: list[dict] = []
     try:
-        for batch in tqdm(data_loader, desc="candidates", disable=not progress):
+        for batch in progress_bar(data_loader, desc="candidates", progress=progress):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise ValueError("data_loader must yield (images, targets) batches (use locconf.data.collate_fn)")
             images, targets = batch

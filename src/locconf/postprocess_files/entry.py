@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..fusion import CONF_TYPES, WEIGHTS, fuse
 from ..postprocess import METHODS
@@ -102,7 +102,7 @@ def postprocess_file(
     if scorer is not None:
         scorer.expect(["input (nms)", out_row], ["input candidates", out_row])
     with contextlib.closing(src), _AtomicWriter(output) as out:
-        for image_id in tqdm(src.image_ids, desc=f"postprocess {method}", unit="img", disable=not progress):
+        for image_id in progress_bar(src.image_ids, desc=f"postprocess {method}", unit="img", progress=progress):
             cand = src.candidates(image_id, cats)
             if calibration is not None:
                 cand = calibration.apply(cand)
@@ -187,7 +187,7 @@ def _fuse_sources(sources, output, weight, fuse_args, method, params, max_detect
     if scorer is not None:
         scorer.expect([f"{n} (nms)" for n in names] + [fused_row], [f"{n} candidates" for n in names] + [fused_row])
     with _AtomicWriter(output) as out:
-        for image_id in tqdm(image_ids, desc=f"fuse {weight}", unit="img", disable=not progress):
+        for image_id in progress_bar(image_ids, desc=f"fuse {weight}", unit="img", progress=progress):
             dets = []
             for name, src in zip(names, sources):
                 cand = src.candidates(image_id, cats)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from .checks import _FIELDS, _check_int, _check_windows
 from .grid import tile_grid
@@ -33,7 +33,7 @@ def tile_candidates(model: torch.nn.Module, raster: Any, windows: Tensor, batch_
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=windows.shape[0], desc="tiles", unit="tile", disable=not progress)
+    bar = progress_bar(total=windows.shape[0], desc="tiles", unit="tile", progress=progress)
     try:
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start:start + batch_size].tolist()

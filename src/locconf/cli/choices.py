@@ -1,0 +1,14 @@
+"""The closed sets of values the command line offers, without importing torch (``--help`` stays fast).
+
+Each tuple mirrors the library's own (named beside it); ``tests/test_cli.py`` keeps them equal.
+"""
+
+#: :data:`locconf.postprocess.METHODS`, plus ``none`` where the command allows no post-processing.
+METHODS = ("nms", "soft-linear", "soft-gaussian", "iou-guided", "quality", "quality+soft-linear",
+           "quality+soft-gaussian", "var-voting", "var-voting+soft")
+#: :data:`locconf.tiling.BORDERS`.
+BORDERS = ("none", "drop", "down-weight")
+#: :data:`locconf.fusion.WEIGHTS`.
+WEIGHTS = ("score", "quality", "variance")
+#: :data:`locconf.fusion.CONF_TYPES`.
+CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")

@@ -1,0 +1,68 @@
+"""``locconf postprocess``: post-process or fuse any detector's candidates in files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import add_parser as _sub_parser
+from ._common import add_progress_flag, method_params
+from .choices import CONF_TYPES, METHODS, WEIGHTS
+
+
+def add_parser(sub, parents) -> None:
+    pp = _sub_parser(sub, "postprocess", parents,
+                     help="post-process or fuse any detector's candidates in COCO results files",
+                     description="Read candidates (COCO results: a JSON array or JSON Lines of {image_id, "
+                     "category_id, bbox [x, y, w, h], score, optional quality, optional variance [4]}), "
+                     "post-process each image (or fuse several files) and write COCO results.")
+    pp.add_argument("input", nargs="?", type=Path, default=None, help="the candidates file (or use --fuse)")
+    pp.add_argument("--fuse", nargs="+", type=Path, default=None, metavar="FILE",
+                    help="fuse the detections of these files (one per model or test-time pass)")
+    pp.add_argument("--out", "-o", type=Path, required=True, help="output file (.jsonl: JSON Lines, else a JSON array)")
+    pp.add_argument("--method", default="nms", choices=(*METHODS, "none"), metavar="METHOD",
+                    help=f"one of {', '.join(METHODS)} (locconf.postprocess.METHODS) or none; "
+                         "with --fuse it is applied to each file before fusion")
+    pp.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a keyword of the method, e.g. --param sigma=0.5 (repeatable)")
+    pp.add_argument("--params", default=None, metavar="JSON", help='keywords as a JSON object, e.g. \'{"sigma": 0.5}\'')
+    pp.add_argument("--max-detections", type=int, default=100, help="detections kept per image")
+    pp.add_argument("--score-threshold", type=float, default=0.0, help="drop candidates below this score first")
+    pp.add_argument("--class-agnostic", action="store_true", help="suppress across categories")
+    pp.add_argument("--gt", type=Path, default=None, help="COCO instances json: score input and output")
+    pp.add_argument("--weight", default="score", choices=WEIGHTS, help="fusion weight")
+    pp.add_argument("--fuse-iou", type=float, default=0.55, help="fusion IoU threshold")
+    pp.add_argument("--model-weights", type=float, nargs="+", default=None, help="one weight per --fuse file")
+    pp.add_argument("--conf-type", default="avg", choices=CONF_TYPES, help="how a fused box's score is computed")
+    pp.add_argument("--calibration", type=Path, default=None,
+                    help="calibrate each record's quality with this JSON (from locconf eval) first")
+    add_progress_flag(pp)
+    pp.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..postprocess_files import format_correlation, fuse_files, postprocess_file
+
+    if (args.input is None) == (args.fuse is None):
+        raise ValueError("locconf postprocess needs either one INPUT file or --fuse FILE [FILE ...]")
+    if args.calibration is not None and args.fuse is not None:
+        raise ValueError("--calibration applies to one INPUT file, not to --fuse")
+    common = dict(method=args.method, params=method_params(args.param, args.params),
+                  max_detections=args.max_detections, score_threshold=args.score_threshold,
+                  class_agnostic=args.class_agnostic, gt=args.gt, progress=not args.no_progress)
+    if args.fuse is not None:
+        report = fuse_files(args.fuse, args.out, weight=args.weight, iou_threshold=args.fuse_iou,
+                            model_weights=args.model_weights, conf_type=args.conf_type, **common)
+        what = f"fused ({args.weight}-weighted, after {args.method} per file)"
+    else:
+        report = postprocess_file(args.input, args.out, calibration=args.calibration, **common)
+        what = f"post-processed with {args.method}"
+    print(f"{report['records']} records in {report['images']} images {what}: "
+          f"{report['detections']} detections written to {report['output']}")
+    if "table" in report:
+        print("\nCOCO bbox metrics (x 100) against " + str(args.gt) + ":")
+        print(report["table"])
+        if any(report["correlation"].values()):
+            print("\ncorrelation with the true IoU (boxes with IoU > 0.5):")
+            print(format_correlation(report["correlation"]))
+    return 0
