@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import traceback
 
@@ -90,24 +91,44 @@ def _one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that locks, temporary files and half outputs are cleaned up."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The console entry point: :func:`run_command` with one-line errors (see the module docstring)."""
+    """The console entry point: :func:`run_command` with one-line errors (see the module docstring).
+
+    SIGTERM is turned into :class:`Terminated` (exit 143), so a terminated command cleans up as an
+    interrupted one does (exit 130).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
     debug = "--debug" in argv or os.environ.get("LOCCONF_DEBUG", "").strip() not in ("", "0")
     command = next((a for a in argv if not a.startswith("-")), None)
     prog = f"locconf {command}" if command else "locconf"
     try:
         return run_command(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             traceback.print_exc()
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        terminated = isinstance(e, Terminated)
+        print(f"{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except USER_ERRORS as e:
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

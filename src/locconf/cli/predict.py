@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config) if args.config else None
     model, cfg = load_trained(args.checkpoint, cfg, device=args.device)
-    class_names, label_to_cat_id = categories_of(cfg)
+    class_names, label_to_cat_id = categories_of(cfg, getattr(model, "categories", None))
     merge = {k: v for k, v in (("max_detections", args.max_detections),
                                ("candidates_per_tile", args.candidates_per_tile)) if v is not None}
     csv_path, json_path = args.csv or args.out.with_suffix(".csv"), args.json or args.out.with_suffix(".json")

@@ -56,6 +56,7 @@ class TrainingRun:
     epoch: int = 0  # the sampler's place after the updates done so far
     position: int = 0
     batches_per_epoch: int = 0
+    meta: dict[str, Any] | None = None  # recorded in every checkpoint as ``meta`` (what the weights are)
 
     @property
     def main(self) -> bool:
@@ -168,6 +169,8 @@ def save_run(run: TrainingRun, step: int, keep_checkpoints: int | None) -> Path 
         "world_size": run.world_size,
         "config": run.settings,
     }
+    if run.meta is not None:
+        state["meta"] = run.meta
     path = save_checkpoint(state, checkpoint_path(run.out_dir, step))
     if keep_checkpoints is not None:
         for _, old in list_checkpoints(run.out_dir)[:-keep_checkpoints]:

@@ -266,6 +266,7 @@ def train(
     find_unused_parameters: bool = False,
     progress: bool = True,
     on_start: Callable[[], None] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` for ``iterations`` SGD updates; return a summary dict.
 
@@ -299,6 +300,10 @@ def train(
         on_start: called once (rank 0) when every check has passed and the checkpoint is loaded,
             after ``out_dir`` is created and before anything is written into it (``run_train``
             saves its config.yaml there).
+        meta: what the weights are, stored in every checkpoint as ``meta`` (``run_train`` records the
+            locconf version, the resolved configuration and the categories; see
+            :func:`locconf.experiment.checkpoint_meta`). Tensors are not allowed; it is not compared
+            on resume.
 
     Nothing is written before the checks pass. At the start, temporary files that a kill during a
     save left in ``out_dir`` are removed.
@@ -336,6 +341,7 @@ def train(
         "amp": amp, "seed": seed,
     }
     run = _set_up(model, settings, device, rank, world_size, Path(out_dir))
+    run.meta = meta
     ckpt, unreadable = _resume(run, resume) if resume else (None, [])
     run.ddp_model = du.wrap_model(model, device=device, find_unused_parameters=find_unused_parameters)
     loader = _make_loader(run, dataset, num_workers)

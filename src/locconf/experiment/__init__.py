@@ -33,7 +33,7 @@ from .config import SECTIONS, ConfigLoader, check_config, load_config
 from .evaluate import run_eval
 from .inference import categories_of, predict
 from .recipe import neon_recipe
-from .training import load_trained, run_train
+from .training import checkpoint_meta, load_trained, run_train
 
 __all__ = [
     "ARCHS",
@@ -44,6 +44,7 @@ __all__ = [
     "build_model",
     "categories_of",
     "check_config",
+    "checkpoint_meta",
     "load_config",
     "load_trained",
     "neon_recipe",

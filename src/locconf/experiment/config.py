@@ -109,7 +109,7 @@ def _check_sections(cfg: dict[str, dict]) -> None:
         check_kwargs(builder, "model", {k: v for k, v in model.items() if k not in own}, positional=1)
     check_kwargs(build_datasets, "data", cfg["data"])
     synthetic_options(cfg["data"].get("synthetic"))
-    check_kwargs(train, "train", cfg["train"], positional=2, exclude=("resume", "on_start", "eval_fn"))
+    check_kwargs(train, "train", cfg["train"], positional=2, exclude=("resume", "on_start", "eval_fn", "meta"))
     eval_cfg = dict(cfg["eval"])
     methods = eval_cfg.pop("methods", None)
     if methods is not None and (not isinstance(methods, list) or not all(isinstance(m, str) for m in methods)):

@@ -6,6 +6,7 @@ results; :func:`categories_of` names a configuration's labels for those files.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,6 +14,8 @@ from typing import Any, Sequence
 from torch import nn
 
 from .build import device_of
+
+logger = logging.getLogger(__name__)
 
 def predict(model: nn.Module, image_path: str | os.PathLike, out_path: str | os.PathLike, method: str = "nms",
             score_threshold: float = 0.3, device: str | None = None, tile_size: int = 400, overlap: int = 100,
@@ -66,23 +69,34 @@ def predict(model: nn.Module, image_path: str | os.PathLike, out_path: str | os.
     return dets
 
 
-def categories_of(cfg: dict[str, dict]) -> tuple[list[str] | None, dict[int, int] | None]:
-    """``(class_names, label_to_cat_id)`` of a configuration's data, read from its category list.
+def categories_of(cfg: dict[str, dict] | None = None, categories: Sequence[dict] | None = None
+                  ) -> tuple[list[str] | None, dict[int, int] | None]:
+    """``(class_names, label_to_cat_id)``: from ``categories`` (a checkpoint's, in label order), else
+    from the category list of the configuration's data file.
 
     Labels number the categories sorted by id from 1, as :class:`locconf.data.CocoDetection` does
-    (``class_names[0]`` is the background). ``(None, None)`` when the data's JSON file is not
-    there (nothing is fetched or generated).
+    (``class_names[0]`` is the background). A checkpoint written by ``locconf train`` records its
+    categories (``model.categories`` after :func:`locconf.experiment.load_trained`), so the names do
+    not depend on the folder a command runs in. Without them, the data's JSON file is read relative
+    to the current folder; ``(None, None)`` (labels written as numbers, with a warning) when it is not
+    there: nothing is fetched or generated.
     """
     from ..data.coco import read_json
 
-    data = cfg.get("data") or {}
-    root = Path(data.get("root", "data/neon"))
-    source = data.get("source", "neon-trees")
-    name = data.get("val_json") or data.get("train_json") if source == "coco" else "val.json"
-    if not name or not (root / name).is_file():
-        return None, None
-    cats = read_json(root / name).get("categories") or []
-    ordered = sorted((int(c["id"]), str(c.get("name", c["id"]))) for c in cats if isinstance(c, dict) and "id" in c)
+    if categories:
+        ordered = [(int(c["id"]), str(c.get("name", c["id"]))) for c in categories]
+    else:
+        data = (cfg or {}).get("data") or {}
+        root = Path(data.get("root", "data/neon"))
+        source = data.get("source", "neon-trees")
+        name = data.get("val_json") or data.get("train_json") if source == "coco" else "val.json"
+        if not name or not (root / name).is_file():
+            logger.warning("the checkpoint records no categories and %s is not there: labels are written as "
+                           "numbers and category ids as label numbers", root / (name or "val.json"))
+            return None, None
+        cats = read_json(root / name).get("categories") or []
+        ordered = sorted((int(c["id"]), str(c.get("name", c["id"]))) for c in cats
+                         if isinstance(c, dict) and "id" in c)
     if not ordered:
         return None, None
     return ["__background__"] + [n for _, n in ordered], {k + 1: cid for k, (cid, _) in enumerate(ordered)}

@@ -54,6 +54,8 @@ def _type_hints(fn) -> dict[str, Any]:
 def _fits(value: Any, hint: Any) -> bool:
     """Whether a configuration value matches a type hint; ``bool`` is never a number."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
     if origin in (typing.Union, types.UnionType):
         return any(_fits(value, a) for a in args)
     if hint is bool:

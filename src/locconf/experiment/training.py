@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, output_lock
 from .build import build_datasets, build_model, device_of
 from .config import check_config, load_config, read_yaml
 from .keywords import call
@@ -52,11 +52,38 @@ def run_train(cfg: dict[str, dict], resume: bool = False) -> dict:
     train_ds, _, _ = call(build_datasets, "data", cfg["data"])
     model = call(build_model, "model", dict(cfg["model"], num_classes=train_ds.num_classes))
     saved = dict(cfg, model=dict(cfg["model"], num_classes=train_ds.num_classes))
+    meta = run_meta(saved, [{"id": int(cid), "name": str(train_ds.class_names[label])}
+                            for label, cid in sorted(train_ds.label_to_cat_id.items())])
 
     def write_config() -> None:
         atomic_write_text(config_file, yaml.safe_dump(saved, sort_keys=False))
 
-    return call(train, "train", dict(train_cfg, resume=resume, on_start=write_config), model, train_ds)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 holds the folder for the whole run
+        return call(train, "train", dict(train_cfg, resume=resume, on_start=write_config, meta=meta), model, train_ds)
+    with output_lock(out_dir, command="locconf train"):
+        return call(train, "train", dict(train_cfg, resume=resume, on_start=write_config, meta=meta), model,
+                    train_ds)
+
+
+def run_meta(cfg: dict[str, dict], categories: list[dict]) -> dict[str, Any]:
+    """What a checkpoint records about its weights (its ``meta``): see :func:`checkpoint_meta`."""
+    from .. import __version__
+
+    plain = json.loads(json.dumps(cfg, default=str))  # only str/number/list/dict: weights_only loads it
+    return {"locconf_version": __version__, "config": plain,
+            "categories": [{"id": int(c["id"]), "name": str(c["name"])} for c in categories]}
+
+
+def checkpoint_meta(state: dict[str, Any]) -> dict[str, Any]:
+    """The ``meta`` of a loaded checkpoint: ``locconf_version``, ``config`` and ``categories``.
+
+    ``config`` is the resolved configuration the run trained with (``model.num_classes``
+    included); ``categories`` lists ``{"id", "name"}`` in label order (label ``k + 1`` is
+    ``categories[k]``; 0 is the background). Checkpoints written before locconf recorded it give
+    ``{}``.
+    """
+    meta = state.get("meta")
+    return dict(meta) if isinstance(meta, dict) else {}
 
 
 def _run_differences(saved: dict, cfg: dict[str, dict]) -> list[str]:
@@ -75,20 +102,31 @@ def _run_differences(saved: dict, cfg: dict[str, dict]) -> list[str]:
 
 def load_trained(checkpoint: str | os.PathLike, cfg: dict[str, dict] | None = None,
                  device: str | None = None) -> tuple[nn.Module, dict[str, dict]]:
-    """Rebuild a model from its configuration (default: ``config.yaml`` beside the checkpoint)."""
+    """Rebuild a model from a checkpoint; return ``(model in eval mode, configuration)``.
+
+    The configuration is ``cfg`` when given, else the one the checkpoint records
+    (:func:`checkpoint_meta`), else ``config.yaml`` beside it (checkpoints of older versions).
+    The model's ``categories`` attribute holds the checkpoint's categories (``{"id", "name"}`` in
+    label order), or ``None`` when it records none.
+    """
     from ..engine.checkpoint import load_checkpoint
 
     checkpoint = Path(checkpoint)
-    if cfg is None:
-        cfg = load_config(checkpoint.parent / "config.yaml")
     state = load_checkpoint(checkpoint)
-    num_classes = int(cfg["model"].get("num_classes", 0))
+    meta = checkpoint_meta(state)
     beside = checkpoint.parent / "config.yaml"
+    if cfg is None:
+        cfg = check_config(meta["config"], source=f"{checkpoint} (its recorded configuration)") if meta.get("config") \
+            else load_config(beside)
+    num_classes = int(cfg["model"].get("num_classes", 0))
+    if not num_classes and meta.get("config"):
+        num_classes = int((meta["config"].get("model") or {}).get("num_classes", 0))
     if not num_classes and beside.is_file():  # run_train records it there
         num_classes = int((load_config(beside)["model"]).get("num_classes", 0))
     num_classes = num_classes or _num_classes_from_state(state["model"])
     model = build_model(num_classes=num_classes, **{k: v for k, v in cfg["model"].items() if k != "num_classes"})
     model.load_state_dict(state["model"])
+    model.categories = meta.get("categories")
     return model.to(device_of(device)).eval(), cfg
 
 
