@@ -35,6 +35,7 @@ def test_defaults_are_in_the_papers_regime():
     head = small_head()
     assert head.boxes_per_gt == 128 and head.max_boxes_per_image == 1000
     assert head.iou_loss == "bce" and head.refine_keep_best is True
+    assert head.loss_weight == 5.0 and head.score == "cluster_max"  # the reimplementation's weight
 
 
 def test_training_boxes_count_cap_balance_and_targets():
@@ -69,12 +70,41 @@ def test_losses_hand_computed(iou_loss):
     loss = head.loss(batch)["loss_iou_net"]
     torch.manual_seed(1)  # the same draw of training boxes
     boxes, t = head.training_boxes(gt)
-    p = head.score_boxes(feats, [boxes], [SIZE])
-    if iou_loss == "bce":
+    x = head.raw_output(feats, [boxes], [SIZE]).double()
+    t = t.double()
+    if iou_loss == "bce":  # on the logit
+        p = 1 / (1 + torch.exp(-x))
         expected = -(t * torch.log(p) + (1 - t) * torch.log(1 - p)).mean()
-    else:  # smooth L1 with beta 1 on values in [0, 1]: half the squared error
-        expected = 0.5 * ((p - t) ** 2).mean()
+    else:  # smooth L1 (beta 1) of the linear output against (IoU - 0.5) / 0.5
+        d = (x - (t - 0.5) / 0.5).abs()
+        expected = torch.where(d < 1, 0.5 * d**2, d - 0.5).mean()
     assert loss.item() == pytest.approx(2.0 * expected.item(), rel=1e-5)
+
+
+def test_loss_forms_on_hand_computed_values():
+    out, iou = torch.tensor([0.2, 0.2, 3.0]), torch.tensor([0.9, 0.5, 1.0])
+    # smooth L1 against (IoU - 0.5) / 0.5 = 0.8, 0, 1: differences -0.6, 0.2, 2 -> 0.18, 0.02, 1.5
+    sl1 = small_head(iou_loss="smooth_l1").loss_value(out, iou)
+    assert sl1.item() == pytest.approx((0.18 + 0.02 + 1.5) / 3, rel=1e-6)
+    # BCE at logit 0 (p = 1/2) is ln 2 whatever the target
+    assert small_head().loss_value(torch.zeros(2), torch.tensor([0.6, 0.9])).item() == pytest.approx(0.693147, rel=1e-5)
+
+
+def test_smooth_l1_output_is_linear_and_mapped_back():
+    """A constant output unit x (zero weights, bias x): the predicted IoU is 0.5 x + 0.5, clamped to
+    [0, 1] for the candidates, unclamped for the refinement; with BCE it is sigmoid(x)."""
+    feats, boxes = {"0": torch.rand(1, 4, 32, 32)}, [torch.tensor([[2.0, 3, 20, 25], [10, 10, 30, 30]])]
+    for bias, mapped in ((0.2, 0.6), (1.4, 1.2), (-1.6, -0.3)):
+        head = small_head(iou_loss="smooth_l1")
+        with torch.no_grad():
+            head.iou[-1].weight.zero_()
+            head.iou[-1].bias.fill_(bias)
+        assert torch.allclose(head.raw_output(feats, boxes, [SIZE]), torch.full((2,), bias))
+        assert torch.allclose(head.predicted_iou(feats, boxes, [SIZE]), torch.full((2,), mapped))
+        assert torch.allclose(head.score_boxes(feats, boxes, [SIZE]), torch.full((2,), min(max(mapped, 0.0), 1.0)))
+        bce_head = small_head()
+        bce_head.load_state_dict(head.state_dict())
+        assert torch.allclose(bce_head.score_boxes(feats, boxes, [SIZE]), torch.sigmoid(torch.full((2,), bias)))
 
 
 def test_bad_arguments_name_themselves():
@@ -84,6 +114,11 @@ def test_bad_arguments_name_themselves():
         small_head(max_boxes_per_image=0)
     with pytest.raises(ValueError, match="refine_keep_best"):
         small_head(refine_keep_best="yes")
+    for weight in (-1.0, float("nan"), float("inf"), "5", True):
+        with pytest.raises(ValueError, match="loss_weight"):
+            small_head(loss_weight=weight)
+    with pytest.raises(ValueError, match="score"):
+        small_head(score="max")
 
 
 @pytest.mark.parametrize("keep_best, expected_x2", [(None, 55.0), (True, 55.0), (False, 60.5)])
@@ -92,7 +127,7 @@ def test_refine_passes_the_rule_on(keep_best, expected_x2):
     x2 goes 50 -> 55 -> 60.5; Algorithm 2 stops there, keep_best undoes the step. The head's
     default (refine_keep_best=True) applies when the caller passes nothing."""
     head = small_head(refine_keep_best=True)
-    head.score_boxes = lambda feats, boxes, sizes: 0.002 * boxes[0][:, 2] - 0.3 * (boxes[0][:, 2] > 60).float()
+    head.predicted_iou = lambda feats, boxes, sizes: 0.002 * boxes[0][:, 2] - 0.3 * (boxes[0][:, 2] > 60).float()
     kw = {} if keep_best is None else {"keep_best": keep_best}
     out_boxes, out_scores = head.refine({}, [torch.tensor([[0.0, 0.0, 50.0, 10.0]])], [SIZE], steps=5,
                                         step_size=50.0, min_gain=0.0, **kw)

@@ -62,7 +62,7 @@ def test_class_aware_training_boxes_take_the_class_of_the_best_matching_ground_t
 
 def test_class_aware_loss_reads_the_class_of_the_matched_ground_truth():
     torch.manual_seed(0)
-    head = IoUNetHead(8, ["0", "1"], 7, 16, boxes_per_gt=10, num_classes=3)
+    head = IoUNetHead(8, ["0", "1"], 7, 16, boxes_per_gt=10, num_classes=3, loss_weight=1.0)
     feats, gt = _features(), torch.tensor([[0.0, 0, 30, 30], [50, 40, 95, 90]])
     batch = RoIBatch(feats, [(96, 96)], [gt], torch.zeros(0), torch.zeros(0), [gt], torch.zeros(0),
                      targets=[{"boxes": gt, "labels": torch.tensor([3, 1])}])

@@ -192,7 +192,8 @@ def distribution_focal_loss(logits: Tensor, targets: Tensor, reduction: str = "s
     the cross-entropy at the two values that bracket ``y``, weighted by linear interpolation, so that
     the mass concentrates around ``y`` and the expectation ``sum_j S_j j`` can reach it. Targets
     are clamped to ``[0, n]``; ``y = n`` uses the last two values (weight 0 on ``n - 1``). GFL's code
-    keeps targets at most ``n - 0.01`` (its ``bbox2distance``); the caller does that.
+    keeps targets at most ``n - 0.1`` (its ``bbox2distance``, ``eps=0.1``); the caller does that
+    (:mod:`locconf.models.dense.gfl`).
 
     Args:
         logits: (..., n + 1) logits over the values ``0..n``, ``n >= 1``.

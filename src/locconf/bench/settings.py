@@ -115,7 +115,38 @@ ABLATION_VARIANTS: dict[str, Variant] = {v.name: v for v in (
             {"arch": "rcnn", "quality": "iou_net", **IOU_NET_CPU, "refine_steps": 5, "refine_order": "before_nms"},
             headline="iou-guided", expects=("quality",), reuse="iou_net"),
 )}
-ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS, **ABLATION_VARIANTS}
+
+
+def _iou_net_variants() -> dict[str, Variant]:
+    """:data:`IOU_NET_VARIANTS`: per trained variant, its refinement with either score."""
+    out = {}
+    for tag, opts, text in (("w1", {"iou_net_loss_weight": 1.0}, "BCE, loss weight 1"),
+                            ("w5", {"iou_net_loss_weight": 5.0}, "BCE, loss weight 5"),
+                            ("sl1_w5", {"iou_net_loss": "smooth_l1", "iou_net_loss_weight": 5.0},
+                             "smooth L1 on (IoU - 0.5) / 0.5, loss weight 5")):
+        trained = f"iou_net_{tag}"
+        model = {"arch": "rcnn", "quality": "iou_net", **IOU_NET_CPU, **opts}
+        refine = {**model, "refine_steps": 5}
+        for variant in (
+                Variant(trained, f"IoU-Net ({text})", "two_stage", model, headline="iou-guided", expects=("quality",)),
+                Variant(f"iou_net_refine_{tag}", f"IoU-Net ({text}) + refinement after IoU-guided NMS, score = "
+                        "cluster-max class score (paper)", "two_stage", refine, headline="iou-guided",
+                        expects=("quality",), reuse=trained),
+                Variant(f"iou_net_refine_{tag}_cls_x_iou", f"IoU-Net ({text}) + refinement after IoU-guided NMS, "
+                        "score = class x refined IoU (reimplementation)", "two_stage",
+                        {**refine, "iou_net_score": "cls_x_iou"}, headline="iou-guided", expects=("quality",),
+                        reuse=trained)):
+            out[variant.name] = variant
+    return out
+
+
+#: Issue 29: IoU-Net's loss weight (1, the former default, against 5, the reimplementation's and now
+#: build_rcnn's default), its smooth-L1 loss in the reimplementation's form, and the score of a refined box
+#: (``iou_net_score``: the paper's cluster-max class score, or the reimplementation's class x refined IoU).
+#: The weights and losses are pinned here, so that these runs keep their meaning whatever the defaults become;
+#: the refinement and score variants re-evaluate the weights of their trained variant.
+IOU_NET_VARIANTS: dict[str, Variant] = _iou_net_variants()
+ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS, **ABLATION_VARIANTS, **IOU_NET_VARIANTS}
 BASELINE = "baseline"
 
 

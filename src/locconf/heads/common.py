@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RoIBatch", "HeadContext", "mlp_branch", "zero_loss", "bce"]
+__all__ = ["RoIBatch", "HeadContext", "mlp_branch", "zero_loss", "bce_with_logits", "bce_from_log_probs"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class HeadContext:
         box_representation_size: width R of the box head's representation.
         box_groups: column groups of the box regressor (1 class-agnostic, else classes + 1).
         num_classes: object classes K.
+        box_pool: the box head's pooling operator, ``"roi_align"`` or ``"prroi"`` (a head that
+            mixes its own pooling with the box head's features uses the same operator).
     """
 
     in_channels: int
@@ -48,6 +51,7 @@ class HeadContext:
     box_representation_size: int
     box_groups: int
     num_classes: int
+    box_pool: str = "roi_align"
 
 
 @dataclass
@@ -110,9 +114,21 @@ def zero_loss(module: nn.Module) -> Tensor:
     return sum(p.sum() for p in module.parameters()) * 0.0
 
 
-def bce(prob: Tensor, target: Tensor) -> Tensor:
-    """Mean binary cross-entropy of probabilities (N,) against soft targets (N,) in [0, 1]."""
-    prob, target = prob.float(), target.float()  # written out (not F.binary_cross_entropy): AMP-safe
-    eps = 1e-6
-    p = prob.clamp(eps, 1 - eps)
-    return -(target * torch.log(p) + (1 - target) * torch.log1p(-p)).mean()
+def bce_with_logits(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean binary cross-entropy of ``sigmoid(logits)`` (N,) against soft targets (N,) in [0, 1].
+
+    Computed from the logits (``F.binary_cross_entropy_with_logits``, in float32), so its gradient
+    ``sigmoid(x) - y`` is exact at any logit. The former form, BCE of the sigmoid probability clamped
+    to ``[1e-6, 1 - 1e-6]``, had a zero gradient wherever the clamp was active (``|x| > 13.8``): a
+    head pushed there by targets of exactly 1 (DIR's Purity often is) could not come back.
+    """
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+def bce_from_log_probs(log_p: Tensor, log_1mp: Tensor, target: Tensor) -> Tensor:
+    """Mean binary cross-entropy ``-(y log p + (1 - y) log(1 - p))`` from ``log p`` and ``log(1 - p)``
+    (each (N,)), for a probability that is not one sigmoid (DIR's IoU from Purity and Integrity,
+    Eq. 5): the caller computes both logarithms stably from the logits, so no clamp stops the
+    gradient."""
+    target = target.float()
+    return -(target * log_p.float() + (1 - target) * log_1mp.float()).mean()

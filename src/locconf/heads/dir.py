@@ -30,8 +30,16 @@ Ablations of Sec. 4.3, as options of the same head (no copy of the code):
   and at inference, ``"boxes"`` (hindsight: the regressed boxes re-pooled, the paper's 38.9 AP) or
   ``"proposals"`` (foresight: the box head's RoIAlign features of each box's proposal). The four
   combinations are the table's rows: proposals/proposals 37.9 (:class:`~.dir_foresight.ForesightDIRHead`),
-  proposals/boxes 38.3, boxes/proposals 37.5, boxes/boxes 38.9 (the default). Both poolings are
-  RoIAlign with the same output size, so one trained head can be evaluated either way.
+  proposals/boxes 38.3, boxes/proposals 37.5, boxes/boxes 38.9 (the default). The two poolings
+  use the same operator and output size, so one trained head can be evaluated either way: the
+  head's own pooling of the boxes is the box head's operator (``pool``, from ``build_rcnn``'s
+  ``box_pool``): RoIAlign, the paper's, by default; Precise RoI Pooling with ``box_pool="prroi"``
+  (then the proposals' features are PrRoIPool ones, and so are the boxes').
+
+The BCE losses are computed from the branches' logits (:func:`.common.bce_with_logits`), and the
+loss of the combined IoU from ``log c`` and ``log(1 - c)`` written in the two logits
+(:func:`iou_log_probs`): exact at any logit, where a clamped probability would stop the gradient of
+a saturated branch (Purity targets are often exactly 1).
 """
 
 from __future__ import annotations
@@ -39,17 +47,35 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign
 
 from ..boxes import elementwise_integrity, elementwise_purity, iou_from_purity_integrity
-from .common import HeadContext, RoIBatch, bce, mlp_branch, zero_loss
+from ..prroi_pool import MultiScalePrRoIPool
+from .common import HeadContext, RoIBatch, bce_from_log_probs, bce_with_logits, mlp_branch, zero_loss
 
-__all__ = ["DIRHead", "CONFIDENCES", "FEATURES"]
+__all__ = ["DIRHead", "CONFIDENCES", "FEATURES", "POOLS", "iou_log_probs"]
 
 
 CONFIDENCES = ("iou", "purity", "integrity", "geometric", "arithmetic")
 FEATURES = ("boxes", "proposals")
+POOLS = ("roi_align", "prroi")
+
+
+def iou_log_probs(purity_logits: Tensor, integrity_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log c, log(1 - c))`` of Eq. 5's IoU ``c = s t / (s + t - s t)``, ``s = sigmoid(a)``,
+    ``t = sigmoid(b)``, from the logits ``a``, ``b`` (each (N,)), finite at any logit.
+
+    With ``D = s + t - s t = s + t (1 - s)`` and ``1 - c = (s (1 - t) + t (1 - s)) / D``:
+    ``log c = log s + log t - log D`` and ``log(1 - c) = logaddexp(log s + log(1 - t),
+    log t + log(1 - s)) - log D``, ``log D = logaddexp(log s, log t + log(1 - s))``, with
+    ``log s = logsigmoid(a)`` and ``log(1 - s) = logsigmoid(-a)``.
+    """
+    ls, l1s = F.logsigmoid(purity_logits), F.logsigmoid(-purity_logits)
+    lt, l1t = F.logsigmoid(integrity_logits), F.logsigmoid(-integrity_logits)
+    log_d = torch.logaddexp(ls, lt + l1s)
+    return ls + lt - log_d, torch.logaddexp(ls + l1t, lt + l1s) - log_d
 
 
 class DIRHead(nn.Module):
@@ -67,6 +93,8 @@ class DIRHead(nn.Module):
             ``"arithmetic"``.
         train_features, inference_features: ``"boxes"`` (hindsight, default) or ``"proposals"``
             (foresight) in training / at inference (Table 4, module docstring).
+        pool: the operator of the head's pooling of the boxes, ``"roi_align"`` (default, the
+            paper's) or ``"prroi"``; ``from_options`` passes the box head's (module docstring).
     """
 
     name, default_method, signal = "dir", "quality", "quality"
@@ -74,15 +102,16 @@ class DIRHead(nn.Module):
     @classmethod
     def from_options(cls, context: HeadContext, options: Mapping[str, Any]) -> "DIRHead":
         """Built with ``build_rcnn``'s ``dir_confidence``, ``dir_train_features`` and
-        ``dir_inference_features`` (None: the class's own default)."""
+        ``dir_inference_features`` (None: the class's own default), pooling with the box head's
+        operator (``context.box_pool``)."""
         chosen = {"confidence": options["dir_confidence"], "train_features": options["dir_train_features"],
                   "inference_features": options["dir_inference_features"]}
         return cls(context.in_channels, context.featmap_names, context.pool_size, context.representation_size,
-                   **{k: v for k, v in chosen.items() if v is not None})
+                   pool=context.box_pool, **{k: v for k, v in chosen.items() if v is not None})
 
     def __init__(self, in_channels: int, featmap_names: Sequence[str], pool_size: int = 7,
                  representation_size: int = 1024, loss_weight: float = 1.0, *, confidence: str = "iou",
-                 train_features: str = "boxes", inference_features: str = "boxes") -> None:
+                 train_features: str = "boxes", inference_features: str = "boxes", pool: str = "roi_align") -> None:
         super().__init__()
         if in_channels < 1 or pool_size < 1:
             raise ValueError(f"in_channels and pool_size must be >= 1, got {in_channels}, {pool_size}")
@@ -93,7 +122,10 @@ class DIRHead(nn.Module):
         for name, value in (("train_features", train_features), ("inference_features", inference_features)):
             if value not in FEATURES:
                 raise ValueError(f"{name} must be one of {FEATURES}, got {value!r}")
-        self.pool = MultiScaleRoIAlign(list(featmap_names), pool_size, sampling_ratio=2)
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        self.pool = (MultiScalePrRoIPool(list(featmap_names), pool_size) if pool == "prroi"
+                     else MultiScaleRoIAlign(list(featmap_names), pool_size, sampling_ratio=2))
         self.loss_weight = float(loss_weight)
         self.confidence = confidence
         self.train_features, self.inference_features = train_features, inference_features
@@ -112,10 +144,14 @@ class DIRHead(nn.Module):
             return batch.pooled[batch.index]
         return self.pool(batch.features, batch.boxes, batch.image_sizes)
 
+    def logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, C, S, S) features -> the logits ``(purity, integrity)``, each (N,)."""
+        return self.purity(x).squeeze(1), self.integrity(x).squeeze(1)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(N, C, S, S) features -> ``(purity, integrity, iou)``, each (N,) in [0, 1]."""
-        s = torch.sigmoid(self.purity(x)).squeeze(1)
-        t = torch.sigmoid(self.integrity(x)).squeeze(1)
+        a, b = self.logits(x)
+        s, t = torch.sigmoid(a), torch.sigmoid(b)
         return s, t, iou_from_purity_integrity(s, t)
 
     @staticmethod
@@ -144,18 +180,19 @@ class DIRHead(nn.Module):
         return sub, torch.cat(boxes) if boxes else gts, gts
 
     def loss(self, batch: RoIBatch) -> dict[str, Tensor]:
-        """Eq. 9: BCE of Purity, Integrity and IoU over the boxes of positive proposals."""
+        """Eq. 9: BCE of Purity, Integrity and IoU over the boxes of positive proposals (from the
+        logits, module docstring)."""
         sub, boxes, gts = self.positives(batch)
         if gts.shape[0] == 0:
             zero = zero_loss(self)
             return {"loss_purity": zero, "loss_integrity": zero, "loss_quality_iou": zero}
-        s, t, c = self(self.features(sub, self.train_features))
+        a, b = self.logits(self.features(sub, self.train_features))
         purity = elementwise_purity(boxes, gts)
         integrity = elementwise_integrity(boxes, gts)
         iou = iou_from_purity_integrity(purity, integrity)
         w = self.loss_weight
-        return {"loss_purity": w * bce(s, purity), "loss_integrity": w * bce(t, integrity),
-                "loss_quality_iou": w * bce(c, iou)}
+        return {"loss_purity": w * bce_with_logits(a, purity), "loss_integrity": w * bce_with_logits(b, integrity),
+                "loss_quality_iou": w * bce_from_log_probs(*iou_log_probs(a.float(), b.float()), iou)}
 
     def predict(self, batch: RoIBatch) -> Tensor:
         """(N,) localization confidence of ``batch.boxes``: by default the IoU of Eq. 5 from the

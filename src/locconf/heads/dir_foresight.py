@@ -31,7 +31,8 @@ class ForesightDIRHead(DIRHead):
 
     def __init__(self, in_channels: int, featmap_names: Sequence[str], pool_size: int = 7,
                  representation_size: int = 1024, loss_weight: float = 1.0, *, confidence: str = "iou",
-                 train_features: str = "proposals", inference_features: str = "proposals") -> None:
+                 train_features: str = "proposals", inference_features: str = "proposals",
+                 pool: str = "roi_align") -> None:
         super().__init__(in_channels, featmap_names, pool_size, representation_size, loss_weight,
                          confidence=confidence, train_features=train_features,
-                         inference_features=inference_features)
+                         inference_features=inference_features, pool=pool)

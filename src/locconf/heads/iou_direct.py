@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign
 
 from ..boxes import elementwise_box_iou
-from .common import HeadContext, RoIBatch, bce, mlp_branch, zero_loss
+from .common import HeadContext, RoIBatch, bce_with_logits, mlp_branch, zero_loss
 from .dir import DIRHead
 
 __all__ = ["DirectIoUHead"]
@@ -67,8 +67,8 @@ class DirectIoUHead(nn.Module):
         sub, boxes, gts = DIRHead.positives(batch)
         if gts.shape[0] == 0:
             return {"loss_quality_iou": zero_loss(self)}
-        c = self(self.features(sub))[2]
-        return {"loss_quality_iou": self.loss_weight * bce(c, elementwise_box_iou(boxes, gts))}
+        logits = self.iou(self.features(sub)).squeeze(1)  # BCE from the logits: exact at any logit
+        return {"loss_quality_iou": self.loss_weight * bce_with_logits(logits, elementwise_box_iou(boxes, gts))}
 
     def predict(self, batch: RoIBatch) -> Tensor:
         """(N,) predicted IoU of ``batch.boxes``."""

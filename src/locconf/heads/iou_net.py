@@ -18,17 +18,35 @@ As described in Sec. 3 of the paper:
   ``max_boxes_per_image=1000``, a random subset (uniform, so the IoU balance holds in expectation)
   where an image has more. Each box costs a PrRoIPool and a pass of the MLP; on a CPU, 64 per
   ground truth capped at 512 per image is the practical setting.
-- **Loss**: ``iou_loss="bce"`` (default): binary cross-entropy on the sigmoid output, as the issue
-  and DIR's comparison specify. ``"smooth_l1"``: the paper's regression loss as the
-  reimplementation above reads it ("the paper uses SmoothL1Loss"; we could not check the paper's
-  text for it, so it is not the default): smooth L1 (beta 1) between the predicted IoU (still the
-  sigmoid output, ours, so that it stays in [0, 1] for IoU-guided NMS and refinement) and the
-  target, i.e. half the squared error since both lie in [0, 1]. The reimplementation found BCE
-  0.3 AP better on COCO.
+- **Loss** (the paper does not state it; the reimplementation above, which reproduces the paper's
+  gain, is our reference; its ``mmdet/iounet/iou_head.py`` and the configs
+  ``configs/iounet/faster_rcnn_iou_r50_fpn_1x_coco.py`` (smooth L1) and
+  ``assets/faster_rcnn_iou_r50_fpn_bce_1x_coco.py`` (BCE)):
+
+  - ``iou_loss="bce"`` (default; the reimplementation found it 0.3 AP better on COCO): binary
+    cross-entropy of ``sigmoid(x)`` against the IoU, computed from the logit ``x``
+    (:func:`.common.bce_with_logits`: exact at any logit, as the reference's
+    ``binary_cross_entropy_with_logits``); the predicted IoU is ``sigmoid(x)``.
+  - ``iou_loss="smooth_l1"``: the reference's regression, "the paper uses SmoothL1Loss" as the
+    reimplementation reads it: the output ``x`` is linear, trained with smooth L1 (beta 1) against
+    the normalised target ``(IoU - 0.5) / 0.5`` (``target_norm=dict(mean=0.5, std=0.5)``), and the
+    predicted IoU is ``0.5 x + 0.5``, mapped back. The refinement climbs that linear value, as the
+    reference's; the candidates' ``quality`` is it clamped to [0, 1] (the candidates contract; the
+    reference leaves it unclamped: only boxes predicted beyond 0 or 1 tie).
+  - ``loss_weight=5.0`` (the reference's ``loss_weight=5.0``, in both configs), on the mean over
+    the jittered boxes (the reference divides by their count). Before issue 29 the weight was 1
+    and the smooth-L1 option regressed the *sigmoid* output ``p`` against the raw IoU: for an
+    error ``e`` in IoU units its gradient at the output unit was ``e p (1 - p) <= e / 4``, the
+    reference's is ``5 x 2 e = 10 e``, at least 40 times more.
 - **Inference**: the predicted IoU of every candidate is its localization confidence, used by
   IoU-guided NMS (Sec. 3.2; ``postprocess(..., "iou-guided")``) and, optionally, as the objective
   of optimization-based refinement (Sec. 3.3, Algorithm 2; :meth:`IoUNetHead.refine`,
   :func:`locconf.refine.refine_boxes`).
+- **Score of a refined box** (``score``): ``"cluster_max"`` (default) keeps what IoU-guided NMS gave
+  it, the best classification score of its cluster (Algorithm 1, the paper's); ``"cls_x_iou"``
+  multiplies it by the refined box's predicted IoU, as every configuration of the reimplementation
+  does (``use_iou_score=True`` in the ``refine`` section; its ``mmdet/iounet/iou_roi_head.py``,
+  ``refine_by_iou``) and only after refinement (:meth:`final_scores`).
 
 Choices: the predictor is class-agnostic by default (one output, like DIR's regressors); the
 paper's is class-aware, which ``num_classes=K`` gives (K outputs, the one of the box's class read:
@@ -40,6 +58,7 @@ box at the stopping step; ``build_rcnn`` passes ``refine_keep_best=False``, the 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -50,11 +69,13 @@ import torch.nn.functional as F
 from ..boxes import box_iou, jitter_boxes
 from ..prroi_pool import MultiScalePrRoIPool
 from ..refine import refine_boxes
-from .common import HeadContext, RoIBatch, bce, mlp_branch, zero_loss
+from .common import HeadContext, RoIBatch, bce_with_logits, mlp_branch, zero_loss
 
-__all__ = ["IoUNetHead", "IOU_LOSSES"]
+__all__ = ["IoUNetHead", "IOU_LOSSES", "IOU_NET_SCORES"]
 
 IOU_LOSSES = ("bce", "smooth_l1")
+#: The score of a refined box: the paper's cluster-max class score, or the reference's class x IoU.
+IOU_NET_SCORES = ("cluster_max", "cls_x_iou")
 
 
 class IoUNetHead(nn.Module):
@@ -67,11 +88,12 @@ class IoUNetHead(nn.Module):
         representation_size: width of the two hidden FC layers.
         boxes_per_gt: jittered training boxes wanted per ground-truth box (see the module
             docstring; :func:`locconf.boxes.jitter_boxes` keeps up to ``ceil(n / 5)`` per IoU bin).
-        loss_weight: scale of the loss.
+        loss_weight: scale of the loss (5, the reference's; module docstring).
         max_boxes_per_image: cap on the training boxes of one image (a uniform random subset).
         iou_loss: ``"bce"`` | ``"smooth_l1"`` (module docstring).
         refine_keep_best: default of :meth:`refine`'s ``keep_best`` (module docstring).
         num_classes: None (one class-agnostic output) or K: class-aware, one output per class.
+        score: the score of a refined box, ``"cluster_max"`` | ``"cls_x_iou"`` (module docstring).
     """
 
     name, default_method, signal = "iou_net", "iou-guided", "quality"
@@ -79,24 +101,30 @@ class IoUNetHead(nn.Module):
     @classmethod
     def from_options(cls, context: HeadContext, options: Mapping[str, Any]) -> "IoUNetHead":
         """Built with ``build_rcnn``'s ``iou_net_boxes_per_gt``, ``iou_net_max_boxes_per_image``,
-        ``iou_net_loss``, ``refine_keep_best`` and ``iou_net_class_aware``."""
+        ``iou_net_loss``, ``iou_net_loss_weight``, ``iou_net_score``, ``refine_keep_best`` and
+        ``iou_net_class_aware``."""
         return cls(context.in_channels, context.featmap_names, context.pool_size, context.representation_size,
-                   options["iou_net_boxes_per_gt"], max_boxes_per_image=options["iou_net_max_boxes_per_image"],
+                   options["iou_net_boxes_per_gt"], loss_weight=options["iou_net_loss_weight"],
+                   max_boxes_per_image=options["iou_net_max_boxes_per_image"],
                    iou_loss=options["iou_net_loss"], refine_keep_best=options["refine_keep_best"],
-                   num_classes=context.num_classes if options["iou_net_class_aware"] else None)
+                   num_classes=context.num_classes if options["iou_net_class_aware"] else None,
+                   score=options["iou_net_score"])
 
     def __init__(self, in_channels: int, featmap_names: Sequence[str], pool_size: int = 7,
-                 representation_size: int = 1024, boxes_per_gt: int = 128, loss_weight: float = 1.0,
+                 representation_size: int = 1024, boxes_per_gt: int = 128, loss_weight: float = 5.0,
                  max_boxes_per_image: int = 1000, iou_loss: str = "bce", refine_keep_best: bool = True,
-                 num_classes: Optional[int] = None) -> None:
+                 num_classes: Optional[int] = None, score: str = "cluster_max") -> None:
         super().__init__()
         if in_channels < 1 or pool_size < 1 or boxes_per_gt < 1:
             raise ValueError(f"in_channels, pool_size and boxes_per_gt must be >= 1, got "
                              f"{in_channels}, {pool_size}, {boxes_per_gt}")
         if isinstance(max_boxes_per_image, bool) or not isinstance(max_boxes_per_image, int) or max_boxes_per_image < 1:
             raise ValueError(f"max_boxes_per_image must be an int >= 1, got {max_boxes_per_image!r}")
-        if loss_weight < 0:
-            raise ValueError(f"loss_weight must be >= 0, got {loss_weight}")
+        if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) \
+                or not math.isfinite(loss_weight) or loss_weight < 0:
+            raise ValueError(f"loss_weight must be a finite number >= 0, got {loss_weight!r}")
+        if score not in IOU_NET_SCORES:
+            raise ValueError(f"score must be one of {IOU_NET_SCORES}, got {score!r}")
         if iou_loss not in IOU_LOSSES:
             raise ValueError(f"iou_loss must be one of {IOU_LOSSES}, got {iou_loss!r}")
         if not isinstance(refine_keep_best, bool):
@@ -112,17 +140,38 @@ class IoUNetHead(nn.Module):
         self.loss_weight = float(loss_weight)
         self.iou_loss = iou_loss
         self.refine_keep_best = refine_keep_best
+        self.score = score
 
-    def score_boxes(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]],
-                    labels: Optional[Tensor] = None) -> Tensor:
-        """(sum n_i,) predicted IoU of per-image boxes; differentiable in the box coordinates.
-        A class-aware head reads the output of each box's class, ``labels`` (sum n_i,) in 1..K."""
-        out = torch.sigmoid(self.iou(self.pool(features, boxes, image_sizes)))
+    def raw_output(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]],
+                   labels: Optional[Tensor] = None) -> Tensor:
+        """(sum n_i,) the output unit of each box, before any mapping: a logit (``"bce"``) or the
+        normalised IoU ``(IoU - 0.5) / 0.5`` (``"smooth_l1"``). A class-aware head reads the output
+        of each box's class, ``labels`` (sum n_i,) in 1..K."""
+        out = self.iou(self.pool(features, boxes, image_sizes))
         if self.num_classes is None:
             return out.squeeze(1)
         if labels is None:
             raise ValueError("a class-aware IoU head (num_classes set) needs the boxes' labels")
         return out.gather(1, (labels.to(torch.int64) - 1).clamp(0, self.num_classes - 1)[:, None]).squeeze(1)
+
+    def predicted_iou(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]],
+                      labels: Optional[Tensor] = None) -> Tensor:
+        """(sum n_i,) predicted IoU, what the refinement climbs: ``sigmoid(x)`` (``"bce"``) or
+        ``0.5 x + 0.5`` (``"smooth_l1"``, unclamped as the reference's); differentiable in the boxes."""
+        out = self.raw_output(features, boxes, image_sizes, labels)
+        return torch.sigmoid(out) if self.iou_loss == "bce" else out * 0.5 + 0.5
+
+    def score_boxes(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]],
+                    labels: Optional[Tensor] = None) -> Tensor:
+        """(sum n_i,) predicted IoU of per-image boxes in [0, 1] (:meth:`predicted_iou`, clamped for
+        ``"smooth_l1"``), the candidates' ``quality``."""
+        out = self.predicted_iou(features, boxes, image_sizes, labels)
+        return out if self.iou_loss == "bce" else out.clamp(0.0, 1.0)
+
+    def final_scores(self, scores: Tensor, iou: Tensor) -> Tensor:
+        """The score of refined boxes (N,) from their IoU-guided NMS score (N,) and refined IoU (N,):
+        unchanged (``"cluster_max"``) or ``scores * iou`` (``"cls_x_iou"``)."""
+        return scores if self.score == "cluster_max" else scores * iou.to(scores.dtype)
 
     def training_boxes(self, gt_boxes: Tensor) -> tuple[Tensor, Tensor]:
         """One image's IoU-balanced training boxes and their targets.
@@ -147,8 +196,9 @@ class IoUNetHead(nn.Module):
         return jittered.detach(), best.values, best.indices
 
     def loss(self, batch: RoIBatch) -> dict[str, Tensor]:
-        """BCE (or smooth L1) of the predicted IoU of jittered ground-truth boxes (IoU >= 0.5); a
-        class-aware head reads each box's output at the class of its best-matching ground truth."""
+        """``loss_weight`` x BCE of the logit (or smooth L1 of the linear output against
+        ``(IoU - 0.5) / 0.5``) of jittered ground-truth boxes (IoU >= 0.5); a class-aware head
+        reads each box's output at the class of its best-matching ground truth."""
         boxes, targets, matched = zip(*(self._training_boxes(t["boxes"]) for t in batch.targets))
         labels = None
         if self.num_classes is not None:
@@ -156,12 +206,15 @@ class IoUNetHead(nn.Module):
         target = torch.cat(targets)
         if target.numel() == 0:
             return {"loss_iou_net": zero_loss(self)}
-        pred = self.score_boxes(batch.features, list(boxes), batch.image_sizes, labels)
+        out = self.raw_output(batch.features, list(boxes), batch.image_sizes, labels)
+        return {"loss_iou_net": self.loss_weight * self.loss_value(out, target)}
+
+    def loss_value(self, out: Tensor, iou: Tensor) -> Tensor:
+        """The unweighted loss of output units ``out`` (N,) (:meth:`raw_output`) against target IoUs
+        ``iou`` (N,): BCE from the logits, or smooth L1 (beta 1) against ``(iou - 0.5) / 0.5``."""
         if self.iou_loss == "smooth_l1":
-            value = F.smooth_l1_loss(pred.float(), target.float(), beta=1.0)
-        else:
-            value = bce(pred, target)
-        return {"loss_iou_net": self.loss_weight * value}
+            return F.smooth_l1_loss(out.float(), (iou.float() - 0.5) / 0.5, beta=1.0)
+        return bce_with_logits(out, iou)
 
     def predict(self, batch: RoIBatch) -> Tensor:
         """(N,) predicted IoU of ``batch.boxes``."""
@@ -175,9 +228,10 @@ class IoUNetHead(nn.Module):
         """Optimization-based refinement (Algorithm 2): per image, gradient ascent of the predicted IoU.
 
         ``labels``: per image (n_i,) the boxes' classes (needed by a class-aware head).
-        Returns per image the refined boxes (n_i, 4) and their predicted IoU (n_i,); other keyword
-        arguments go to :func:`locconf.refine.refine_boxes` (``min_gain``, ``max_drop``,
-        ``keep_best``, ...); ``keep_best`` defaults to ``refine_keep_best``.
+        Returns per image the refined boxes (n_i, 4) and their predicted IoU (n_i,) in [0, 1] (the
+        ascent climbs :meth:`predicted_iou`); other keyword arguments go to
+        :func:`locconf.refine.refine_boxes` (``min_gain``, ``max_drop``, ``keep_best``, ...);
+        ``keep_best`` defaults to ``refine_keep_best``.
         """
         kwargs.setdefault("keep_best", self.refine_keep_best)
         out_boxes, out_scores = [], []
@@ -187,10 +241,10 @@ class IoUNetHead(nn.Module):
 
             def score_fn(x: Tensor, feats=feats, size=size, lab=lab) -> Tensor:
                 if lab is None:
-                    return self.score_boxes(feats, [x], [size])
-                return self.score_boxes(feats, [x], [size], lab)
+                    return self.predicted_iou(feats, [x], [size])
+                return self.predicted_iou(feats, [x], [size], lab)
 
             result = refine_boxes(score_fn, b, steps=steps, step_size=step_size, image_size=size, **kwargs)
             out_boxes.append(result.boxes)
-            out_scores.append(result.scores)
+            out_scores.append(result.scores if self.iou_loss == "bce" else result.scores.clamp(0.0, 1.0))
         return out_boxes, out_scores

@@ -4,7 +4,7 @@ on its last stage.
 A cascade of box stages, each with its own box head (two FC layers, classifier, class-agnostic
 regressor), trained at a rising IoU threshold (0.5, 0.6, 0.7): stage ``t`` samples its RoIs from the
 boxes stage ``t - 1`` regressed, so that the later, stricter stages see the better boxes they are
-meant to refine. As in MMDetection's and detectron2's implementations:
+meant to refine. As in MMDetection's and detectron2's implementations (except where said):
 
 - **Training**: stage 1 samples from the RPN proposals; a later stage from the previous stage's
   regressed sampled RoIs (detached, the ground-truth copies dropped), with the ground truth added
@@ -13,7 +13,12 @@ meant to refine. As in MMDetection's and detectron2's implementations:
   stages' losses are weighted 1, 0.5, 0.25 (MMDetection's ``stage_loss_weights``). The loss names
   carry the stage: ``loss_classifier_s1``, ``loss_box_reg_s1``, ...
 - **Inference**: each stage classifies its own input boxes and regresses them for the next; the
-  class score is the mean of the stages' softmax scores, the box the last stage's regression.
+  class score is the mean of the stages' softmax probabilities, as detectron2 computes it
+  (``detectron2/modeling/roi_heads/cascade_rcnn.py``: the mean of each stage's ``predict_probs``),
+  and the box is the last stage's regression. MMDetection differs: it averages the stages' raw
+  classification outputs (logits) and applies the softmax to that mean
+  (``mmdet/models/roi_heads/cascade_roi_head.py``, ``_refine_roi`` / ``simple_test``); the two
+  agree when the stages agree and differ in how a confident stage outweighs a hesitant one.
 - **Quality head** (DIR Table 1, third block; IoU-Net Sec. 4.4): trained on the last stage's RoIs
   and regressed boxes, and predicts for the final candidates, exactly as on a one-stage box head.
   DIR trains its head on "the positive samples of the classification branch" (Sec. 3.3), which on

@@ -14,6 +14,7 @@ score exceeds ``score_thresh``, before any NMS, with the signal its head predict
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence
 
@@ -27,6 +28,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from ..heads import TWO_STAGE_HEADS, HeadContext
+from ..heads.iou_net import IOU_NET_SCORES
 from ..postprocess import check_method, postprocess
 from ..prroi_pool import MultiScalePrRoIPool
 from .backbone import build_fpn_backbone
@@ -152,6 +154,8 @@ def build_rcnn(
     iou_net_boxes_per_gt: int = 128,
     iou_net_max_boxes_per_image: int = 1000,
     iou_net_loss: str = "bce",
+    iou_net_loss_weight: float = 5.0,
+    iou_net_score: str = "cluster_max",
     iou_net_class_aware: bool = False,
     refine_keep_best: bool = False,
     refine_order: str = "after_nms",
@@ -201,7 +205,14 @@ def build_rcnn(
             regime (:class:`locconf.heads.IoUNetHead`); the CPU-scale configs and the accuracy
             harness use 64 / 512 (each box costs a PrRoIPool and a pass of the MLP).
         iou_net_loss: ``"bce"`` (default, as the reimplementation found it 0.3 AP better) or
-            ``"smooth_l1"`` (the paper's, per the reimplementation).
+            ``"smooth_l1"`` (the paper's, per the reimplementation, in its form: a linear output
+            regressed on ``(IoU - 0.5) / 0.5``; :class:`locconf.heads.IoUNetHead`).
+        iou_net_loss_weight: scale of IoU-Net's loss (5.0, the reimplementation's, for either
+            loss; ``benchmarks/results/iou_net_weight_synthetic`` compares it with 1.0).
+        iou_net_score: the score of a box refined by IoU-Net (``refine_steps > 0``,
+            ``refine_order="after_nms"``): ``"cluster_max"`` (default, Algorithm 1: the best class
+            score of its IoU-guided NMS cluster) or ``"cls_x_iou"`` (that times its refined
+            predicted IoU, the reimplementation's ``use_iou_score``).
         iou_net_class_aware: one IoU output per class, the paper's predictor (default False: one
             class-agnostic output, like DIR's; the same model with one class).
         refine_keep_best: IoU-Net refinement stops as the paper's Algorithm 2 states (False, the
@@ -222,7 +233,9 @@ def build_rcnn(
         box_pool: the box head's pooling of the RoIs, ``"roi_align"`` (torchvision's
             ``MultiScaleRoIAlign``, 7 x 7, 2 samples per bin) or ``"prroi"`` (Precise RoI Pooling,
             :class:`locconf.prroi_pool.MultiScalePrRoIPool`, 7 x 7: IoU-Net's pooling, Sec. 3.3,
-            which its IoU head always uses; here an option for the box head of any detector).
+            which its IoU head always uses; here an option for the box head of any detector). DIR's
+            own pooling of the regressed boxes uses the same operator, so that its proposal and box
+            features (Table 4's rows) come from one operator.
         cascade: Cascade R-CNN (:mod:`locconf.models.cascade`): the stages' IoU thresholds, e.g.
             ``(0.5, 0.6, 0.7)`` (the paper's); one box head per stage, class-agnostic regression,
             the quality head on the last stage (not KL-Loss, not masks). None: one stage.
@@ -234,12 +247,14 @@ def build_rcnn(
         channels_last: use the channels-last memory format (faster convolutions on CPU).
     """
     head_options = dict(iou_net_boxes_per_gt=iou_net_boxes_per_gt, iou_net_max_boxes_per_image=iou_net_max_boxes_per_image,
-                        iou_net_loss=iou_net_loss, refine_keep_best=refine_keep_best,
+                        iou_net_loss=iou_net_loss, iou_net_loss_weight=iou_net_loss_weight,
+                        iou_net_score=iou_net_score, refine_keep_best=refine_keep_best,
                         iou_net_class_aware=iou_net_class_aware, dir_confidence=dir_confidence,
                         dir_train_features=dir_train_features, dir_inference_features=dir_inference_features)
     _check_arguments(num_classes, quality, refine_steps, refine_step_size, head_options, box_pool,
                      representation_size, score_thresh, quality_thresh, candidates_per_image, min_size, max_size,
                      cascade, cascade_loss_weights, mask, class_agnostic_box)
+    _check_iou_net_options(quality, head_options, refine_steps, refine_order)
     if cascade_quality_iou is not None and (cascade is None or quality not in ("dir", "dir_foresight", "iou_direct")):
         raise ValueError(f"cascade_quality_iou needs cascade and a quality head trained on the RoIs' boxes "
                          f"('dir', 'dir_foresight', 'iou_direct'), got cascade={cascade!r}, quality={quality!r}")
@@ -251,7 +266,8 @@ def build_rcnn(
     names = [str(i) for i in range(len(layers))]
     box_head = BoxHead(fpn_channels * 49, representation_size, num_classes, class_agnostic_box)
     q_size = quality_representation_size or representation_size
-    context = HeadContext(fpn_channels, names, 7, q_size, representation_size, box_head.box_groups, num_classes)
+    context = HeadContext(fpn_channels, names, 7, q_size, representation_size, box_head.box_groups, num_classes,
+                          box_pool)
     quality_head = None if quality is None else _HEADS[quality].from_options(context, head_options)
     mask_parts = (None, None, None)
     if mask:
@@ -319,6 +335,20 @@ def _check_arguments(num_classes, quality, refine_steps, refine_step_size, head_
                              "are class-agnostic)")
     elif cascade_loss_weights is not None:
         raise ValueError("cascade_loss_weights needs cascade")
+
+
+def _check_iou_net_options(quality, head_options, refine_steps, refine_order) -> None:
+    """:func:`build_rcnn`'s checks of IoU-Net's loss weight and score option."""
+    weight = head_options["iou_net_loss_weight"]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"iou_net_loss_weight must be a finite number >= 0, got {weight!r}")
+    score = head_options["iou_net_score"]
+    if score not in IOU_NET_SCORES:
+        raise ValueError(f"iou_net_score must be one of {IOU_NET_SCORES}, got {score!r}")
+    if score != "cluster_max" and (quality != "iou_net" or not refine_steps or refine_order != "after_nms"):
+        raise ValueError(f"iou_net_score={score!r} scores the boxes IoU-Net refines after IoU-guided NMS: it needs "
+                         f"quality='iou_net', refine_steps > 0 and refine_order='after_nms', got quality={quality!r}, "
+                         f"refine_steps={refine_steps!r}, refine_order={refine_order!r}")
 
 
 def _build_rpn(fpn_channels: int, num_levels: int, anchor_sizes: Optional[Sequence[float]],

@@ -314,7 +314,9 @@ class RoIHeads(nn.Module):
     def _nms_then_refine(self, features, image_sizes, out: list[dict[str, Tensor]],
                          quality: Tensor) -> list[dict[str, Tensor]]:
         """IoU-Net's inference order: IoU-guided NMS of each image's candidates, then Algorithm 2 on
-        the ``refine_top_k`` highest-scoring kept boxes (the others keep their boxes and IoU)."""
+        the ``refine_top_k`` highest-scoring kept boxes (the others keep their boxes and IoU); with
+        the head's ``score="cls_x_iou"`` every kept box's score is then multiplied by its predicted
+        IoU (refined or not) and the detections sorted by it again."""
         dets = []
         for o, q in zip(out, quality.float().split([len(o["boxes"]) for o in out])):
             dets.append(postprocess(dict(o, quality=q), "iou-guided", max_detections=len(q)))
@@ -322,11 +324,18 @@ class RoIHeads(nn.Module):
         refined, scores = self.quality_head.refine(features, heads, image_sizes, self.refine_steps,
                                                    self.refine_step_size,
                                                    labels=[d["labels"][:self.refine_top_k] for d in dets])
+        out = []
         for d, b, q in zip(dets, refined, scores):
             k = len(b)
             d["boxes"] = torch.cat([b.to(d["boxes"].dtype), d["boxes"][k:]])
             d["quality"] = torch.cat([q.to(d["quality"].dtype), d["quality"][k:]])
-        return dets
+            if self.quality_head.score != "cluster_max":  # IoUNetHead.final_scores, then by score again
+                d["scores"] = self.quality_head.final_scores(d["scores"], d["quality"])
+                order = torch.sort(d["scores"], descending=True, stable=True).indices
+                d = {key: v[order] if isinstance(v, Tensor) and v.dim() and len(v) == len(order) else v
+                     for key, v in d.items()}
+            out.append(d)
+        return out
 
     def _quality_above(self, batch: RoIBatch, scores: list[Tensor]) -> Tensor:
         """DIR's threshold ``a``: predict the quality of candidates scoring above it, 0 elsewhere."""

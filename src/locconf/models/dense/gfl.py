@@ -12,9 +12,11 @@ anchor-based assignment as GFL itself is built.
   ``4 (reg_max + 1)`` logits per anchor (scaled per level, as GFL's code scales them). The box is
   decoded from the distributions' expectations ``sum_j softmax_j * j`` times the stride
   (:meth:`~.common.DenseHead.decode`). DFL (Eq. 6, :func:`locconf.losses.distribution_focal_loss`)
-  against the ground-truth distances (clamped to ``reg_max - 0.01`` as GFL's code does), weight
-  0.25, averaged over the four sides, weighted per positive by the detached maximum class score and
-  normalised by the sum of those weights (GFL's code).
+  against the ground-truth distances clamped to ``[0, reg_max - 0.1]`` (:data:`DFL_TARGET_EPS`; GFL's
+  code, github.com/implus/GFocal ``mmdet/core/bbox/transforms.py``, and MMDetection's
+  ``bbox2distance``, ``eps=0.1``: a target stays below the last bin, so its upper neighbour exists),
+  weight 0.25, averaged over the four sides, weighted per positive by the detached maximum class
+  score and normalised by the sum of those weights (GFL's code).
 * GIoU on the decoded box, weight 2, with the same weights and normalisation (GFL's code).
 
 ``gfl_box="delta"`` keeps the former variant (ATSS's delta box branch with QFL, no DFL), in which
@@ -30,9 +32,11 @@ from ...boxes import elementwise_box_iou
 from ...losses import distribution_focal_loss, giou_loss, quality_focal_loss
 from .common import DenseHead, DenseScores, Positives, boxes_to_distances, weighted_loss
 
-__all__ = ["GFLHead", "GFL_BOXES"]
+__all__ = ["GFLHead", "GFL_BOXES", "DFL_TARGET_EPS"]
 
 GFL_BOXES = ("distribution", "delta")
+#: DFL's targets are clamped to ``reg_max - DFL_TARGET_EPS`` (GFL's and MMDetection's ``bbox2distance``).
+DFL_TARGET_EPS = 0.1
 
 
 class GFLHead(DenseHead):
@@ -62,7 +66,7 @@ class GFLHead(DenseHead):
         losses["loss_box"] = weighted_loss(giou_loss(pos.boxes, pos.gt_boxes), weight, self.box_loss_weight)
         if self.reg_max is not None:  # GFL's DFL on the 4 sides, in strides, as its code
             target = boxes_to_distances(pos.centers, pos.gt_boxes) / pos.strides.repeat(1, 2)
-            target = target.clamp(0, self.reg_max - 0.01)
+            target = target.clamp(0, self.reg_max - DFL_TARGET_EPS)
             dfl = distribution_focal_loss(pos.box_out, target, reduction="none").mean(dim=1)  # (P,)
             losses["loss_dfl"] = weighted_loss(dfl, weight, self.dfl_weight)
         return losses
