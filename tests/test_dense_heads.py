@@ -3,6 +3,8 @@ checkpoints hold, how build_one_stage passes options, and a new head plugged in 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor
@@ -11,6 +13,7 @@ from locconf.losses import giou_loss, sigmoid_focal_loss
 from locconf.models import build_one_stage, dense, one_stage
 from locconf.models.dense import HEADS, ATSSHead, CLQHead, DenseHead, DenseScores, GFLHead, Positives
 from locconf.models.dense.common import weighted_loss
+from locconf.models.dense.gfl import DFL_TARGET_EPS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,3 +111,28 @@ def test_a_new_head_is_one_class_and_one_registry_entry(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="head"):
         build_one_stage(2, head="plain", **TINY)
+
+
+def test_gfl_dfl_targets_are_clamped_at_reg_max_minus_0_1():
+    """GFL's DFL target of a side beyond the last bin is ``reg_max - 0.1`` (GFL's and MMDetection's
+    ``bbox2distance``, ``eps=0.1``), checked against a brute-force DFL of one hand-made positive."""
+    assert DFL_TARGET_EPS == 0.1
+    head = GFLHead(16, 1, 2, 4, reg_max=4, num_convs=1, norm_groups=8)
+    # one positive: anchor centred at (50, 50), stride 8; its ground truth 50 px left / right
+    # (6.25 strides, clamped) and 10 px up / down (1.25 strides)
+    dist = torch.arange(5.0).repeat(1, 4, 1)  # (1, 4, 5) logits 0..4 on every side
+    pos = Positives(image=torch.tensor([0]), anchor=torch.tensor([0]), gt_boxes=torch.tensor([[0.0, 40, 100, 60]]),
+                    labels=torch.tensor([1]), anchors=torch.tensor([[46.0, 46, 54, 54]]),
+                    strides=torch.tensor([[8.0, 8.0]]), box_out=dist, boxes=torch.tensor([[10.0, 42, 90, 58]]),
+                    num_pos=1)
+    out = {"cls_logits": torch.tensor([[[-1.0, 2.0]]]), "bbox_dist": dist[None]}
+    loss = head.loss(out, pos)["loss_dfl"]
+    log_s = [j - math.log(sum(math.exp(k) for k in range(5))) for j in range(5)]
+
+    def dfl(y):  # -((y_{i+1} - y) log S_i + (y - y_i) log S_{i+1})
+        i = int(math.floor(y))
+        return -((i + 1 - y) * log_s[i] + (y - i) * log_s[i + 1])
+
+    expected = 0.25 * (2 * dfl(4 - 0.1) + 2 * dfl(1.25)) / 4  # dfl_weight x mean of the 4 sides
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert abs(expected - 0.25 * (2 * dfl(4 - 0.01) + 2 * dfl(1.25)) / 4) > 1e-3  # the clamp matters here

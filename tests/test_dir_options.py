@@ -7,11 +7,13 @@ import math
 
 import pytest
 import torch
+from torchvision.ops import MultiScaleRoIAlign
 
 from locconf.boxes import elementwise_integrity, elementwise_purity, iou_from_purity_integrity
 from locconf.heads import DIRHead, ForesightDIRHead, RoIBatch
 from locconf.heads.dir import CONFIDENCES
 from locconf.models import build_rcnn
+from locconf.prroi_pool import MultiScalePrRoIPool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,3 +133,23 @@ def test_build_rcnn_reaches_the_options():
             out[confidence] = model(images)[0]
     assert torch.equal(out["iou"]["boxes"], out["purity"]["boxes"])
     assert not torch.equal(out["iou"]["quality"], out["purity"]["quality"])
+
+
+@pytest.mark.parametrize("box_pool", ["roi_align", "prroi"])
+@pytest.mark.parametrize("quality", ["dir", "dir_foresight"])
+def test_table4_features_come_from_one_operator(box_pool, quality):
+    """Issue 29: with ``box_pool="prroi"`` the proposals' features are PrRoIPool ones, so DIR's own
+    pooling of the boxes is PrRoIPool too: a box that is its own proposal gets the same features
+    either way (Table 4's rows then differ only in which box is pooled, not in the operator)."""
+    torch.manual_seed(0)
+    model = build_rcnn(3, quality=quality, box_pool=box_pool, dir_train_features="boxes",
+                       dir_inference_features="proposals", **TINY)
+    head = model.roi_heads.quality_head
+    assert isinstance(head.pool, MultiScalePrRoIPool if box_pool == "prroi" else MultiScaleRoIAlign)
+    g = torch.Generator().manual_seed(1)
+    feats = {str(i): torch.rand(1, 16, 32 // 2**i, 32 // 2**i, generator=g) for i in range(3)}
+    boxes = [torch.tensor([[3.0, 5, 40, 44], [20, 10, 90, 70], [50, 60, 70, 75]])]
+    torch.testing.assert_close(head.pool(feats, boxes, [(128, 128)]),
+                               model.roi_heads.box_pool(feats, boxes, [(128, 128)]))
+    with pytest.raises(ValueError, match="pool must be one of"):
+        DIRHead(4, ["0"], pool="roi_pool")

@@ -1,12 +1,15 @@
 """IoU-Net's class-aware IoU predictor (``iou_net_class_aware``) and Precise RoI Pooling for the box
 head (``box_pool="prroi"``): which output is read, the training labels, inference and refinement
-with the candidates' classes, and the errors."""
+with the candidates' classes, and the errors. Issue 29: ``iou_net_loss_weight`` reaches the loss
+from ``build_rcnn`` and the configuration, and ``iou_net_score`` (cluster-max class score or
+class x refined IoU) scores the refined detections."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from locconf.experiment import build_model, check_config
 from locconf.heads import IoUNetHead, RoIBatch
 from locconf.models import build_rcnn
 from locconf.prroi_pool import MultiScalePrRoIPool
@@ -134,6 +137,15 @@ def test_prroi_box_pool_trains_and_detects():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(quality="dir", iou_net_class_aware=True), "iou_net_class_aware needs quality='iou_net'"),
     (dict(box_pool="roi_pool"), "box_pool must be one of"),
+    (dict(quality="iou_net", iou_net_loss_weight=-1.0), "iou_net_loss_weight must be a finite number >= 0"),
+    (dict(quality="iou_net", iou_net_loss_weight=float("nan")), "iou_net_loss_weight"),
+    (dict(quality="iou_net", iou_net_loss_weight="5"), "iou_net_loss_weight"),
+    (dict(quality="iou_net", iou_net_loss="l2"), "iou_loss must be one of"),
+    (dict(quality="iou_net", refine_steps=2, iou_net_score="cls"), "iou_net_score must be one of"),
+    (dict(quality="iou_net", iou_net_score="cls_x_iou"), "needs quality='iou_net', refine_steps > 0"),
+    (dict(quality="iou_net", refine_steps=2, refine_order="before_nms", iou_net_score="cls_x_iou"),
+     "refine_order='after_nms'"),
+    (dict(quality="dir", iou_net_score="cls_x_iou"), "iou_net_score='cls_x_iou'"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -144,3 +156,59 @@ def test_head_rejects_a_bad_class_count():
     for bad in (0, True, 2.0):
         with pytest.raises(ValueError, match="num_classes"):
             IoUNetHead(8, ["0"], num_classes=bad)
+
+
+# -- issue 29: the loss weight and the score of refined boxes ---------------------------------------
+
+
+def _iou_loss(weight, **kw):
+    torch.manual_seed(0)
+    model = build_rcnn(3, quality="iou_net", iou_net_loss_weight=weight, **TINY, **kw)
+    images, targets = _data()
+    torch.manual_seed(1)  # the same RPN / RoI sampling and jittered boxes for every weight
+    return model(images, targets)
+
+
+@pytest.mark.parametrize("iou_loss", ["bce", "smooth_l1"])
+def test_loss_weight_reaches_the_loss(iou_loss):
+    """``iou_net_loss_weight`` scales IoU-Net's loss and nothing else; the default is 5.0."""
+    one, five = _iou_loss(1.0, iou_net_loss=iou_loss), _iou_loss(5.0, iou_net_loss=iou_loss)
+    assert one["loss_iou_net"].item() > 0
+    assert five["loss_iou_net"].item() == pytest.approx(5 * one["loss_iou_net"].item(), rel=1e-5)
+    for key in one:
+        if key != "loss_iou_net":
+            assert torch.equal(one[key], five[key]), key
+    assert build_rcnn(3, quality="iou_net", **TINY).roi_heads.quality_head.loss_weight == 5.0
+
+
+def test_loss_weight_from_the_configuration():
+    cfg = check_config({"model": {"arch": "rcnn", "quality": "iou_net", "iou_net_loss_weight": 2.5,
+                                  "iou_net_loss": "smooth_l1"}, "data": {}, "train": {}})
+    model = build_model(num_classes=3, **cfg["model"], **TINY)
+    head = model.roi_heads.quality_head
+    assert (head.loss_weight, head.iou_loss, head.score) == (2.5, "smooth_l1", "cluster_max")
+
+
+def test_score_option_multiplies_the_refined_detections_by_their_iou():
+    """Same weights, refinement after IoU-guided NMS: ``cls_x_iou`` returns the same boxes and IoU,
+    each scored by its cluster-max class score (``cluster_max``'s score) times its predicted IoU,
+    sorted by that score again."""
+    torch.manual_seed(0)
+    kw = dict(quality="iou_net", refine_steps=2, refine_top_k=5, **{**TINY, "score_thresh": 0.0})
+    paper = build_rcnn(3, **kw).eval()
+    ref = build_rcnn(3, iou_net_score="cls_x_iou", **kw).eval()
+    ref.load_state_dict(paper.state_dict())
+    assert (paper.roi_heads.quality_head.score, ref.roi_heads.quality_head.score) == ("cluster_max", "cls_x_iou")
+    images, _ = _data()
+    with torch.no_grad():
+        a, b = paper(images), ref(images)
+    for x, y in zip(a, b):
+        assert len(x["boxes"]) > 5  # refined and unrefined rows
+        key = lambda d, i: (tuple(d["boxes"][i].tolist()), int(d["labels"][i]))  # noqa: E731
+        rows = {key(x, i): i for i in range(len(x["boxes"]))}
+        order = torch.tensor([rows[key(y, j)] for j in range(len(y["boxes"]))])
+        assert sorted(order.tolist()) == list(range(len(x["boxes"])))  # the same detections
+        torch.testing.assert_close(y["quality"], x["quality"][order])
+        torch.testing.assert_close(y["scores"], x["scores"][order] * x["quality"][order])
+        assert bool((y["scores"][:-1] >= y["scores"][1:]).all())
+        assert not torch.equal(y["scores"], x["scores"])
