@@ -212,3 +212,25 @@ def test_score_option_multiplies_the_refined_detections_by_their_iou():
         torch.testing.assert_close(y["scores"], x["scores"][order] * x["quality"][order])
         assert bool((y["scores"][:-1] >= y["scores"][1:]).all())
         assert not torch.equal(y["scores"], x["scores"])
+
+
+def test_harness_variants_pin_their_options_and_reuse_their_training():
+    """The accuracy harness's issue-29 variants: the trained ones pin the loss and its weight; the
+    refinement and score variants evaluate those weights with their option set on the built model."""
+    from locconf.bench import settings
+
+    setting = settings.synthetic_setting(iterations=1)
+    for tag, loss, weight in (("w1", "bce", 1.0), ("w5", "bce", 5.0), ("sl1_w5", "smooth_l1", 5.0)):
+        trained = settings.ALL_VARIANTS[f"iou_net_{tag}"]
+        assert trained.reuse is None and trained.model["iou_net_loss_weight"] == weight
+        torch.manual_seed(0)
+        reference = build_model(**settings.make_config(setting, trained, 0, "unused", 3)["model"])
+        for name, score in ((f"iou_net_refine_{tag}", "cluster_max"), (f"iou_net_refine_{tag}_cls_x_iou", "cls_x_iou")):
+            v = settings.ALL_VARIANTS[name]
+            assert v.reuse == trained.name and v.family == trained.family
+            torch.manual_seed(0)
+            model = build_model(**settings.make_config(setting, v, 0, "unused", 3)["model"])
+            assert model.state_dict().keys() == reference.state_dict().keys()
+            head = model.roi_heads.quality_head
+            assert (head.iou_loss, head.loss_weight, head.score) == (loss, weight, score)
+            assert model.roi_heads.refine_steps == 5 and model.roi_heads.refine_order == "after_nms"

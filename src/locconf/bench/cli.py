@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .settings import ABLATION_VARIANTS, ALL_VARIANTS, DEFAULT_VARIANTS, EXTRA_VARIANTS, SETTINGS
+from .settings import ABLATION_VARIANTS, ALL_VARIANTS, DEFAULT_VARIANTS, EXTRA_VARIANTS, IOU_NET_VARIANTS, SETTINGS
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -25,7 +25,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(ALL_VARIANTS),
                     metavar="VARIANT", help=f"default: all of {', '.join(DEFAULT_VARIANTS)}; "
                     f"extra: {', '.join(EXTRA_VARIANTS)}; ablations (reuse trained weights): "
-                    f"{', '.join(ABLATION_VARIANTS)}")
+                    f"{', '.join(ABLATION_VARIANTS)}; IoU-Net loss weight / loss / refined score (issue 29): "
+                    f"{', '.join(IOU_NET_VARIANTS)}")
     ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results/accuracy_<setting>)")
     ap.add_argument("--runs", default=None, help="training runs folder (default: runs/accuracy_<setting>)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
