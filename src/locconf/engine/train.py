@@ -276,9 +276,18 @@ def train(
             from the global RNG (``generator=None``) to be reproducible (see the module docstring).
         iterations: total number of updates (including those done before a resume).
         batch_size: images per process and step (the global batch is ``batch_size * world_size``).
-        lr, momentum, weight_decay: SGD settings (``lr`` is the base rate of the global batch).
-        warmup_iters, warmup_factor, schedule, steps, gamma: the schedule of :func:`lr_factor`.
-        clip_grad_norm: clip the total gradient norm to this value (logged as ``grad_norm``).
+        lr: SGD's base learning rate, for the global batch (lower it if the loss diverges).
+        momentum: SGD's momentum.
+        weight_decay: SGD's L2 weight decay.
+        warmup_iters: iterations of the linear warm-up from ``warmup_factor * lr`` to ``lr``
+            (:func:`lr_factor`); 0 for none.
+        warmup_factor: the warm-up's first learning rate, as a fraction of ``lr``, in (0, 1].
+        schedule: the decay after the warm-up: ``"step"`` (multiply by ``gamma`` at each of
+            ``steps``) or ``"cosine"`` (to 0 at ``iterations``).
+        steps: the step decay's milestones, as increasing fractions of ``iterations`` in (0, 1).
+        gamma: the step decay's factor, in (0, 1].
+        clip_grad_norm: clip the total gradient norm to this value (logged as ``grad_norm``);
+            None for no clipping.
         amp: mixed precision (autocast + GradScaler); ``None`` means on for CUDA, off on CPU.
         seed: seeds the data order, the augmentations and the global RNGs (``seed + rank``).
         num_workers: DataLoader worker processes (results do not depend on it).
