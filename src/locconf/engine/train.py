@@ -1,7 +1,7 @@
 """The training loop shared by every locconf detector.
 
 One iteration-based loop: SGD with momentum, linear warm-up then step or cosine decay
-(:mod:`locconf.engine.schedule`), optional gradient clipping, AMP on CUDA, periodic evaluation, a
+(:mod:`locconf.engine.schedule`), gradient clipping (on by default), AMP on CUDA, periodic evaluation, a
 JSONL metrics log (:mod:`locconf.engine.metrics_log`), atomic checkpoints and exact resumption
 (:mod:`locconf.engine.run_state`). The model follows torchvision's detection API: in training mode
 ``model(images, targets)`` returns a dict of named scalar losses, which are summed
@@ -251,7 +251,7 @@ def train(
     schedule: str = "step",
     steps: Sequence[float] = (0.7, 0.9),
     gamma: float = 0.1,
-    clip_grad_norm: float | None = None,
+    clip_grad_norm: float | None = 10.0,
     amp: bool | None = None,
     seed: int = 0,
     num_workers: int = 0,
@@ -287,7 +287,10 @@ def train(
         steps: the step decay's milestones, as increasing fractions of ``iterations`` in (0, 1).
         gamma: the step decay's factor, in (0, 1].
         clip_grad_norm: clip the total gradient norm to this value (logged as ``grad_norm``);
-            None for no clipping.
+            None for no clipping. On by default (10, every NEON recipe's value): without it the
+            pretrained NEON recipe at lr 0.02 diverged to NaN at the end of its warm-up
+            (``tests/test_config_divergence.py`` has the mechanism on a quadratic). The papers'
+            COCO configs set null, as the papers do not clip.
         amp: mixed precision (autocast + GradScaler); ``None`` means on for CUDA, off on CPU.
         seed: seeds the data order, the augmentations and the global RNGs (``seed + rank``).
         num_workers: DataLoader worker processes (results do not depend on it).

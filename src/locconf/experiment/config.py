@@ -409,11 +409,11 @@ def config_key_docs() -> list[KeyDoc]:
     def add(section: str, feed: Feed, arch: str | None = None) -> None:
         params = inspect.signature(feed.fn).parameters
         hints = _type_hints(feed.fn)
-        docs = argument_docs(feed.fn)
         for key in feed.keys():
             rows.append(KeyDoc(section, key, _describe(hints[key]) if key in hints else "any value",
                                runner.get((section, key), _default_text(params[key].default)),
-                               _markdown(docs.get(key, "")), arch, f"{feed.fn.__module__}.{feed.fn.__qualname__}"))
+                               _markdown(_key_meaning(feed.fn, key)), arch,
+                               f"{feed.fn.__module__}.{feed.fn.__qualname__}"))
 
     for name in SECTIONS:
         for feed in section_feeds()[name][:1]:
@@ -427,6 +427,31 @@ def config_key_docs() -> list[KeyDoc]:
     for arch in ARCHS:
         add("model", section_feeds(arch)["model"][1], arch)
     return rows
+
+
+def _key_meaning(fn: Callable, key: str) -> str:
+    """``fn``'s docstring entry for ``key``; where one entry documents several keys and names a function
+    (``:func:`...```) that documents ``key`` alone, that function's entry comes first."""
+    docs = argument_docs(fn)
+    text = docs.get(key, "")
+    if list(docs.values()).count(text) > 1:
+        for ref in re.findall(r":func:`~?([\w.]+)`", text):
+            own = argument_docs(_resolve(ref, fn)).get(key) if _resolve(ref, fn) else None
+            if own:
+                return f"{own.rstrip('.')}. {text[:1].upper()}{text[1:]}"
+    return text
+
+
+def _resolve(ref: str, fn: Callable) -> Callable | None:
+    """The function a docstring's ``:func:`ref``` names, from ``fn``'s module or by its dotted path."""
+    import importlib
+
+    module, _, name = ref.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), name) if module else getattr(inspect.getmodule(fn), ref)
+    except (ImportError, AttributeError):
+        return None
+    return target if callable(target) else None
 
 
 def config_reference(fmt: str = "markdown", section: str | None = None, arch: str | None = None) -> str:
