@@ -83,6 +83,20 @@ def test_types_and_defaults_come_from_the_signatures():
         check_config({"train": {"steps": "late"}})
 
 
+def test_a_shared_entry_is_completed_by_the_function_it_names():
+    """build_rcnn documents fpn_channels, returned_layers, norm, ... together, pointing to build_fpn_backbone."""
+    from locconf.models.backbone import build_fpn_backbone
+
+    rows = {(r.section, r.key, r.arch): r for r in config_key_docs()}
+    own = argument_docs(build_fpn_backbone)
+    for key in ("norm", "norm_groups", "frozen_stages", "fpn_channels"):
+        meaning = rows["model", key, "rcnn"].meaning
+        first = own[key].replace("``", "`").rstrip(".")
+        assert meaning.startswith(first), (key, meaning)
+        assert "build_fpn_backbone" in meaning  # the shared text follows
+    assert rows["model", "weights", "one_stage"].meaning.startswith("`None`, `\"imagenet\"` or a local file path")
+
+
 def test_argument_docs_reads_google_style_entries():
     def fn(a, b, c, d, *args, **kwargs):
         """Summary.

@@ -192,13 +192,18 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     return check_config(cfg, source=str(path), origins=origins)
 
 
-def read_config(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
+def read_config(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     """The mapping of a configuration file with its ``_base_`` files merged in, unchecked.
 
     Returns ``(configuration, origins)``: ``origins`` maps each dotted key (``"train.lr"``) to the
     file that set it. Merging rules in the module docstring.
     """
-    path = Path(path)
+    cfg, origins = _read(Path(path), ())
+    return cfg, {".".join(map(str, k)): v for k, v in origins.items()}
+
+
+def _read(path: Path, _chain: tuple[Path, ...]) -> tuple[dict, dict[tuple, str]]:
+    """:func:`read_config` with ``origins`` keyed by key paths (tuples); ``_chain``: the including files."""
     if path.resolve() in _chain:
         names = [str(p) for p in _chain[list(_chain).index(path.resolve()):]] + [str(path.resolve())]
         raise ValueError(f"{_chain[-1]}: _base_ files include each other: {' -> '.join(names)}")
@@ -226,12 +231,11 @@ def read_config(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> tuple
         base = path.parent / name
         if not base.is_file():
             raise FileNotFoundError(f"{path}: its _base_ {name!r} does not exist ({base})")
-        base_cfg, base_origins = read_config(base, _chain + (path.resolve(),))
+        base_cfg, base_origins = _read(base, _chain + (path.resolve(),))
         merged = _merge(merged, base_cfg, origins, str(base), (), from_base=True)
-        origins.update({tuple(k.split(".")): v for k, v in base_origins.items()})
+        origins.update(base_origins)
     sections = {k: ({} if v is None and k in SECTIONS else v) for k, v in data.items()}  # "eval:" alone: nothing
-    merged = _merge(merged, sections, origins, str(path), ())
-    return merged, {".".join(map(str, k)): v for k, v in origins.items()}
+    return _merge(merged, sections, origins, str(path), ()), origins
 
 
 def _merge(base: dict, child: dict, origins: dict[tuple, str], where: str, prefix: tuple,
