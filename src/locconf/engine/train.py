@@ -287,13 +287,12 @@ def train(
         steps: the step decay's milestones, as increasing fractions of ``iterations`` in (0, 1).
         gamma: the step decay's factor, in (0, 1].
         clip_grad_norm: clip the total gradient norm to this value (logged as ``grad_norm``);
-            None for no clipping. On by default (10, the value of every NEON recipe): the first
-            trial of the pretrained NEON recipe at lr 0.02 without clipping ended in NaN at step
-            101, the end of its warm-up, and a from-scratch configuration built from the README
-            diverged at step 20 until clipping was added (issue 28).
-            ``tests/test_config_divergence.py`` shows the mechanism on a quadratic: a step size
-            that diverges without clipping stays finite with it. The papers' COCO configs set
-            null, as the papers do not clip.
+            None for no clipping. On by default (10, the value of every NEON recipe): the
+            pretrained NEON recipe at lr 0.02 with a 10-iteration warm-up reached an infinite loss
+            at step 14 without clipping and trained on with it (``benchmarks/divergence.py``,
+            ``benchmarks/results/divergence.md``); the first trial of that recipe (warm-up 100)
+            ended in NaN at step 101. ``tests/test_config_divergence.py`` shows the mechanism on
+            a quadratic. The papers' COCO configs set null, as the papers do not clip.
         amp: mixed precision (autocast + GradScaler); ``None`` means on for CUDA, off on CPU.
         seed: seeds the data order, the augmentations and the global RNGs (``seed + rank``).
         num_workers: DataLoader worker processes (results do not depend on it).
