@@ -6,7 +6,7 @@ Issue 28: a configuration put together from the README diverged to NaN at step 2
 clipping was added. The reproduction here: ``locconf.experiment.neon_recipe()`` (ImageNet
 EfficientNet-Lite0, frozen BatchNorm and stem, P2-P5 FPN of 64 channels, 400 px NEON tiles) with a
 plain Faster R-CNN, batch 2, lr 0.02 (the recipe's 0.01 doubled, the README's Faster R-CNN rate),
-a warm-up of 10 iterations and no decay, for ``--iterations`` steps: once with
+a warm-up of 10 iterations (the step decay at 99 % of the run), for ``--iterations`` steps: once with
 ``clip_grad_norm: null`` (no clipping, the default until now) and once without the key (the
 default now, 10). Each run stops at the first non-finite loss (``NonFiniteLossError``: the table
 gives its step and message). Needs the NEON data in ``--data`` (``locconf data neon-trees``).
