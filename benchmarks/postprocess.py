@@ -16,9 +16,10 @@ Three parts:
    is reset before the call; ``ru_maxrss`` would not do, as it survives fork and exec from this
    1 GB parent), for 100,000 detector-like boxes and for 100,000 / 10,000 identical boxes (every
    pair overlaps), with torchvision's hard NMS in the same rows.
-3. First call. A fresh process imports locconf and times its first call: with an empty numba
+3. First call. A fresh process imports locconf and times its first call: with an empty kernel
    cache (the one-time compilation), with the cache filled, and with numba's own one-time
-   initialisation done beforehand (what remains is locconf's: loading its cached kernel).
+   initialisation done beforehand. ``benchmarks/first_call.py`` measures the first call in more
+   cases (medians of repeated processes, a read-only package, the loading as before).
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ print(json.dumps({"import_s": t1 - t0, "first_s": t3 - t2, "first_cpu_s": c3 - c
 def first_call() -> list[str]:
     out = []
     with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_CACHE_DIR=cache)  # an empty numba cache
+        env = dict(os.environ, OMP_NUM_THREADS="1", LOCCONF_CACHE=cache)  # an empty kernel cache (locconf.jit)
         for label, mode in [("empty numba cache (compiles)", "plain"), ("cache filled", "plain"),
                             ("cache filled", "plain"), ("cache filled, numba initialised before", "numba-initialised")]:
             res = subprocess.run([sys.executable, "-c", _FIRST_CHILD, mode], capture_output=True, text=True,

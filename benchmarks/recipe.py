@@ -62,6 +62,7 @@ BASE: dict = {
         "warmup_iters": 100,
         "schedule": "step",
         "steps": [0.7, 0.9],
+        "clip_grad_norm": None,  # as measured (train() clips at 10 unless told otherwise)
         "checkpoint_every": 250,
         "keep_checkpoints": None,
         "log_every": 10,

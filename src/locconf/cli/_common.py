@@ -29,6 +29,14 @@ def add_progress_flag(parser: argparse.ArgumentParser) -> None:
                              "or with TQDM_DISABLE=1)")
 
 
+def add_set_flag(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable): configuration overrides for :func:`locconf.experiment.load_config`."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a configuration key, e.g. --set train.lr=0.005 --set data.synthetic.num_train=50 "
+                             "(the value is YAML; repeatable; checked like the file's keys; list them with "
+                             "'locconf config keys')")
+
+
 def method_params(pairs: list[str], text: str | None) -> dict:
     """``--params JSON`` updated by each ``--param key=value`` (a value is JSON if it parses, else a string)."""
     params = {}

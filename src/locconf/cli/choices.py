@@ -12,3 +12,7 @@ BORDERS = ("none", "drop", "down-weight")
 WEIGHTS = ("score", "quality", "variance")
 #: :data:`locconf.fusion.CONF_TYPES`.
 CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
+#: :data:`locconf.experiment.SECTIONS`.
+SECTIONS = ("model", "data", "train", "eval")
+#: :data:`locconf.experiment.ARCHS`.
+ARCHS = ("rcnn", "one_stage", "torchvision_frcnn")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ._common import add_parser as _sub_parser
-from ._common import add_progress_flag, print_report
+from ._common import add_progress_flag, add_set_flag, print_report
 
 
 def add_parser(sub, parents) -> None:
@@ -17,16 +17,17 @@ def add_parser(sub, parents) -> None:
     demo.add_argument("--data", type=Path, default=Path("data/neon"), help="where the NEON tiles are (or go)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="the run folder")
     demo.add_argument("--checkpoint", type=Path, default=None, help="evaluate this checkpoint instead of training")
+    add_set_flag(demo)
     add_progress_flag(demo)
     demo.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiment import check_config, load_trained, neon_recipe, run_eval, run_train
+    from ..experiment import apply_overrides, check_config, load_trained, neon_recipe, run_eval, run_train
 
     out = Path(args.out)
     recipe = neon_recipe()  # the pretrained NEON CPU recipe (benchmarks/results/recipe_pretrained.md), DIR head
-    cfg = check_config({
+    cfg = {
         "model": dict(arch="rcnn", quality="dir", quality_representation_size=256, **recipe["model"]),
         "data": dict(recipe["data"], root=str(args.data)),
         "train": dict(recipe["train"], iterations=args.iterations, batch_size=2,
@@ -34,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
                       checkpoint_every=max(1, args.iterations // 4), log_every=10, seed=0,
                       progress=not args.no_progress),
         "eval": dict(methods=["nms", "soft-linear", "soft-gaussian", "quality", "quality+soft-gaussian"]),
-    }, source="demo")
+    }
+    cfg = check_config(cfg, source="demo", origins=apply_overrides(cfg, args.set))
     if args.checkpoint:
         checkpoint = Path(args.checkpoint)
     else:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ._common import add_parser as _sub_parser
-from ._common import add_progress_flag, print_report
+from ._common import add_progress_flag, add_set_flag, print_report
 
 
 def add_parser(sub, parents) -> None:
@@ -21,6 +21,7 @@ def add_parser(sub, parents) -> None:
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda where available)")
     ev.add_argument("--html", type=Path, default=None, help="also write one self-contained HTML report here")
     ev.add_argument("--gallery", type=int, default=8, help="images in the report's gallery of detections")
+    add_set_flag(ev)
     add_progress_flag(ev)
     ev.set_defaults(func=run)
 
@@ -28,7 +29,7 @@ def add_parser(sub, parents) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..experiment import load_config, load_trained, run_eval
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, overrides=args.set)
     model, _ = load_trained(args.checkpoint, cfg, device=args.device)
     methods = args.methods.split(",") if args.methods else None
     out_dir = args.out or Path(args.checkpoint).parent / "eval"

@@ -6,13 +6,14 @@ import argparse
 from pathlib import Path
 
 from ._common import add_parser as _sub_parser
-from ._common import add_progress_flag
+from ._common import add_progress_flag, add_set_flag
 
 
 def add_parser(sub, parents) -> None:
     train = _sub_parser(sub, "train", parents, help="train a detector from a YAML config")
     train.add_argument("config", type=Path, help="the YAML configuration (sections model, data, train, eval)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    add_set_flag(train)
     add_progress_flag(train)
     train.set_defaults(func=run)
 
@@ -20,7 +21,7 @@ def add_parser(sub, parents) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..experiment import load_config, run_train
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, overrides=args.set)
     if args.no_progress:
         cfg["train"]["progress"] = False
     summary = run_train(cfg, resume=args.resume)

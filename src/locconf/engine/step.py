@@ -19,15 +19,26 @@ from torch import Tensor, nn
 from locconf.engine import distributed as du
 from locconf.engine.run_state import TrainingRun
 
-__all__ = ["NonFiniteLossError", "train_step"]
+__all__ = ["NonFiniteLossError", "divergence_advice", "train_step"]
 
 
 class NonFiniteLossError(ValueError):
-    """A loss term became NaN or infinite; the message names the step and the terms.
+    """A loss term became NaN or infinite; the message names the step and the terms, and what to change.
 
     Also raised when the forward pass itself fails on non-finite values (a head refusing NaN boxes
     decoded from diverged weights), naming the step and the parameters that are no longer finite.
+    Both messages end with :func:`divergence_advice`.
     """
+
+
+def divergence_advice(settings: dict[str, Any], lr: float) -> str:
+    """What to change when training diverged: the learning rate used, clipping, warm-up (``train.<key>`` names)."""
+    clip = settings.get("clip_grad_norm")
+    clipping = (f"lower train.clip_grad_norm (now {clip:g})" if clip is not None
+                else "set train.clip_grad_norm (e.g. 10; now off)")
+    return (f"The learning rate of this step was {lr:.3g}. To train stably, lower train.lr (now "
+            f"{settings['lr']:g}), {clipping} or lengthen the warm-up, train.warmup_iters (now "
+            f"{settings['warmup_iters']}).")
 
 
 _NON_FINITE = re.compile(r"\bnan\b|\binf\b|infinite|non-finite", re.IGNORECASE)
@@ -64,19 +75,21 @@ def _forward(run: TrainingRun, images: list[Tensor], targets: list[dict], step: 
             raise
         where = (f"parameters {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} are NaN or infinite "
                  f"after the update of step {step - 1}; " if bad else "")
-        raise NonFiniteLossError(f"non-finite values in the forward pass at step {step}: {where}{e}") from e
+        raise NonFiniteLossError(f"non-finite values in the forward pass at step {step}: {where}{e}. "
+                                 + divergence_advice(run.settings, run.optimizer.param_groups[0]["lr"])) from e
     _check_losses(losses)
     return losses
 
 
-def _averaged_losses(losses: dict[str, Tensor], total: Tensor, step: int) -> dict[str, float]:
+def _averaged_losses(run: TrainingRun, losses: dict[str, Tensor], total: Tensor, step: int) -> dict[str, float]:
     """Every loss term and ``total``, averaged over processes; non-finite ones raise :class:`NonFiniteLossError`."""
     reduced = du.reduce_dict({**{k: v.float() for k, v in losses.items()}, "total": total.float()})
     values = dict(zip(reduced, torch.stack(list(reduced.values())).tolist()))
     bad = [k for k, v in values.items() if k != "total" and not math.isfinite(v)]
     if bad or not math.isfinite(values["total"]):
         terms = ", ".join(f"{k}={values[k]}" for k in (bad or ["total"]))
-        raise NonFiniteLossError(f"non-finite loss at step {step}: {terms}")
+        raise NonFiniteLossError(f"non-finite loss at step {step}: {terms}; the training diverged. "
+                                 + divergence_advice(run.settings, run.optimizer.param_groups[0]["lr"]))
     return values
 
 
@@ -111,7 +124,7 @@ def train_step(run: TrainingRun, data_iter: Iterator, step: int) -> tuple[dict[s
 
     losses = _forward(run, images, targets, step)
     total = sum(losses.values())
-    values = _averaged_losses(losses, total, step)
+    values = _averaged_losses(run, losses, total, step)
     grad_norm, step_lr = _update(run, total)
 
     record = {"type": "train", "step": step, "epoch": run.epoch, "lr": step_lr, **values}

@@ -1,7 +1,7 @@
 """The training loop shared by every locconf detector.
 
 One iteration-based loop: SGD with momentum, linear warm-up then step or cosine decay
-(:mod:`locconf.engine.schedule`), optional gradient clipping, AMP on CUDA, periodic evaluation, a
+(:mod:`locconf.engine.schedule`), gradient clipping (on by default), AMP on CUDA, periodic evaluation, a
 JSONL metrics log (:mod:`locconf.engine.metrics_log`), atomic checkpoints and exact resumption
 (:mod:`locconf.engine.run_state`). The model follows torchvision's detection API: in training mode
 ``model(images, targets)`` returns a dict of named scalar losses, which are summed
@@ -251,7 +251,7 @@ def train(
     schedule: str = "step",
     steps: Sequence[float] = (0.7, 0.9),
     gamma: float = 0.1,
-    clip_grad_norm: float | None = None,
+    clip_grad_norm: float | None = 10.0,
     amp: bool | None = None,
     seed: int = 0,
     num_workers: int = 0,
@@ -276,9 +276,23 @@ def train(
             from the global RNG (``generator=None``) to be reproducible (see the module docstring).
         iterations: total number of updates (including those done before a resume).
         batch_size: images per process and step (the global batch is ``batch_size * world_size``).
-        lr, momentum, weight_decay: SGD settings (``lr`` is the base rate of the global batch).
-        warmup_iters, warmup_factor, schedule, steps, gamma: the schedule of :func:`lr_factor`.
-        clip_grad_norm: clip the total gradient norm to this value (logged as ``grad_norm``).
+        lr: SGD's base learning rate, for the global batch (lower it if the loss diverges).
+        momentum: SGD's momentum.
+        weight_decay: SGD's L2 weight decay.
+        warmup_iters: iterations of the linear warm-up from ``warmup_factor * lr`` to ``lr``
+            (:func:`lr_factor`); 0 for none.
+        warmup_factor: the warm-up's first learning rate, as a fraction of ``lr``, in (0, 1].
+        schedule: the decay after the warm-up: ``"step"`` (multiply by ``gamma`` at each of
+            ``steps``) or ``"cosine"`` (to 0 at ``iterations``).
+        steps: the step decay's milestones, as increasing fractions of ``iterations`` in (0, 1).
+        gamma: the step decay's factor, in (0, 1].
+        clip_grad_norm: clip the total gradient norm to this value (logged as ``grad_norm``);
+            None for no clipping. On by default (10, the value of every NEON recipe): the
+            pretrained NEON recipe at lr 0.02 with a 10-iteration warm-up reached an infinite loss
+            at step 14 without clipping and trained on with it (``benchmarks/divergence.py``,
+            ``benchmarks/results/divergence.md``); the first trial of that recipe (warm-up 100)
+            ended in NaN at step 101. ``tests/test_config_divergence.py`` shows the mechanism on
+            a quadratic. The papers' COCO configs set null, as the papers do not clip.
         amp: mixed precision (autocast + GradScaler); ``None`` means on for CUDA, off on CPU.
         seed: seeds the data order, the augmentations and the global RNGs (``seed + rank``).
         num_workers: DataLoader worker processes (results do not depend on it).

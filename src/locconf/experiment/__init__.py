@@ -17,10 +17,13 @@ eval:                       # evaluate(...)
   methods: [nms, soft-linear, soft-gaussian]
 ```
 
-No registries and no inheritance: unknown keys (nested ones such as ``data.synthetic.<key>``
-included) are errors that name the section and the key, and so are values of another type than
-the one the receiving function declares (``true`` is not a number). YAML files are read with
-:class:`ConfigLoader`, for which ``1e-4`` is a float (PyYAML's YAML 1.1 reading makes it a string).
+No registries: unknown keys (nested ones such as ``data.synthetic.<key>`` included) are errors
+that name the section and the key, and so are values of another type than the one the receiving
+function declares (``true`` is not a number). YAML files are read with :class:`ConfigLoader`, for
+which ``1e-4`` is a float (PyYAML's YAML 1.1 reading makes it a string) and a key given twice is
+an error. A file may start from others (``_base_: other.yaml``) and the command line may set keys
+(``--set train.lr=0.005``): :mod:`locconf.experiment.config`. :func:`config_reference` lists every
+key with its type, default and meaning (``locconf config keys``).
 
 The package, one job a module: ``config`` (reading and checking a configuration), ``keywords``
 (a section against the keywords of the function it feeds), ``build`` (the model and the data of a
@@ -29,7 +32,8 @@ configuration), ``recipe`` (the NEON CPU recipe), ``training`` (``run_train``, `
 """
 
 from .build import ARCHS, SYNTHETIC_DEFAULTS, build_datasets, build_model
-from .config import SECTIONS, ConfigLoader, check_config, load_config
+from .config import (SECTIONS, ConfigLoader, KeyDoc, apply_overrides, check_config, config_key_docs, config_reference,
+                     load_config, read_config, section_feeds)
 from .evaluate import run_eval
 from .inference import categories_of, predict
 from .recipe import neon_recipe
@@ -40,15 +44,21 @@ __all__ = [
     "SECTIONS",
     "SYNTHETIC_DEFAULTS",
     "ConfigLoader",
+    "KeyDoc",
+    "apply_overrides",
     "build_datasets",
     "build_model",
     "categories_of",
     "check_config",
+    "config_key_docs",
+    "config_reference",
     "checkpoint_meta",
     "load_config",
     "load_trained",
     "neon_recipe",
     "predict",
+    "read_config",
     "run_eval",
     "run_train",
+    "section_feeds",
 ]

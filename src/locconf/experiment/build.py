@@ -69,27 +69,44 @@ def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/n
                    train_json: str | None = None, val_json: str | None = None, train_images: str | None = None,
                    val_images: str | None = None, flips: bool = True, vertical_flip: bool = True,
                    rot90: bool = True, jitter: bool = True, scale_jitter: Sequence[float] | None = None,
-                   jitter_strength: float = 0.2, synthetic: dict | None = None):
+                   jitter_strength: float = 0.2, synthetic: dict | None = None, *, split: str | None = None):
     """Build ``(train_dataset, val_dataset, val_json_path)`` from the ``data`` section.
 
     Args:
         source: ``"neon-trees"`` (fetched and converted into ``root`` when missing),
             ``"synthetic"`` (generated into ``root`` when missing; options in ``synthetic``) or
             ``"coco"`` (``train_json`` and ``val_json`` relative to ``root``).
+        root: the dataset's folder; ``neon-trees`` and ``synthetic`` keep ``train.json`` and
+            ``val.json`` there.
+        fetch: fetch (``neon-trees``) or generate (``synthetic``) the data into ``root`` when its
+            COCO files are missing; with false their absence is an error.
+        train_json, val_json: the splits' COCO files, relative to ``root`` (``source: coco`` only;
+            training needs ``train_json``, evaluating only ``val_json``).
         train_images, val_images: folders (relative to ``root``) that the splits' ``file_name``
             entries are relative to, e.g. ``train2017`` / ``val2017`` for COCO (default: ``root``).
-        flips, rot90, jitter: training augmentations (resizing is the model's job); ``flips`` flips
-            horizontally and, unless ``vertical_flip`` is false (COCO's papers), vertically.
+        flips: random flips in training: horizontal and, unless ``vertical_flip`` is false,
+            vertical (resizing is the model's job).
+        vertical_flip: whether ``flips`` also flips vertically (false in COCO's papers).
+        rot90: random 90-degree rotations in training.
+        jitter: random colour jitter in training.
         scale_jitter: ``[lo, hi]`` zoom range of ``RandomScaleJitter`` (off by default: on NEON at
             1,000 iterations it cost about 3 AP, ``benchmarks/results/recipe.md``).
         jitter_strength: strength of the colour jitter.
+        synthetic: options of the synthetic scenes (``source: synthetic``), the keys of
+            :data:`SYNTHETIC_DEFAULTS` (:func:`write_synthetic_splits`).
+        split: not a configuration key. ``None`` builds both splits; ``"train"`` or ``"val"`` only
+            that one (the other is None in the tuple, ``val_json_path`` too for ``"train"``), so
+            ``locconf eval`` needs neither the training annotations nor their images.
     """
     from ..data import CocoDetection, build_transforms, neon_trees
 
+    if split not in (None, "train", "val"):
+        raise ValueError(f"split must be None, 'train' or 'val', got {split!r}")
+    wanted = ("train", "val") if split is None else (split,)
     root = Path(root)
     if source in ("neon-trees", "synthetic"):
         train_json, val_json = "train.json", "val.json"
-        missing = not (root / train_json).is_file() or not (root / val_json).is_file()
+        missing = any(not (root / f"{s}.json").is_file() for s in wanted)
         if missing and not fetch:
             raise FileNotFoundError(f"{root} holds no {source} data and data.fetch is false")
         if missing and source == "neon-trees":
@@ -98,14 +115,20 @@ def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/n
             write_synthetic_splits(root, **synthetic_options(synthetic))
     elif source != "coco":
         raise ValueError(f"data.source must be 'neon-trees', 'synthetic' or 'coco', got {source!r}")
-    if not train_json or not val_json:
-        raise ValueError("data.train_json and data.val_json are required for data.source 'coco'")
-    train_tf = build_transforms(train=True, flips=flips, vertical_flip=vertical_flip, rot90=rot90, jitter=jitter,
-                                scale_jitter=scale_jitter,
-                                jitter_strength=jitter_strength)
-    train_ds = CocoDetection(root / (train_images or ""), root / train_json, transforms=train_tf)
-    val_ds = CocoDetection(root / (val_images or ""), root / val_json)
-    return train_ds, val_ds, root / val_json
+    needed = [f"data.{s}_json" for s, name in (("train", train_json), ("val", val_json)) if s in wanted and not name]
+    if needed:
+        what = "to train and evaluate" if split is None else "to train" if split == "train" else "to evaluate"
+        raise ValueError(f"{' and '.join(needed)} {'is' if len(needed) == 1 else 'are'} required {what} "
+                         "with data.source 'coco'")
+    train_ds = val_ds = val_path = None
+    if "train" in wanted:
+        train_tf = build_transforms(train=True, flips=flips, vertical_flip=vertical_flip, rot90=rot90, jitter=jitter,
+                                    scale_jitter=scale_jitter, jitter_strength=jitter_strength)
+        train_ds = CocoDetection(root / (train_images or ""), root / train_json, transforms=train_tf)
+    if "val" in wanted:
+        val_path = root / val_json
+        val_ds = CocoDetection(root / (val_images or ""), val_path)
+    return train_ds, val_ds, val_path
 
 
 def write_synthetic_splits(root: str | os.PathLike, num_train: int, num_val: int, image_size: int,
@@ -114,6 +137,14 @@ def write_synthetic_splits(root: str | os.PathLike, num_train: int, num_val: int
 
     Object scales ``sqrt(w * h)`` range from 1/16 to 3/8 of the image side (at least 4 and 8
     pixels). Returns each split's number of scenes and COCO file.
+
+    Args:
+        root: the folder of ``train.json``, ``val.json`` and the images.
+        num_train: scenes of the training split.
+        num_val: scenes of the validation split.
+        image_size: side of the square scenes, in pixels.
+        num_classes: object classes (shapes and colours) drawn.
+        seed: seed of the training scenes; the validation scenes use ``seed + 1``.
     """
     from ..data import SyntheticScenes, write_synthetic_coco
 

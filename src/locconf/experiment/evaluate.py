@@ -50,7 +50,7 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
     method_params = eval_cfg.get("method_params") or {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _, val_ds, val_json = call(build_datasets, "data", cfg["data"])
+    _, val_ds, val_json = call(build_datasets, "data", dict(cfg["data"], split="val"))  # val only: no train_json
     loader = torch.utils.data.DataLoader(val_ds, batch_size=1, collate_fn=collate_fn)
     candidates = collect_candidates(model, loader, device_of(device), progress=progress)
     results = _score(candidates, methods, eval_cfg, val_ds, val_json, progress)

@@ -15,6 +15,9 @@ from .build import build_datasets, build_model, device_of
 from .config import check_config, load_config, read_yaml
 from .keywords import call
 
+#: ``train.out_dir`` where a configuration sets none.
+DEFAULT_OUT_DIR = "runs/default"
+
 #: Keys that may change when a run is resumed (they do not change what is trained).
 _BOOKKEEPING = {"train": {"out_dir", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "progress",
                           "num_workers", "device"},
@@ -39,7 +42,7 @@ def run_train(cfg: dict[str, dict], resume: bool = False) -> dict:
     train_cfg = dict(cfg["train"])
     if "iterations" not in train_cfg:
         raise ValueError("train.iterations is required to train")
-    out_dir = Path(train_cfg.setdefault("out_dir", "runs/default"))
+    out_dir = Path(train_cfg.setdefault("out_dir", DEFAULT_OUT_DIR))
     if not resume and list_checkpoints(out_dir):
         raise ValueError(f"train.out_dir {out_dir} already holds a run (checkpoints): resume it or use another out_dir")
     config_file = out_dir / "config.yaml"
@@ -49,7 +52,7 @@ def run_train(cfg: dict[str, dict], resume: bool = False) -> dict:
             raise ValueError(f"cannot resume the run in {out_dir}: its config.yaml differs in {'; '.join(changed)}; "
                              "resume with the saved configuration or train into another out_dir")
     seed_everything(train_cfg.get("seed", 0))  # before the data and the model draw anything
-    train_ds, _, _ = call(build_datasets, "data", cfg["data"])
+    train_ds, _, _ = call(build_datasets, "data", dict(cfg["data"], split="train"))
     model = call(build_model, "model", dict(cfg["model"], num_classes=train_ds.num_classes))
     saved = dict(cfg, model=dict(cfg["model"], num_classes=train_ds.num_classes))
     meta = run_meta(saved, [{"id": int(cid), "name": str(train_ds.class_names[label])}

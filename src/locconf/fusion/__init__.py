@@ -90,7 +90,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .assign import _assign
 from .checks import _check_lists, _check_model_weights
 
 __all__ = ["fuse", "WEIGHTS", "CONF_TYPES"]
@@ -251,6 +250,8 @@ def fuse(
     q = None if quality is None else quality[idx]
     v = None if variances is None else variances[idx]
     cw = _box_weights(weight, s, wb, q, v)
+
+    from .assign import _assign  # here: it imports numba, which only this step needs
 
     cl = _assign(b, cw, lab, iou_threshold).to(device)
     k = int(cl.max()) + 1

@@ -1,25 +1,27 @@
 """The greedy WBF clustering: one compiled numba pass over the boxes, candidate clusters from a grid.
 
-How it stays fast: see "How the clustering stays fast" in :mod:`locconf.fusion`.
+How it stays fast: see "How the clustering stays fast" in :mod:`locconf.fusion`. This module imports
+numba; :mod:`locconf.fusion` imports it at the first fusion (cache: :mod:`locconf.jit`).
 """
 
 from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..jit import njit
 
-@numba.njit(cache=True, inline="always")
+
+@njit("box-fusion kernel", inline="always")
 def _nb_cell(v, origin, cell, g):
     c = int(math.floor((v - origin) / cell))
     return min(max(c, 0), g - 1)
 
 
-@numba.njit(cache=True)
+@njit("box-fusion kernel")
 def _nb_assign(b, cw, lab, iou_threshold, by_centre, x0, y0, cell, gx, gy, pad):
     """Greedy WBF clustering of boxes already sorted by (label, decreasing rank).
 

@@ -187,9 +187,14 @@ def build_rcnn(
             (:func:`locconf.models.backbone.build_fpn_backbone`); ``(2, 3, 4)`` gives P3-P6,
             ``(1, 2, 3, 4)`` the paper's P2-P6. With pretrained weights use ``norm="frozen"``.
         anchor_sizes: one size per pyramid level (default ``16 * 2**i``, sized for small objects;
-            the COCO setting is 32-512); aspect_ratios: per level.
+            the COCO setting is 32-512).
+        aspect_ratios: the anchors' height / width ratios, the same at every level.
         min_size, max_size: resize rule of the input images.
-        rpn_*: proposals kept before / after the RPN's NMS per level and image, sampled anchors.
+        rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test: proposals kept per level and image before
+            the RPN's NMS, in training / at inference.
+        rpn_post_nms_top_n_train, rpn_post_nms_top_n_test: proposals kept per image after the
+            RPN's NMS, in training / at inference.
+        rpn_batch_size_per_image: anchors sampled per image for the RPN's losses.
         representation_size: width of the box head's two FC layers.
         quality_representation_size: width of the quality branches' hidden layers (default:
             ``representation_size``; the papers use 1024).

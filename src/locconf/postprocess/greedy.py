@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernel import _greedy_numba
 from .modes import _HARD
 from .rounds import _greedy_torch
 
@@ -31,6 +30,8 @@ def _greedy(boxes, scores, labels, mode, iou_threshold=0.5, sigma=0.5, min_score
     if backend is None:
         backend = "numba"
     if backend == "numba":
+        from .kernel import _greedy_numba  # here: it imports numba (0.2 s), which only this path needs
+
         out = _greedy_numba(boxes.cpu(), scores.cpu(), None if labels is None else labels.cpu(), mode,
                             iou_threshold, sigma, min_score, None if variances is None else variances.cpu(), sigma_t)
         return tuple(None if t is None else t.to(dev) for t in out)

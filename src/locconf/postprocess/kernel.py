@@ -8,10 +8,10 @@ that leaves gets y1 = +inf, y2 = -inf, so it never passes the filter, and the sl
 re-packed once half of them are dead. Every IoU and decay is computed with the operations of
 the plain sequential algorithm, in the same order, so output scores are bit-identical to it.
 
-The kernels are compiled once and cached on disk (``cache=True``): in ``__pycache__`` beside
-this file when that is writable, else in numba's user-wide cache directory
-(``$NUMBA_CACHE_DIR`` if set, else ``~/.cache/numba``). Where no cache location is writable
-they are compiled in every process (a few seconds at the first call).
+This module imports numba: :mod:`.greedy` imports it at the first call of a kernel, not before.
+The kernels are compiled once (10-30 s, announced on the ``locconf.jit`` logger) and cached on
+disk in ``$LOCCONF_CACHE/numba``, else ``~/.cache/locconf/numba``, never in the package folder
+(:mod:`locconf.jit`: read-only installs, several users, loading without numba's compiler set-up).
 
 ``mode`` is 0 (hard suppression), 1 (linear decay) or 2 (Gaussian decay), as in :mod:`.modes`
 (literals here: numba's disk cache would not notice a change of a constant imported from
@@ -21,29 +21,19 @@ another file).
 from __future__ import annotations
 
 import math
-import warnings
 from collections import namedtuple
 
-import numba
 import numpy as np
 import torch
+
+from ..jit import njit
 
 _BAND_SIZE = 512  # about how many boxes of a class the numba kernel puts in one horizontal band
 
 
 def _njit(**options):
-    """``numba.njit`` with an on-disk cache where one can be written."""
-
-    def wrap(fn):
-        try:
-            return numba.njit(cache=True, **options)(fn)
-        except RuntimeError as e:  # numba: "cannot cache function ...: no locator available"
-            warnings.warn(f"locconf.postprocess: numba cannot cache {fn.__name__} ({e}); it will be compiled "
-                          "in every process. Set NUMBA_CACHE_DIR to a writable directory to avoid this.",
-                          RuntimeWarning, stacklevel=2)
-            return numba.njit(**options)(fn)
-
-    return wrap
+    """``numba.njit`` with locconf's on-disk cache (:func:`locconf.jit.njit`)."""
+    return njit("post-processing kernels", **options)
 
 
 @_njit(inline="always")
