@@ -10,34 +10,54 @@ from ._common import add_progress_flag, print_report
 
 
 def add_parser(sub, parents) -> None:
-    ev = _sub_parser(sub, "eval", parents, help="evaluate a checkpoint under several post-processing methods")
-    ev.add_argument("config", type=Path, help="the YAML configuration (its data section names the split)")
+    ev = _sub_parser(sub, "eval", parents, help="evaluate a checkpoint under several post-processing methods",
+                     description="Evaluate a checkpoint on the val split of its configuration. Everything is "
+                     "written into --out as one set when the evaluation is done (results.json, table.md, plots, "
+                     "calibration.json: the quality calibration for predict/postprocess --calibration).")
+    ev.add_argument("config", type=Path, nargs="?", default=None,
+                    help="the YAML configuration (its data section names the split; default: the configuration "
+                         "the checkpoint records)")
     ev.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint to evaluate")
     ev.add_argument("--methods", default=None,
                     help="comma-separated post-processing methods, e.g. nms,soft-gaussian,quality "
                          "(default: eval.methods of the config, else nms,soft-linear,soft-gaussian)")
     ev.add_argument("--out", type=Path, default=None,
-                    help="folder for results.json, table.md and plots (default: eval/ beside the checkpoint)")
+                    help="folder for results.json, table.md, plots and calibration.json (default: eval/ beside "
+                         "the checkpoint)")
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda where available)")
     ev.add_argument("--html", type=Path, default=None, help="also write one self-contained HTML report here")
     ev.add_argument("--gallery", type=int, default=8, help="images in the report's gallery of detections")
+    ev.add_argument("--overwrite-calibration", action="store_true",
+                    help="replace a calibration.json in --out that was fitted on another checkpoint or split "
+                         "(refused otherwise)")
+    ev.add_argument("--calibration-min-boxes", type=int, default=50,
+                    help="fit no calibration on fewer matched boxes (candidates with IoU > 0.5)")
     add_progress_flag(ev)
     ev.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..experiment import load_config, load_trained, run_eval
+    from ..experiment.evaluate import eval_outputs
+    from ..files import check_outputs
 
-    cfg = load_config(args.config)
-    model, _ = load_trained(args.checkpoint, cfg, device=args.device)
-    methods = args.methods.split(",") if args.methods else None
     out_dir = args.out or Path(args.checkpoint).parent / "eval"
+    inputs = {"config": args.config, "checkpoint": args.checkpoint}
+    check_outputs({"--out" if args.out else "the default --out": out_dir}, inputs)
+    check_outputs({f"--out's {name}" if name != "html" else "--html": path
+                   for name, path in eval_outputs(out_dir, args.html).items()}, inputs)
+    cfg = load_config(args.config) if args.config is not None else None
+    model, cfg = load_trained(args.checkpoint, cfg, device=args.device)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     report = run_eval(model, cfg, out_dir, methods=methods, device=args.device, html=args.html, gallery=args.gallery,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, checkpoint=args.checkpoint, inputs=inputs,
+                      overwrite_calibration=args.overwrite_calibration,
+                      calibration_min_boxes=args.calibration_min_boxes)
     print_report(report)
-    if report.get("calibrator") is not None:  # saved with the model: <checkpoint>.calibration.json
-        beside = report["calibrator"].save(Path(args.checkpoint).with_suffix(".calibration.json"))
-        print(f"quality calibration (isotonic, for predict/postprocess --calibration): {beside}")
+    if report.get("calibration_file"):
+        print(f"quality calibration (isotonic, for predict/postprocess --calibration): {report['calibration_file']}")
+    elif report.get("calibration_skipped"):
+        print(f"no quality calibration: {report['calibration_skipped']}")
     if report.get("html"):
         print(f"report: {report['html']}")
     return 0

@@ -59,9 +59,9 @@ def load_config(path: str | os.PathLike) -> dict[str, dict]:
 
     An empty file (or one of comments only) is an error, raised before anything else happens.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+    from ..files import require_file
+
+    path = require_file(path, "config file", "give the YAML file")
     cfg = read_yaml(path)
     if cfg is None:
         raise ValueError(f"config file {path} is empty: it needs the sections {SECTIONS} "

@@ -108,16 +108,31 @@ def load_trained(checkpoint: str | os.PathLike, cfg: dict[str, dict] | None = No
     (:func:`checkpoint_meta`), else ``config.yaml`` beside it (checkpoints of older versions).
     The model's ``categories`` attribute holds the checkpoint's categories (``{"id", "name"}`` in
     label order), or ``None`` when it records none.
+
+    Raises:
+        ValueError: the file holds no model weights, or weights of another model than ``cfg``
+            builds (the message sets the checkpoint's model settings and locconf version against
+            the configuration's).
     """
     from ..engine.checkpoint import load_checkpoint
 
     checkpoint = Path(checkpoint)
     state = load_checkpoint(checkpoint)
+    if not isinstance(state.get("model"), dict):
+        what = "a bare state_dict (save {'model': model.state_dict()})" if state and all(
+            hasattr(v, "shape") for v in state.values()) else f"the keys {sorted(map(str, state))[:8]}"
+        raise ValueError(f"checkpoint {checkpoint} holds no model weights ('model'): it has {what}; give a "
+                         "checkpoint written by locconf train")
     meta = checkpoint_meta(state)
     beside = checkpoint.parent / "config.yaml"
     if cfg is None:
-        cfg = check_config(meta["config"], source=f"{checkpoint} (its recorded configuration)") if meta.get("config") \
-            else load_config(beside)
+        if meta.get("config"):
+            cfg = check_config(meta["config"], source=f"{checkpoint} (its recorded configuration)")
+        elif beside.is_file():
+            cfg = load_config(beside)
+        else:
+            raise FileNotFoundError(f"checkpoint {checkpoint} records no configuration (written by an older "
+                                    f"locconf) and there is no config.yaml beside it: give the configuration")
     num_classes = int(cfg["model"].get("num_classes", 0))
     if not num_classes and meta.get("config"):
         num_classes = int((meta["config"].get("model") or {}).get("num_classes", 0))
@@ -125,13 +140,35 @@ def load_trained(checkpoint: str | os.PathLike, cfg: dict[str, dict] | None = No
         num_classes = int((load_config(beside)["model"]).get("num_classes", 0))
     num_classes = num_classes or _num_classes_from_state(state["model"])
     model = build_model(num_classes=num_classes, **{k: v for k, v in cfg["model"].items() if k != "num_classes"})
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], checkpoint, meta, dict(cfg["model"], num_classes=num_classes))
     model.categories = meta.get("categories")
     return model.to(device_of(device)).eval(), cfg
+
+
+def load_weights(model: nn.Module, weights: dict, checkpoint: str | os.PathLike, meta: dict[str, Any],
+                 model_cfg: dict[str, Any] | None) -> None:
+    """``model.load_state_dict(weights)``; weights of another model are a ``ValueError`` that says why.
+
+    PyTorch lists missing and unexpected parameter names; the message here sets the checkpoint's
+    recorded model settings (``meta["config"]["model"]``) and locconf version against ``model_cfg``
+    (the settings ``model`` was built with) and this version, and says what to do.
+    """
+    from .. import __version__
+    from ..engine.checkpoint import describe_meta_difference, first_keys
+
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        current = {"locconf_version": __version__, "config": {"model": dict(model_cfg or {})}}
+        advice = ("leave the configuration out to use the one the checkpoint records" if meta.get("config")
+                  else "use the configuration it was trained with")
+        raise ValueError(f"checkpoint {checkpoint} does not fit the model the configuration builds: "
+                         f"{describe_meta_difference(meta, current)}: {advice} ({first_keys(e)})") from None
 
 
 def _num_classes_from_state(state: dict) -> int:
     for key, value in state.items():
         if key.endswith("cls_score.weight"):
             return value.shape[0] - 1
-    raise ValueError("cannot infer num_classes from the checkpoint; set model.num_classes")
+    raise ValueError("cannot infer num_classes from the checkpoint's weights (no '*cls_score.weight'): set "
+                     "model.num_classes in the configuration")
