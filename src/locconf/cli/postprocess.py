@@ -41,12 +41,28 @@ def add_parser(sub, parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..postprocess_files import format_correlation, fuse_files, postprocess_file
+    from ..files import check_outputs, output_lock, require_file
 
     if (args.input is None) == (args.fuse is None):
         raise ValueError("locconf postprocess needs either one INPUT file or --fuse FILE [FILE ...]")
     if args.calibration is not None and args.fuse is not None:
         raise ValueError("--calibration applies to one INPUT file, not to --fuse")
+    for name, paths in (("input", [args.input]), ("--fuse file", args.fuse or []), ("--gt file", [args.gt]),
+                        ("--calibration file", [args.calibration])):
+        for path in paths:
+            if path is not None and path.is_dir():  # a missing file is the reader's to name
+                require_file(path, name)
+    check_outputs({"--out": args.out}, {"input": args.input, "--fuse file": args.fuse, "--gt": args.gt,
+                                        "--calibration": args.calibration})
+    if not args.out.parent.is_dir():
+        raise ValueError(f"output folder {args.out.parent} does not exist")
+    with output_lock(args.out, command="locconf postprocess", folder=False):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..postprocess_files import format_correlation, fuse_files, postprocess_file
+
     common = dict(method=args.method, params=method_params(args.param, args.params),
                   max_detections=args.max_detections, score_threshold=args.score_threshold,
                   class_agnostic=args.class_agnostic, gt=args.gt, progress=not args.no_progress)
