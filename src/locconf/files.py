@@ -263,11 +263,13 @@ def output_lock(path: str | os.PathLike, command: str = "locconf", folder: bool 
     (killed with SIGKILL, say) is reported with a warning and taken over; a lock of another host
     cannot be checked, and its message says to delete the file if that run is over. ``folder``: as
     :func:`lock_path`. A folder that cannot be written is an ``OSError`` naming it, raised here,
-    before any work.
+    before any work. The folder of the lock is created; if it was, and is empty when the block ends
+    (the command failed before writing), it is removed again.
     """
     lock = lock_path(path, folder)
     if lock.parent.exists() and not lock.parent.is_dir():
         raise NotADirectoryError(f"{lock.parent} is a file, not a folder: give a folder for this output")
+    created = not lock.parent.exists()
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -281,6 +283,9 @@ def output_lock(path: str | os.PathLike, command: str = "locconf", folder: bool 
     finally:
         if held and (_read_lock(lock) or {}).get("pid") == info["pid"]:
             lock.unlink(missing_ok=True)
+            if created:  # a folder made for the lock and left empty (the command failed): gone again
+                with contextlib.suppress(OSError):
+                    lock.parent.rmdir()
 
 
 def _acquire(lock: Path, info: dict, path: str | os.PathLike) -> bool:

@@ -38,14 +38,13 @@ def add_parser(sub, parents) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..experiment import load_config, load_trained, run_eval
-    from ..experiment.evaluate import eval_outputs
+    from ..experiment.evaluate import eval_outputs, named_outputs
     from ..files import check_outputs
 
     out_dir = args.out or Path(args.checkpoint).parent / "eval"
     inputs = {"config": args.config, "checkpoint": args.checkpoint}
     check_outputs({"--out" if args.out else "the default --out": out_dir}, inputs)
-    check_outputs({f"--out's {name}" if name != "html" else "--html": path
-                   for name, path in eval_outputs(out_dir, args.html).items()}, inputs)
+    check_outputs(named_outputs(eval_outputs(out_dir, args.html)), inputs)  # again in run_eval, with the data
     cfg = load_config(args.config) if args.config is not None else None
     model, cfg = load_trained(args.checkpoint, cfg, device=args.device)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None

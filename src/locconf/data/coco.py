@@ -50,6 +50,8 @@ def load_image(path: str | os.PathLike) -> Tensor:
     ``ValueError`` naming the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"image {path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
@@ -229,6 +231,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.root = Path(root)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
+        if self.ann_file.is_dir():
+            raise IsADirectoryError(f"annotation file {self.ann_file} is a folder: give the COCO JSON file")
         if not self.ann_file.is_file():
             raise FileNotFoundError(f"annotation file not found: {self.ann_file}")
         data = read_json(self.ann_file)
@@ -290,9 +294,9 @@ class CocoDetection(torch.utils.data.Dataset):
             if check_files:
                 path = self.root / im["file_name"]
                 if not path.is_file():
-                    raise FileNotFoundError(
-                        f"{self.ann_file}: images[{i}] (id {im['id']}) points at a missing file: {path}"
-                    )
+                    what = "a folder, not an image file" if path.is_dir() else "a missing file"
+                    error = IsADirectoryError if path.is_dir() else FileNotFoundError
+                    raise error(f"{self.ann_file}: images[{i}] (id {im['id']}) points at {what}: {path}")
             self._index[im["id"]] = len(self.images)
             self.images.append(im)
 
@@ -387,7 +391,9 @@ class CocoDetection(torch.utils.data.Dataset):
         im = self.images[index]
         path = self.root / im["file_name"]
         if not path.is_file():
-            raise FileNotFoundError(f"{self.ann_file}: image id {im['id']} points at a missing file: {path}")
+            what = "a folder, not an image file" if path.is_dir() else "a missing file"
+            error = IsADirectoryError if path.is_dir() else FileNotFoundError
+            raise error(f"{self.ann_file}: image id {im['id']} points at {what}: {path}")
         try:
             image = load_image(path)
         except ValueError as e:

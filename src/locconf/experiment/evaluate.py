@@ -52,6 +52,11 @@ def eval_outputs(out_dir: str | os.PathLike, html: str | os.PathLike | None = No
     return outputs
 
 
+def named_outputs(outputs: Mapping[str, Path]) -> dict[str, Path]:
+    """:func:`eval_outputs` named as a user gives them (``--html``, ``--out's results.json``), for messages."""
+    return {"--html" if name == "html" else f"--out's {name}": path for name, path in outputs.items()}
+
+
 def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
              methods: Sequence[str] | None = None, device: str | None = None, progress: bool = True,
              html: str | os.PathLike | None = None, gallery: int = 8, checkpoint: str | os.PathLike | None = None,
@@ -83,20 +88,25 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
     eval_cfg, methods = _eval_settings(cfg["eval"], methods, gallery)
     outputs = eval_outputs(out_dir, html)
     out_dir = Path(out_dir)
-    check_outputs(outputs, dict(inputs or {}, checkpoint=checkpoint))
+    named = named_outputs(outputs)
+    check_outputs(named, dict(inputs or {}, checkpoint=checkpoint))
     OutputSet(outputs)  # checks that no output is a folder
     if isinstance(calibration_min_boxes, bool) or not isinstance(calibration_min_boxes, int) \
             or calibration_min_boxes < 1:
         raise ValueError(f"calibration_min_boxes must be an int >= 1, got {calibration_min_boxes!r}")
+    _, val_ds, val_json = call(build_datasets, "data", cfg["data"])
+    check_outputs(named, {"annotation file": val_json,
+                            "image": [val_ds.root / im["file_name"] for im in val_ds.images]})
+    check_categories(getattr(model, "categories", None), val_ds, val_json)
     with contextlib.ExitStack() as locks:
         locks.enter_context(output_lock(out_dir, command="locconf eval", folder=True))
         if html is not None and out_dir.resolve() != Path(html).resolve().parent:
             locks.enter_context(output_lock(html, command="locconf eval", folder=False))
-        return _evaluate(model, cfg, eval_cfg, methods, outputs, device, progress, html, gallery, checkpoint,
-                         overwrite_calibration, calibration_min_boxes)
+        return _evaluate(model, cfg, eval_cfg, methods, outputs, val_ds, val_json, device, progress, html, gallery,
+                         checkpoint, overwrite_calibration, calibration_min_boxes)
 
 
-def _evaluate(model, cfg, eval_cfg, methods, outputs, device, progress, html, gallery, checkpoint,
+def _evaluate(model, cfg, eval_cfg, methods, outputs, val_ds, val_json, device, progress, html, gallery, checkpoint,
               overwrite_calibration, calibration_min_boxes) -> dict:
     """:func:`run_eval` once its outputs are checked and locked."""
     from ..data import collate_fn
@@ -104,10 +114,6 @@ def _evaluate(model, cfg, eval_cfg, methods, outputs, device, progress, html, ga
     from ..postprocess import REQUIRED_SIGNALS
 
     method_params = eval_cfg.get("method_params") or {}
-    _, val_ds, val_json = call(build_datasets, "data", cfg["data"])
-    check_outputs(outputs, {"annotation file": val_json,
-                            "image": [val_ds.root / im["file_name"] for im in val_ds.images]})
-    check_categories(getattr(model, "categories", None), val_ds, val_json)
     fitted_on = {"checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
                  "annotations": str(Path(val_json).resolve()), "images": len(val_ds)}
     if not overwrite_calibration:
@@ -177,12 +183,13 @@ def check_categories(categories: Sequence[Mapping] | None, dataset: Any, source:
 
 def _keep_calibration(path: Path, fitted_on: dict) -> None:
     """Refuse to replace the calibration at ``path`` when it was fitted on another checkpoint or data set."""
+    from ..data.coco import read_json
     from ..evaluation.calibration import Calibration
 
     if not path.exists():
         return
     try:
-        old = Calibration.load(path).info.get("fitted_on")
+        old = Calibration.from_dict(read_json(path), source=str(path)).info.get("fitted_on")
     except (OSError, ValueError) as e:
         old, why = None, f"an unreadable calibration ({e})"
     else:

@@ -57,11 +57,11 @@ def _train(cfg: dict[str, dict], train_cfg: dict, out_dir: Path, resume: bool,
     from ..engine.checkpoint import list_checkpoints
     from ..engine.train import seed_everything, train
 
-    if not resume and list_checkpoints(out_dir):
-        raise ValueError(f"train.out_dir {out_dir} already holds a run (checkpoints): resume it or use another out_dir")
     saved_config = out_dir / "config.yaml"
     own_config = config_file is not None and saved_config.resolve() == Path(config_file).resolve()
     _check_run_outputs(out_dir, {"config": config_file if not own_config else None})
+    if not resume and list_checkpoints(out_dir):
+        raise ValueError(f"train.out_dir {out_dir} already holds a run (checkpoints): resume it or use another out_dir")
     if resume and saved_config.is_file():
         changed = _run_differences(read_yaml(saved_config) or {}, cfg)
         if changed:
