@@ -188,24 +188,22 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike | None],
     inside it (an output must not be written into an input folder of images, say). Raises a
     ``ValueError`` naming both sides.
     """
-    seen: dict[Path, str] = {}
-    for name, path in outputs.items():
-        if path is None:
-            continue
-        resolved = Path(path).resolve()
-        if resolved in seen:
-            raise ValueError(f"{name} and {seen[resolved]} are the same file {path}: give each output its own path")
-        seen[resolved] = name
+    resolved_outputs = [(name, path, Path(path).resolve()) for name, path in outputs.items() if path is not None]
     for in_name, value in inputs.items():
         if value is None:
             continue
         for path in ([value] if isinstance(value, (str, os.PathLike)) else list(value)):
             target = Path(path).resolve()
-            for resolved, out_name in seen.items():
+            for out_name, _, resolved in resolved_outputs:
                 if resolved == target or (target.is_dir() and target in resolved.parents):
                     what = "is" if resolved == target else "is inside"
                     raise ValueError(f"{out_name} {resolved} {what} the {in_name} {path}, one of this command's "
                                      f"inputs: write the output elsewhere")
+    seen: dict[Path, str] = {}
+    for name, path, resolved in resolved_outputs:
+        if resolved in seen:
+            raise ValueError(f"{name} and {seen[resolved]} are the same file {path}: give each output its own path")
+        seen[resolved] = name
 
 
 def require_file(path: str | os.PathLike, what: str, hint: str = "") -> Path:
