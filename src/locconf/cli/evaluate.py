@@ -53,10 +53,8 @@ def run(args: argparse.Namespace) -> int:
                       overwrite_calibration=args.overwrite_calibration,
                       calibration_min_boxes=args.calibration_min_boxes)
     print_report(report)
-    if report.get("calibration_file"):
+    if report.get("calibration_file"):  # (why there is none, if any, was logged)
         print(f"quality calibration (isotonic, for predict/postprocess --calibration): {report['calibration_file']}")
-    elif report.get("calibration_skipped"):
-        print(f"no quality calibration: {report['calibration_skipped']}")
     if report.get("html"):
         print(f"report: {report['html']}")
     return 0

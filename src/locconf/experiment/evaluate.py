@@ -96,7 +96,7 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
         raise ValueError(f"calibration_min_boxes must be an int >= 1, got {calibration_min_boxes!r}")
     _, val_ds, val_json = call(build_datasets, "data", cfg["data"])
     check_outputs(named, {"annotation file": val_json,
-                            "image": [val_ds.root / im["file_name"] for im in val_ds.images]})
+                          "image": [val_ds.root / im["file_name"] for im in val_ds.images]})
     check_categories(getattr(model, "categories", None), val_ds, val_json)
     with contextlib.ExitStack() as locks:
         locks.enter_context(output_lock(out_dir, command="locconf eval", folder=True))
