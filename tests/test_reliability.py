@@ -503,11 +503,14 @@ def test_user_mistakes_are_one_line_errors_naming_the_thing(trained, tmp_path, c
         (["postprocess", str(tmp_path / "folder"), "--out", str(tmp_path / "o.json")], "input .*folder is a folder"),
         (["postprocess", str(cands), "--out", str(tmp_path / "folder")], "output .*folder is a folder"),
         (["train", str(tmp_path / "folder")], "config file .*folder is a folder"),
+        (["postprocess", str(cands), "--out", str(tmp_path / "o.json"), "--fuse-iou", "0.7"],
+         "--fuse-iou applies to --fuse FILE"),  # was ignored without a word
+        (["data", "synthetic", "--out", str(cands)], "--out .*c.json is a file: give a folder"),
     ]
     import re
 
     for argv, message in cases:
-        line = one_line_error(capsys, argv + (["--no-progress"] if argv[0] != "train" else []))
+        line = one_line_error(capsys, argv + (["--no-progress"] if argv[0] not in ("train", "data") else []))
         assert re.search(message, line), (argv, line)
 
 
