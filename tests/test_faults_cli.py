@@ -84,6 +84,7 @@ def world(tmp_path_factory):
     candidates(base / "c2.json", val_ids, 40, seed=2)
     # many images: the interrupt suite's postprocess runs long enough to be hit while it writes
     candidates(base / "big.json", list(range(150)), 40, seed=3)
+    candidates(base / "big2.json", list(range(150)), 40, seed=4)
     (base / "cal.json").write_text(json.dumps({"format": "locconf-calibration", "version": 1, "kind": "isotonic",
                                                "signals": {"quality": {"x": [0.1, 0.9], "y": [0.55, 0.85]}},
                                                "info": {"n": 100}}))
@@ -265,8 +266,7 @@ def test_interrupted_postprocess_and_fuse_keep_a_whole_output(world):
     A second process into the held output is refused."""
     out = world / "pp.json"
     interruption_chain(world, {"previous": ["postprocess", "big.json", "--out", "pp.json", "--method", "nms"],
-                               "new": ["postprocess", "--fuse", "big.json", "big.json", "--out", "pp.json",
-                                       "--conf-type", "max"]},
+                               "new": ["postprocess", "--fuse", "big.json", "big2.json", "--out", "pp.json"]},
                        world / ".pp.json.locconf.lock", lambda: out.read_bytes() if out.exists() else None, seed=1,
                        contender=["postprocess", "c1.json", "--out", "pp.json"])
 
