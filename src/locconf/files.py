@@ -130,7 +130,8 @@ class OutputSet:
     earlier run would otherwise sit beside the new set as if it belonged to it); SIGINT and SIGTERM
     wait until all renames are done (:func:`deferred_signals`). On an error or an interruption the
     temporary files are removed and every destination keeps its previous content. Only a SIGKILL
-    (or a power cut) during the renames themselves, microseconds, can leave a mixed set.
+    (or a power cut) during the renames themselves, microseconds, or a rename that fails (a folder
+    made read-only meanwhile; the error names the file) can leave a mixed set.
 
     Args:
         paths: ``{name: destination}``; the names are how :meth:`temp` refers to them.
