@@ -177,15 +177,23 @@ def start(world: Path, argv: list[str]) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> bool:
-    """Until ``path`` exists (True) or ``proc`` ended (False)."""
+def holds(lock: Path, proc: subprocess.Popen) -> bool:
+    """Whether ``lock`` is ``proc``'s (not a stale one that a SIGKILL left)."""
+    try:
+        return json.loads(lock.read_text()).get("pid") == proc.pid
+    except (OSError, ValueError):
+        return False
+
+
+def wait_for(lock: Path, proc: subprocess.Popen, timeout: float = 300) -> bool:
+    """Until ``proc`` holds ``lock`` (True) or ended (False)."""
     deadline = time.time() + timeout
-    while not path.exists():
+    while not holds(lock, proc):
         if proc.poll() is not None:
             return False
         if time.time() > deadline:
             proc.kill()
-            pytest.fail(f"{proc.args} did not take {path} in {timeout} s")
+            pytest.fail(f"{proc.args} did not take {lock} in {timeout} s")
         time.sleep(0.01)
     return True
 
