@@ -205,7 +205,7 @@ def test_nothing_to_fit_gives_none():
     assert fit_calibration([cand], [target]) is None
     no_quality = {k: v for k, v in _scene([0.7], quality=[0.5])[0].items() if k != "quality"}
     assert fit_calibration([no_quality], [target]) is None
-    assert fit_calibration([no_quality], [target], signals=("score",)) is not None
+    assert fit_calibration([no_quality], [target], signals=("score",), min_boxes=1) is not None
     with pytest.raises(ValueError, match="signals"):
         fit_calibration([cand], [target], signals=("combined",))
 

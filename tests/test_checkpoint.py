@@ -93,6 +93,14 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 TORCH_DISK_FULL = "[enforce fail at inline_container.cc:671] . unexpected pos 15926720 vs 15926616"
 
 
+def free_space(monkeypatch, free: int) -> None:
+    """Make the checkpoint module see ``free`` bytes free on every disk."""
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(ckpt_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=free))
+
+
 def test_full_disk_says_so_with_the_path(tmp_path, monkeypatch):
     dst = checkpoint_path(tmp_path, 2)
     save_checkpoint({"v": 1}, dst)
@@ -102,12 +110,69 @@ def test_full_disk_says_so_with_the_path(tmp_path, monkeypatch):
         raise RuntimeError(TORCH_DISK_FULL)
 
     monkeypatch.setattr(ckpt_mod.torch, "save", full)
+    free_space(monkeypatch, 10)
     with pytest.raises(OSError, match=r"no space left on device: writing checkpoint .*checkpoint_0000002\.pth") as err:
         save_checkpoint({"v": 2}, dst)
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(dst)
     assert [p.name for p in tmp_path.iterdir()] == [dst.name]  # temp file removed, old checkpoint kept
     monkeypatch.undo()
     assert load_checkpoint(dst)["v"] == 1
+
+
+def test_unexpected_pos_with_free_space_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    """torch's "unexpected pos" also follows a failed write for other reasons: with the space there, it
+    propagates as it is (it used to be reported as "no space left on device" whatever the cause)."""
+    dst = checkpoint_path(tmp_path, 2)
+
+    def short(obj, f, *a, **k):
+        f.write(b"x" * 100)
+        raise RuntimeError(TORCH_DISK_FULL)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", short)
+    free_space(monkeypatch, 10**12)
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        save_checkpoint({"w": torch.zeros(1000)}, dst)
+    assert list(tmp_path.iterdir()) == []
+
+
+class Writer:
+    """A file whose writes raise ``interrupt`` after ``limit`` bytes, as Ctrl-C during ``torch.save`` does."""
+
+    def __init__(self, path, mode, interrupt, limit=5000):
+        self.f, self.interrupt, self.limit, self.n = open(path, mode), interrupt, limit, 0
+
+    def write(self, data):
+        self.n += len(data)
+        if self.n > self.limit:
+            raise self.interrupt
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("kind", ["sigint", "sigterm"])
+def test_an_interrupt_while_saving_stays_an_interrupt(tmp_path, monkeypatch, kind):
+    """Ctrl-C inside torch.save's writer reaches torch as an exception in its callback, which torch
+    reports as "unexpected pos": it used to be turned into "no space left on device"."""
+    from locconf.cli import Terminated
+
+    interrupt = KeyboardInterrupt() if kind == "sigint" else Terminated()
+    dst = checkpoint_path(tmp_path, 3)
+    save_checkpoint({"v": 1}, dst)
+    monkeypatch.setattr(ckpt_mod, "open", lambda path, mode: Writer(path, mode, interrupt), raising=False)
+    free_space(monkeypatch, 0)  # even on a full disk, an interrupt is an interrupt
+    with pytest.raises(KeyboardInterrupt) as err:
+        save_checkpoint({"w": torch.zeros(100_000)}, dst)
+    assert type(err.value) is type(interrupt)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [dst.name] and load_checkpoint(dst)["v"] == 1
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

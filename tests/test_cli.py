@@ -92,7 +92,7 @@ def test_shipped_configs_build(tmp_path):
 
 
 def test_eval_html_calibration_and_tiled_predict(tmp_path, capsys):
-    """`eval --html` writes the report and a calibration beside the checkpoint; `predict` tiles a larger
+    """`eval --html` writes the report and a calibration into --out; `predict` tiles a larger
     image and applies it; `postprocess --calibration` reads predict's COCO results."""
     import csv
 
@@ -117,14 +117,15 @@ def test_eval_html_calibration_and_tiled_predict(tmp_path, capsys):
     assert main(["train", str(config)]) == 0
     ckpt = sorted((tmp_path / "run").glob("checkpoint_*.pth"))[-1]
     assert main(["eval", str(config), "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev"),
-                 "--html", str(tmp_path / "report.html"), "--gallery", "2"]) == 0
+                 "--html", str(tmp_path / "report.html"), "--gallery", "2", "--calibration-min-boxes", "1"]) == 0
     out = capsys.readouterr().out
     assert "expected calibration error" in out and "report:" in out
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4  # scatter, reliability, two gallery images
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert set(results["calibration"]["ece"]) <= {"score", "quality", "combined"}
-    calibration = ckpt.with_suffix(".calibration.json")
+    calibration = tmp_path / "ev" / "calibration.json"
+    assert not ckpt.with_suffix(".calibration.json").exists()  # nothing written beside the checkpoint
     assert (tmp_path / "ev" / "reliability.png").exists()
     if not calibration.exists():  # an untrained model may match no box with IoU > 0.5: nothing to fit
         pytest.skip("no candidate matched a ground truth, so there was no calibration to fit")

@@ -183,6 +183,8 @@ def test_full_disk_during_training_then_resume_bitwise(tmp_path, reference, monk
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(ckpt_mod.torch, "save", full_at_second_save)
+    disk_usage = ckpt_mod.shutil.disk_usage
+    monkeypatch.setattr(ckpt_mod.shutil, "disk_usage", lambda p: disk_usage(p)._replace(free=1000))
     out = tmp_path / "run"
     with pytest.raises(OSError, match=r"no space left on device: writing checkpoint .*checkpoint_0000004\.pth"):
         run(out)

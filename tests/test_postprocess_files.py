@@ -436,7 +436,7 @@ def test_bad_json_and_bad_arguments(tmp_path):
         run("--out", tmp_path / "o.json")
     with pytest.raises(ValueError, match="either one INPUT file or --fuse"):
         run(good, "--fuse", good, "--out", tmp_path / "o.json")
-    with pytest.raises(ValueError, match="is the input file"):
+    with pytest.raises(ValueError, match="is the input"):
         run(good, "--out", good)
     with pytest.raises(ValueError, match="output folder .* does not exist"):
         run(good, "--out", tmp_path / "nowhere" / "o.json")

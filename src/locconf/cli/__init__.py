@@ -5,9 +5,10 @@
   ``locconf`` loggers, which write to standard error; results go to standard output.
 * A user error (a bad value, a missing or wrong file, a refused output, a configuration error:
   ``ValueError`` and ``OSError``) prints one line ``locconf <command>: error: ...`` on standard
-  error and exits with 2; Ctrl-C prints ``locconf <command>: interrupted`` and exits with 130. Any
-  other exception keeps its traceback. ``--debug`` (or ``LOCCONF_DEBUG=1``) shows the traceback of
-  every error.
+  error and exits with 2; Ctrl-C prints ``locconf <command>: interrupted`` and exits with 130,
+  SIGTERM ``terminated`` and 143, also when a library turned the interrupt into another exception
+  (an import cut short, say). Any other exception keeps its traceback. ``--debug`` (or
+  ``LOCCONF_DEBUG=1``) shows the traceback of every error.
 
 Each sub-command module (``train``, ``eval``, ...) has ``add_parser(sub, parents)`` and ``run(args)``;
 :func:`run_command` runs a command line and lets its exceptions through (for tests and scripts),
@@ -87,7 +88,15 @@ def run_command(argv: list[str] | None = None) -> int:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
+    """The message of ``error`` on one line; an ``OSError`` without its ``[Errno N]`` prefix."""
+    text = str(error)
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror
+        if error.filename is not None:
+            text = f"{error.filename}: {text}"
+        if error.filename2 is not None:
+            text = f"{text} (-> {error.filename2})"
+    text = " ".join(text.split())
     return text or type(error).__name__
 
 
@@ -95,40 +104,66 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that locks, temporary files and half outputs are cleaned up."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+#: The last SIGINT/SIGTERM that :func:`main` received (None: none), so that an interrupt that a
+#: library turned into another exception is still reported as an interrupt.
+_received: list[int] = []
+
+
+def _on_signal(signum, frame):
+    _received.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _install_handlers() -> dict:
+    """Our SIGINT/SIGTERM handlers (main thread only; an ignored SIGINT stays ignored); the previous ones."""
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
+                continue
+            previous[signum] = signal.signal(signum, _on_signal)
+        except ValueError:  # not the main thread: leave the signals alone
+            break
+    return previous
+
+
+def _interrupted(prog: str, signum: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    terminated = signum == signal.SIGTERM
+    print(f"{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+    return 143 if terminated else 130
 
 
 def main(argv: list[str] | None = None) -> int:
     """The console entry point: :func:`run_command` with one-line errors (see the module docstring).
 
     SIGTERM is turned into :class:`Terminated` (exit 143), so a terminated command cleans up as an
-    interrupted one does (exit 130).
+    interrupted one does (exit 130). An exception of any other type raised after one of these
+    signals arrived is reported as the interruption it stands for.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread: leave SIGTERM alone
-        previous = None
+    _received.clear()
+    previous = _install_handlers()
     debug = "--debug" in argv or os.environ.get("LOCCONF_DEBUG", "").strip() not in ("", "0")
     command = next((a for a in argv if not a.startswith("-")), None)
     prog = f"locconf {command}" if command else "locconf"
     try:
         return run_command(argv)
     except KeyboardInterrupt as e:
-        if debug:
-            traceback.print_exc()
-        terminated = isinstance(e, Terminated)
-        print(f"{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        return 143 if terminated else 130
-    except USER_ERRORS as e:
+        return _interrupted(prog, signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT, debug)
+    except Exception as e:
+        if _received:
+            return _interrupted(prog, _received[-1], debug)
+        if not isinstance(e, USER_ERRORS):
+            raise
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ def add_parser(sub, parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        raise NotADirectoryError(f"--out {args.out} is a file: give a folder (the COCO files and images go there)")
     if args.dataset == "neon-trees":
         from ..data import neon_trees
 

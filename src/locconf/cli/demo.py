@@ -48,5 +48,5 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = Path(summary["checkpoint"] or latest_checkpoint(out))
     model, _ = load_trained(checkpoint, cfg)
     print("evaluating the same candidates under NMS, Soft-NMS and DIR's quality NMS (val split)")
-    print_report(run_eval(model, cfg, out / "eval", progress=not args.no_progress))
+    print_report(run_eval(model, cfg, out / "eval", progress=not args.no_progress, checkpoint=checkpoint))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 from ._common import add_parser as _sub_parser
@@ -10,35 +11,59 @@ from ._common import add_progress_flag, add_set_flag, print_report
 
 
 def add_parser(sub, parents) -> None:
-    ev = _sub_parser(sub, "eval", parents, help="evaluate a checkpoint under several post-processing methods")
-    ev.add_argument("config", type=Path, help="the YAML configuration (its data section names the split)")
+    ev = _sub_parser(sub, "eval", parents, help="evaluate a checkpoint under several post-processing methods",
+                     description="Evaluate a checkpoint on the val split of its configuration. Everything is "
+                     "written into --out as one set when the evaluation is done (results.json, table.md, plots, "
+                     "calibration.json: the quality calibration for predict/postprocess --calibration).")
+    ev.add_argument("config", type=Path, nargs="?", default=None,
+                    help="the YAML configuration (its data section names the split; default: the configuration "
+                         "the checkpoint records)")
     ev.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint to evaluate")
     ev.add_argument("--methods", default=None,
                     help="comma-separated post-processing methods, e.g. nms,soft-gaussian,quality "
                          "(default: eval.methods of the config, else nms,soft-linear,soft-gaussian)")
     ev.add_argument("--out", type=Path, default=None,
-                    help="folder for results.json, table.md and plots (default: eval/ beside the checkpoint)")
+                    help="folder for results.json, table.md, plots and calibration.json (default: eval/ beside "
+                         "the checkpoint)")
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda where available)")
     ev.add_argument("--html", type=Path, default=None, help="also write one self-contained HTML report here")
     ev.add_argument("--gallery", type=int, default=8, help="images in the report's gallery of detections")
     add_set_flag(ev)
+    ev.add_argument("--overwrite-calibration", action="store_true",
+                    help="replace a calibration.json in --out that was fitted on another checkpoint or split "
+                         "(refused otherwise)")
+    ev.add_argument("--calibration-min-boxes", type=int, default=50,
+                    help="fit no calibration on fewer matched boxes (candidates with IoU > 0.5)")
     add_progress_flag(ev)
     ev.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..experiment import load_config, load_trained, run_eval
+    from ..experiment.config import apply_overrides, check_config
+    from ..experiment.evaluate import eval_outputs, named_outputs
+    from ..files import check_outputs
 
-    cfg = load_config(args.config, overrides=args.set)
-    model, _ = load_trained(args.checkpoint, cfg, device=args.device)
-    methods = args.methods.split(",") if args.methods else None
     out_dir = args.out or Path(args.checkpoint).parent / "eval"
+    inputs = {"config": args.config, "checkpoint": args.checkpoint}
+    check_outputs({"--out" if args.out else "the default --out": out_dir}, inputs)
+    check_outputs(named_outputs(eval_outputs(out_dir, args.html)), inputs)  # again in run_eval, with the data
+    cfg = load_config(args.config, overrides=args.set) if args.config is not None else None
+    model, cfg = load_trained(args.checkpoint, cfg, device=args.device)
+    if args.config is None and args.set:  # --set on the checkpoint's own configuration
+        if any(item.strip().startswith("model.") for item in args.set):
+            raise ValueError("--set model.*: the model comes from the checkpoint; give a CONFIG to change it")
+        cfg = copy.deepcopy(cfg)
+        origins = apply_overrides(cfg, args.set)
+        cfg = check_config(cfg, source=f"{args.checkpoint}'s configuration", origins=origins)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     report = run_eval(model, cfg, out_dir, methods=methods, device=args.device, html=args.html, gallery=args.gallery,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, checkpoint=args.checkpoint, inputs=inputs,
+                      overwrite_calibration=args.overwrite_calibration,
+                      calibration_min_boxes=args.calibration_min_boxes)
     print_report(report)
-    if report.get("calibrator") is not None:  # saved with the model: <checkpoint>.calibration.json
-        beside = report["calibrator"].save(Path(args.checkpoint).with_suffix(".calibration.json"))
-        print(f"quality calibration (isotonic, for predict/postprocess --calibration): {beside}")
+    if report.get("calibration_file"):  # (why there is none, if any, was logged)
+        print(f"quality calibration (isotonic, for predict/postprocess --calibration): {report['calibration_file']}")
     if report.get("html"):
         print(f"report: {report['html']}")
     return 0

@@ -10,6 +10,10 @@ from ._common import add_progress_flag, method_params
 from .choices import CONF_TYPES, METHODS, WEIGHTS
 
 
+#: The fusion's options and their defaults (given without --fuse, they are refused).
+FUSE_DEFAULTS = {"weight": "score", "fuse_iou": 0.55, "model_weights": None, "conf_type": "avg"}
+
+
 def add_parser(sub, parents) -> None:
     pp = _sub_parser(sub, "postprocess", parents,
                      help="post-process or fuse any detector's candidates in COCO results files",
@@ -30,10 +34,12 @@ def add_parser(sub, parents) -> None:
     pp.add_argument("--score-threshold", type=float, default=0.0, help="drop candidates below this score first")
     pp.add_argument("--class-agnostic", action="store_true", help="suppress across categories")
     pp.add_argument("--gt", type=Path, default=None, help="COCO instances json: score input and output")
-    pp.add_argument("--weight", default="score", choices=WEIGHTS, help="fusion weight")
-    pp.add_argument("--fuse-iou", type=float, default=0.55, help="fusion IoU threshold")
-    pp.add_argument("--model-weights", type=float, nargs="+", default=None, help="one weight per --fuse file")
-    pp.add_argument("--conf-type", default="avg", choices=CONF_TYPES, help="how a fused box's score is computed")
+    pp.add_argument("--weight", default=FUSE_DEFAULTS["weight"], choices=WEIGHTS, help="fusion weight")
+    pp.add_argument("--fuse-iou", type=float, default=FUSE_DEFAULTS["fuse_iou"], help="fusion IoU threshold")
+    pp.add_argument("--model-weights", type=float, nargs="+", default=FUSE_DEFAULTS["model_weights"],
+                    help="one weight per --fuse file")
+    pp.add_argument("--conf-type", default=FUSE_DEFAULTS["conf_type"], choices=CONF_TYPES,
+                    help="how a fused box's score is computed")
     pp.add_argument("--calibration", type=Path, default=None,
                     help="calibrate each record's quality with this JSON (from locconf eval) first")
     add_progress_flag(pp)
@@ -41,12 +47,34 @@ def add_parser(sub, parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..postprocess_files import format_correlation, fuse_files, postprocess_file
+    from ..files import check_outputs, output_lock, require_file
 
     if (args.input is None) == (args.fuse is None):
         raise ValueError("locconf postprocess needs either one INPUT file or --fuse FILE [FILE ...]")
     if args.calibration is not None and args.fuse is not None:
         raise ValueError("--calibration applies to one INPUT file, not to --fuse")
+    if args.fuse is None:  # the fusion's options, given without --fuse, would be silently ignored
+        given = [f"--{key.replace('_', '-')}" for key, default in FUSE_DEFAULTS.items()
+                 if getattr(args, key) != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} applies to --fuse FILE [FILE ...] only (fusing several files), "
+                             "not to one INPUT file")
+    for name, paths in (("input", [args.input]), ("--fuse file", args.fuse or []), ("--gt file", [args.gt]),
+                        ("--calibration file", [args.calibration])):
+        for path in paths:
+            if path is not None and path.is_dir():  # a missing file is the reader's to name
+                require_file(path, name)
+    check_outputs({"--out": args.out}, {"input": args.input, "--fuse file": args.fuse, "--gt": args.gt,
+                                        "--calibration": args.calibration})
+    if not args.out.parent.is_dir():
+        raise ValueError(f"output folder {args.out.parent} does not exist")
+    with output_lock(args.out, command="locconf postprocess", folder=False):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..postprocess_files import format_correlation, fuse_files, postprocess_file
+
     common = dict(method=args.method, params=method_params(args.param, args.params),
                   max_detections=args.max_detections, score_threshold=args.score_threshold,
                   class_agnostic=args.class_agnostic, gt=args.gt, progress=not args.no_progress)

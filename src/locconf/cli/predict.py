@@ -44,7 +44,12 @@ def add_parser(sub, parents) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..experiment import categories_of, load_config, load_trained, predict
+    from ..files import check_outputs
 
+    check_outputs({"--out": args.out, "--csv": args.csv or args.out.with_suffix(".csv"),
+                   "--json": args.json or args.out.with_suffix(".json")},
+                  {"image": args.image, "checkpoint": args.checkpoint, "config": args.config,
+                   "calibration": args.calibration})
     cfg = load_config(args.config) if args.config else None
     model, cfg = load_trained(args.checkpoint, cfg, device=args.device)
     class_names, label_to_cat_id = categories_of(cfg, getattr(model, "categories", None))

@@ -24,8 +24,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides=args.set)
     if args.no_progress:
         cfg["train"]["progress"] = False
-    summary = run_train(cfg, resume=args.resume)
+    summary = run_train(cfg, resume=args.resume, config_file=args.config)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in (summary.get("losses") or {}).items())
     print(f"step {summary['step']} in {summary['seconds']:.0f} s; last losses: {losses}")
+    if summary.get("eval"):
+        scores = ", ".join(f"{m} AP {100 * r['AP']:.1f}" for m, r in summary["eval"].items() if "AP" in r)
+        print(f"val at step {summary['step']}: {scores}")
     print(f"checkpoint: {summary['checkpoint']}; metrics: {summary['metrics_file']}")
     return 0

@@ -34,7 +34,11 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CocoDetection", "collate_fn", "load_image", "read_json"]
+__all__ = ["CocoDetection", "collate_fn", "load_image", "read_json", "check_ground_truth", "area_problem"]
+
+#: The upper end of COCO's "all" area range: COCO's evaluation ignores a ground truth whose
+#: ``area`` lies outside ``[0, MAX_AREA]`` (it stops counting in AP without a word).
+MAX_AREA = 1e10
 
 
 def load_image(path: str | os.PathLike) -> Tensor:
@@ -46,6 +50,8 @@ def load_image(path: str | os.PathLike) -> Tensor:
     ``ValueError`` naming the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"image {path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
@@ -82,6 +88,64 @@ def read_json(path: str | os.PathLike) -> Any:
                          "JSON files must be saved as UTF-8") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def area_problem(area: Any) -> str | None:
+    """What is wrong with a COCO annotation's ``area`` (None: nothing).
+
+    COCO's evaluation ignores a ground truth whose ``area`` lies outside ``[0, 1e10]``, and compares
+    NaN with nothing: such an object silently stops counting in AP. ``area`` is the object's area in
+    pixels (a segmentation's, else ``w * h``); left out, locconf uses ``w * h``.
+    """
+    if isinstance(area, bool) or not isinstance(area, (int, float)):
+        return (f"has 'area' {area!r}, not a number: give the object's area in pixels, or leave 'area' out to "
+                "have w * h used")
+    if not math.isfinite(area) or not 0 <= area <= MAX_AREA:
+        return (f"has 'area' {area!r}: it must be a finite number of pixels in [0, {MAX_AREA:g}] (COCO's evaluation "
+                "would ignore the object); fix it, or leave 'area' out to have w * h used")
+    return None
+
+
+def check_ground_truth(data: Any, source: Any) -> None:
+    """Check a COCO ground truth (``images``, ``annotations``, ``categories``) before COCO's evaluation reads it.
+
+    What the evaluation needs of each record: integer ids, ``image_id`` and ``category_id`` that
+    exist, a ``bbox`` of 4 finite numbers with ``w, h >= 0``, and an ``area`` (where given) that
+    :func:`area_problem` accepts. Raises a ``ValueError`` naming ``source`` and the record. (A
+    training data set is checked more strictly by :class:`CocoDetection`.)
+    """
+    def fail(what: str, index: int, record: Any, problem: str) -> ValueError:
+        text = json.dumps(record)[:200] if isinstance(record, (dict, list)) else repr(record)
+        return ValueError(f"{source}: {what}[{index}] {problem}: {text}")
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a COCO ground truth is a JSON object with 'images', 'annotations' and "
+                         f"'categories', got a {type(data).__name__}"
+                         + (" (a results file of detections?)" if isinstance(data, list) else ""))
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{source}: needs a list '{key}' (a COCO ground truth has 'images', 'annotations' "
+                             f"and 'categories'), got {type(data.get(key)).__name__ if key in data else 'none'}")
+    ids = {}
+    for what, key in (("images", "image"), ("categories", "category")):
+        ids[key] = set()
+        for i, rec in enumerate(data[what]):
+            if not isinstance(rec, dict) or not _is_int(rec.get("id")):
+                raise fail(what, i, rec, "needs an integer 'id'")
+            ids[key].add(rec["id"])
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict):
+            raise fail("annotations", i, a, "is not an object")
+        for key in ("image", "category"):
+            if not _is_int(a.get(f"{key}_id")):
+                raise fail("annotations", i, a, f"needs an integer '{key}_id'")
+            if a[f"{key}_id"] not in ids[key]:
+                raise fail("annotations", i, a, f"refers to unknown {key} id {a[f'{key}_id']}")
+        bbox = a.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_num(v) for v in bbox) or min(bbox[2:]) < 0:
+            raise fail("annotations", i, a, "needs 'bbox' [x, y, w, h]: 4 finite numbers, w and h >= 0")
+        if "area" in a and area_problem(a["area"]):
+            raise fail("annotations", i, a, area_problem(a["area"]))
 
 
 def collate_fn(batch: list[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:
@@ -167,6 +231,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.root = Path(root)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
+        if self.ann_file.is_dir():
+            raise IsADirectoryError(f"annotation file {self.ann_file} is a folder: give the COCO JSON file")
         if not self.ann_file.is_file():
             raise FileNotFoundError(f"annotation file not found: {self.ann_file}")
         data = read_json(self.ann_file)
@@ -228,9 +294,9 @@ class CocoDetection(torch.utils.data.Dataset):
             if check_files:
                 path = self.root / im["file_name"]
                 if not path.is_file():
-                    raise FileNotFoundError(
-                        f"{self.ann_file}: images[{i}] (id {im['id']}) points at a missing file: {path}"
-                    )
+                    what = "a folder, not an image file" if path.is_dir() else "a missing file"
+                    error = IsADirectoryError if path.is_dir() else FileNotFoundError
+                    raise error(f"{self.ann_file}: images[{i}] (id {im['id']}) points at {what}: {path}")
             self._index[im["id"]] = len(self.images)
             self.images.append(im)
 
@@ -252,8 +318,8 @@ class CocoDetection(torch.utils.data.Dataset):
         iscrowd = a.get("iscrowd", 0)
         if iscrowd not in (0, 1) or isinstance(iscrowd, bool):
             raise self._error("annotations", i, a, "has 'iscrowd' other than 0 or 1")
-        if "area" in a and not _is_num(a["area"]):
-            raise self._error("annotations", i, a, "has a non-numeric 'area'")
+        if "area" in a and area_problem(a["area"]):
+            raise self._error("annotations", i, a, area_problem(a["area"]))
         if "id" in a:
             if not _is_int(a["id"]):
                 raise self._error("annotations", i, a, "has a non-integer 'id'")
@@ -325,7 +391,9 @@ class CocoDetection(torch.utils.data.Dataset):
         im = self.images[index]
         path = self.root / im["file_name"]
         if not path.is_file():
-            raise FileNotFoundError(f"{self.ann_file}: image id {im['id']} points at a missing file: {path}")
+            what = "a folder, not an image file" if path.is_dir() else "a missing file"
+            error = IsADirectoryError if path.is_dir() else FileNotFoundError
+            raise error(f"{self.ann_file}: image id {im['id']} points at {what}: {path}")
         try:
             image = load_image(path)
         except ValueError as e:

@@ -42,7 +42,7 @@ from ..progress import progress_bar
 
 from locconf.data import collate_fn
 from locconf.engine import distributed as du
-from locconf.engine.checkpoint import clean_temp_files, list_checkpoints
+from locconf.engine.checkpoint import clean_temp_files, describe_meta_difference, first_keys, list_checkpoints
 from locconf.engine.metrics_log import METRICS_FILE, MetricsLog, temp_files, truncate_log
 from locconf.engine.run_state import TrainingRun, load_for_resume, load_into, restore_rng, save_run
 from locconf.engine.sampler import InfiniteBatchSampler, SeededDataset, isolated_rng, sample_seed, seed_everything
@@ -94,11 +94,35 @@ def _check_train_arguments(
         raise ValueError(f"eval_every must be >= 1 and needs an eval_fn, got eval_every={eval_every}, eval_fn={eval_fn}")
 
 
+def check_device(device: str | torch.device, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` this machine has; else a ``ValueError`` naming ``name`` and the choices."""
+    if isinstance(device, torch.device):
+        parsed = device
+    else:
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"{name} {device!r} is not a device: use cpu, cuda, cuda:1, ... "
+                             "(or leave it out: cuda where available, else cpu)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {device!r}: this machine has no usable CUDA device (torch {torch.__version__}"
+                             f"{', built without CUDA' if torch.version.cuda is None else ''}): use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name} {device!r}: MPS is not available on this machine: use cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps", "xpu", "meta"):
+        raise ValueError(f"{name} {device!r} is not supported: use cpu or cuda")
+    return parsed
+
+
 def _resolve_device(device: str | torch.device | None, amp: bool | None, local_rank: int) -> tuple[torch.device, bool]:
     """The device (``cuda:<local_rank>`` when CUDA is available, else CPU) and whether to use AMP."""
     if device is None:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    device = check_device(device)
     if amp is None:
         amp = device.type == "cuda"
     if amp and device.type != "cuda":
@@ -135,7 +159,13 @@ def _resume(run: TrainingRun, resume: bool | str | os.PathLike) -> tuple[dict | 
     """Restore ``run`` from the checkpoint ``resume`` names: ``(checkpoint or None, unreadable newer ones)``."""
     ckpt_file, ckpt, unreadable = load_for_resume(run.out_dir, resume)
     if ckpt is not None:
-        load_into(run, ckpt_file, ckpt, run.settings["iterations"])
+        try:
+            load_into(run, ckpt_file, ckpt, run.settings["iterations"])
+        except RuntimeError as e:  # load_state_dict: the weights of another model
+            raise ValueError(f"cannot resume from {ckpt_file}: its weights do not fit this model: "
+                             f"{describe_meta_difference(ckpt.get('meta') or {}, run.meta or {})}; resume with the "
+                             f"configuration it was trained with, or train into another out_dir "
+                             f"({first_keys(e)})") from None
         if run.main:
             logger.info("resuming from %s (step %d)", ckpt_file, run.start_step)
     elif run.main:

@@ -20,15 +20,20 @@ a calibrated quality of 0.8 means "if this box is on an object, its IoU is 0.8 o
 ``quality`` is calibrated by default (the localization confidence); ``score`` can be (``signals=("score",)``),
 which turns the score into the same expected IoU.
 
+A map needs data: :func:`fit_calibration` refuses fewer than :data:`MIN_BOXES` matched boxes (a
+map fitted on one box sends every value to that box's IoU), and a calibration's knots must be
+values of [0, 1] (IoUs, and scores or qualities that predict them).
+
 Files: :meth:`Calibration.save` writes a small JSON (the knots per signal and how they were
-fitted), read back by :meth:`Calibration.load`; ``locconf eval`` writes one beside the checkpoint
-(``<checkpoint>.calibration.json``) and ``locconf predict`` / ``locconf postprocess`` take it with
+fitted), read back by :meth:`Calibration.load`; ``locconf eval`` writes one into its output folder
+(``calibration.json``) and ``locconf predict`` / ``locconf postprocess`` take it with
 ``--calibration FILE``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -52,10 +57,18 @@ __all__ = [
     "calibrate_out_of_fold",
     "evaluate_calibration",
     "CALIBRATED_SIGNALS",
+    "MIN_BOXES",
+    "TooFewBoxesError",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Signals a calibration may map (the candidate fields of the same name).
 CALIBRATED_SIGNALS = ("quality", "score")
+
+#: The fewest matched boxes :func:`fit_calibration` fits a map on by default: an isotonic map of a
+#: handful of boxes is a few steps that send whole ranges of values to one box's IoU.
+MIN_BOXES = 50
 
 _FORMAT = "locconf-calibration"
 _VERSION = 1
@@ -191,6 +204,11 @@ class Calibration:
                                  f"got {kx.size} and {ky.size}")
             if (np.diff(kx) <= 0).any() or (np.diff(ky) < 0).any():
                 raise ValueError(f"knots[{signal!r}]: x must be strictly increasing and y non-decreasing")
+            for axis, values in (("x", kx), ("y", ky)):
+                if values.min() < 0 or values.max() > 1:
+                    what = "IoUs" if axis == "y" else f"{signal} values, which predict an IoU"
+                    raise ValueError(f"knots[{signal!r}].{axis} must lie in [0, 1] ({what}), got values from "
+                                     f"{values.min():g} to {values.max():g}")
             self.knots[signal] = (kx, ky)
         self.info = dict(info or {})
 
@@ -258,10 +276,15 @@ class Calibration:
     def load(cls, path: str | os.PathLike) -> "Calibration":
         from ..data.coco import read_json
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration file not found: {path}")
-        return cls.from_dict(read_json(path), source=str(path))
+        from ..files import require_file
+
+        path = require_file(path, "calibration file", "give the calibration.json that locconf eval wrote")
+        cal = cls.from_dict(read_json(path), source=str(path))
+        n = cal.info.get("n")
+        if isinstance(n, int) and n < MIN_BOXES:
+            logger.warning("%s was fitted on only %d matched boxes (fewer than %d): its map is coarse", path, n,
+                           MIN_BOXES)
+        return cal
 
 
 def _check_signals(signals: Any) -> tuple[str, ...]:
@@ -273,8 +296,19 @@ def _check_signals(signals: Any) -> tuple[str, ...]:
     return tuple(signals)
 
 
+class TooFewBoxesError(ValueError):
+    """Fewer matched boxes than a calibration needs (:func:`fit_calibration`'s ``min_boxes``)."""
+
+
+def _check_min_boxes(min_boxes: Any) -> int:
+    if isinstance(min_boxes, bool) or not isinstance(min_boxes, int) or min_boxes < 1:
+        raise ValueError(f"min_boxes must be an int >= 1, got {min_boxes!r}")
+    return min_boxes
+
+
 def fit_calibration(candidates: Sequence[Mapping], gts: Any, signals: Sequence[str] = ("quality",),
-                    min_iou: float = 0.5, min_score: float = 0.0) -> Optional[Calibration]:
+                    min_iou: float = 0.5, min_score: float = 0.0, min_boxes: int = MIN_BOXES
+                    ) -> Optional[Calibration]:
     """Fit an isotonic map per signal on the candidates matched to a ground truth (IoU > ``min_iou``).
 
     Args:
@@ -282,15 +316,26 @@ def fit_calibration(candidates: Sequence[Mapping], gts: Any, signals: Sequence[s
         gts: their targets, or a data set with ``target(i)`` (as :func:`locconf.evaluation.confidence_correlation`).
         signals: ``"quality"`` and/or ``"score"``; a signal the candidates lack is skipped.
         min_iou, min_score: which candidates are fitted on.
+        min_boxes: the fewest matched candidates a map is fitted on (:data:`MIN_BOXES`).
 
     Returns:
         A :class:`Calibration`, or None when no signal could be fitted (no quality predicted, or no
         candidate matched).
+
+    Raises:
+        TooFewBoxesError: some, but fewer than ``min_boxes``, candidates matched (a ``ValueError``; the
+            message says how many).
     """
     signals = _check_signals(signals)
+    min_boxes = _check_min_boxes(min_boxes)
     iou, values = matched_signals(candidates, gts, signals, min_iou, min_score)
     if iou.numel() == 0:
         return None
+    if iou.numel() < min_boxes and any(s in values for s in signals):
+        fitted = ", ".join(s for s in signals if s in values)
+        raise TooFewBoxesError(f"a calibration of {fitted} needs at least {min_boxes} "
+                               f"candidates matched to a ground truth (IoU > {min_iou}); {iou.numel()} matched in "
+                               f"{len(candidates)} images: fit it on more images (or lower min_boxes)")
     y = iou.numpy()
     knots = {s: _knots(values[s].numpy(), y, np.ones_like(y)) for s in signals if s in values}
     if not knots:
@@ -299,12 +344,14 @@ def fit_calibration(candidates: Sequence[Mapping], gts: Any, signals: Sequence[s
 
 
 def calibrate_out_of_fold(candidates: Sequence[Mapping], gts: Any, signals: Sequence[str] = ("quality",),
-                          folds: int = 2, min_iou: float = 0.5, min_score: float = 0.0) -> Optional[list[dict]]:
+                          folds: int = 2, min_iou: float = 0.5, min_score: float = 0.0,
+                          min_boxes: int = MIN_BOXES) -> Optional[list[dict]]:
     """Calibrated candidates where each image's map was fitted on the *other* images (cross-fitting).
 
     Images are split by position into ``folds`` interleaved folds (image ``i`` in fold ``i % folds``);
     each fold is calibrated with the map fitted on the others, so ECE and AP measured on the result
-    are out-of-sample. Returns None when a fold's complement has nothing to fit.
+    are out-of-sample. Returns None when a fold's complement has nothing to fit; a complement with
+    fewer than ``min_boxes`` matched boxes raises :class:`TooFewBoxesError`.
     """
     if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
         raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
@@ -313,7 +360,7 @@ def calibrate_out_of_fold(candidates: Sequence[Mapping], gts: Any, signals: Sequ
     for k in range(folds):
         rest = [i for i in range(len(pairs)) if i % folds != k]
         calibration = fit_calibration([pairs[i][0] for i in rest], [pairs[i][1] for i in rest], signals,
-                                      min_iou, min_score)
+                                      min_iou, min_score, min_boxes)
         if calibration is None:
             return None
         for i in range(k, len(pairs), folds):
@@ -322,7 +369,7 @@ def calibrate_out_of_fold(candidates: Sequence[Mapping], gts: Any, signals: Sequ
 
 
 def evaluate_calibration(candidates: Sequence[Mapping], gts: Any, bins: int = 10, min_iou: float = 0.5,
-                         min_score: float = 0.0, folds: int = 2) -> dict[str, Any]:
+                         min_score: float = 0.0, folds: int = 2, min_boxes: int = MIN_BOXES) -> dict[str, Any]:
     """How calibrated each signal is, and how much an isotonic map fitted on other images helps.
 
     Every signal the candidates have (``score``, ``quality``, ``combined``) gets a reliability
@@ -333,21 +380,37 @@ def evaluate_calibration(candidates: Sequence[Mapping], gts: Any, bins: int = 10
     Returns:
         ``{"diagrams": {"raw": {signal: bins}, "calibrated": {...}}``, ``"ece": {signal: {"raw",
         "calibrated", "n"}}`` (``calibrated`` None where nothing could be fitted), ``"calibration"``:
-        the :class:`Calibration` of ``quality`` fitted on all images (None without quality), and
-        ``"quality_calibrated"``: the candidates with out-of-fold calibrated quality only (None
-        without quality), for scoring the quality-ranked methods.
+        the :class:`Calibration` of ``quality`` fitted on all images (None without quality, or with
+        fewer than ``min_boxes`` matched boxes), ``"quality_calibrated"``: the candidates with
+        out-of-fold calibrated quality only (None without quality, or when a fold has too few
+        boxes), for scoring the quality-ranked methods, and ``"skipped"``: why a map was not fitted
+        (None when nothing was skipped for lack of boxes).
     """
+    min_boxes = _check_min_boxes(min_boxes)
+    skipped: list[str] = []
+
+    def attempt(fit, *args):
+        try:
+            return fit(*args)
+        except TooFewBoxesError as e:
+            skipped.append(str(e))
+            return None
+
     raw = reliability_diagram(candidates, gts, CONFIDENCE_SIGNALS, bins, min_iou, min_score)
-    both = calibrate_out_of_fold(candidates, gts, ("quality", "score"), folds, min_iou, min_score) \
-        if raw else None
+    both = attempt(calibrate_out_of_fold, candidates, gts, ("quality", "score"), folds, min_iou, min_score,
+                   min_boxes) if raw else None
     calibrated = reliability_diagram(both, gts, CONFIDENCE_SIGNALS, bins, min_iou, min_score) if both else {}
     ece = {s: {"raw": d["ece"], "calibrated": calibrated[s]["ece"] if s in calibrated else None, "n": d["n"]}
            for s, d in raw.items()}
     has_quality = "quality" in raw
+    calibration = attempt(fit_calibration, candidates, gts, ("quality",), min_iou, min_score, min_boxes) \
+        if has_quality else None
+    quality_calibrated = attempt(calibrate_out_of_fold, candidates, gts, ("quality",), folds, min_iou, min_score,
+                                 min_boxes) if has_quality else None
     return {
         "diagrams": {"raw": raw, **({"calibrated": calibrated} if calibrated else {})},
         "ece": ece,
-        "calibration": fit_calibration(candidates, gts, ("quality",), min_iou, min_score) if has_quality else None,
-        "quality_calibrated": calibrate_out_of_fold(candidates, gts, ("quality",), folds, min_iou, min_score)
-        if has_quality else None,
+        "calibration": calibration,
+        "quality_calibrated": quality_calibrated,
+        "skipped": skipped[-1] if skipped else None,
     }

@@ -36,7 +36,8 @@ from torch import Tensor
 from ..progress import progress_bar
 
 from ..candidates import Candidates, signals
-from ..data.coco import read_json
+from ..data.coco import check_ground_truth, read_json
+from ..files import require_file
 from ..postprocess import METHODS, postprocess
 from .collect import _image_id
 
@@ -56,12 +57,18 @@ def _silent(*args: Any, **kwargs: Any) -> None:
 
 
 def load_coco(coco_gt: COCO | str | os.PathLike) -> COCO:
-    """A silent ``COCO`` ground truth; ``area`` is filled in as ``w * h`` where a record lacks it."""
+    """A silent ``COCO`` ground truth; ``area`` is filled in as ``w * h`` where a record lacks it.
+
+    The file is checked first (:func:`locconf.data.coco.check_ground_truth`): a record COCO's
+    evaluation would misread or silently ignore (a negative or non-finite ``area``, say) is a
+    ``ValueError`` naming it.
+    """
     if isinstance(coco_gt, COCO):
         return coco_gt
     if not isinstance(coco_gt, (str, os.PathLike)):
         raise ValueError(f"coco_gt must be a path to a COCO json file or a COCO object, got {type(coco_gt).__name__}")
-    data = read_json(coco_gt)
+    data = read_json(require_file(coco_gt, "ground truth"))
+    check_ground_truth(data, coco_gt)
     ids: set = set()
     for i, ann in enumerate(data.get("annotations", []) if isinstance(data, dict) else []):
         if isinstance(ann, dict) and isinstance(ann.get("id"), (int, str)):

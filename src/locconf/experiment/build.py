@@ -174,5 +174,7 @@ def synthetic_options(synthetic: dict | None) -> dict[str, int]:
 
 
 def device_of(device: str | None) -> torch.device:
-    """``device``, else CUDA where there is one, else the CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """``device``, else CUDA where there is one, else the CPU; a device this machine lacks is a ``ValueError``."""
+    from ..engine.train import check_device
+
+    return check_device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")

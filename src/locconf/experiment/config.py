@@ -184,9 +184,9 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[
     also names where the faulty key was set when that is not ``path`` itself (a base file or a
     ``--set`` item). See the module docstring for ``_base_``, ``_delete_`` and ``--set``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+    from ..files import require_file
+
+    path = require_file(path, "config file", "give the YAML file")
     cfg, origins = read_config(path)
     origins.update(apply_overrides(cfg, overrides))
     return check_config(cfg, source=str(path), origins=origins)

@@ -24,48 +24,114 @@ _BOOKKEEPING = {"train": {"out_dir", "log_every", "checkpoint_every", "keep_chec
                 "data": {"fetch"}, "model": {"num_classes"}}
 
 
-def run_train(cfg: dict[str, dict], resume: bool = False) -> dict:
+def run_train(cfg: dict[str, dict], resume: bool = False, config_file: str | os.PathLike | None = None) -> dict:
     """Train the configured model; the configuration is saved beside the checkpoints (``config.yaml``).
 
     Every check comes before anything is written: the configuration (:func:`check_config`, and
-    ``train.iterations`` given), then ``train.out_dir``: a fresh run into a folder that holds
+    ``train.iterations`` given), then ``train.out_dir``, which is locked against a second process
+    (:func:`locconf.files.output_lock`) for the whole run: a fresh run into a folder that holds
     checkpoints is refused, and so is ``resume`` with a configuration that differs from the saved
     ``config.yaml`` (the message names the keys; bookkeeping such as ``train.log_every`` may
-    change). ``config.yaml`` is written once :func:`locconf.engine.train.train` has accepted its
-    arguments and the checkpoint. The global RNGs are seeded with ``train.seed`` before the data
-    and the model are built, so one configuration gives the same run every time (on one thread).
-    """
-    from ..engine.checkpoint import list_checkpoints
-    from ..engine.train import seed_everything, train
+    change), and an input (``config_file``, the data's annotation and image files) that the run
+    would write over (``metrics.jsonl``, ``checkpoint_<step>.pth``). ``config.yaml`` is written once
+    :func:`locconf.engine.train.train` has accepted its arguments and the checkpoint, unless
+    ``config_file`` is that very file (resuming with the saved configuration: it is kept as it is).
+    The global RNGs are seeded with ``train.seed`` before the data and the model are built, so one
+    configuration gives the same run every time (on one thread).
 
+    With ``train.eval_every: N``, the val split is evaluated every N steps and at the end under the
+    methods of the ``eval`` section (:func:`periodic_eval`), logged to ``metrics.jsonl`` as
+    ``type: "eval"`` records.
+    """
     cfg = check_config(cfg)
     train_cfg = dict(cfg["train"])
     if "iterations" not in train_cfg:
         raise ValueError("train.iterations is required to train")
     out_dir = Path(train_cfg.setdefault("out_dir", DEFAULT_OUT_DIR))
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 holds the folder for the whole run
+        return _train(cfg, train_cfg, out_dir, resume, config_file)
+    with output_lock(out_dir, command="locconf train", folder=True):
+        return _train(cfg, train_cfg, out_dir, resume, config_file)
+
+
+def _train(cfg: dict[str, dict], train_cfg: dict, out_dir: Path, resume: bool,
+           config_file: str | os.PathLike | None) -> dict:
+    """:func:`run_train` once the configuration is checked and ``out_dir`` is held."""
+    from ..engine.checkpoint import list_checkpoints
+    from ..engine.train import seed_everything, train
+
+    saved_config = out_dir / "config.yaml"
+    own_config = config_file is not None and saved_config.resolve() == Path(config_file).resolve()
+    _check_run_outputs(out_dir, {"config": config_file if not own_config else None})
     if not resume and list_checkpoints(out_dir):
         raise ValueError(f"train.out_dir {out_dir} already holds a run (checkpoints): resume it or use another out_dir")
-    config_file = out_dir / "config.yaml"
-    if resume and config_file.is_file():
-        changed = _run_differences(read_yaml(config_file) or {}, cfg)
+    if resume and saved_config.is_file():
+        changed = _run_differences(read_yaml(saved_config) or {}, cfg)
         if changed:
             raise ValueError(f"cannot resume the run in {out_dir}: its config.yaml differs in {'; '.join(changed)}; "
                              "resume with the saved configuration or train into another out_dir")
     seed_everything(train_cfg.get("seed", 0))  # before the data and the model draw anything
-    train_ds, _, _ = call(build_datasets, "data", dict(cfg["data"], split="train"))
+    evaluates = train_cfg.get("eval_every") is not None  # the val split only then: no val_json needed otherwise
+    train_ds, val_ds, val_json = call(build_datasets, "data", dict(cfg["data"], split=None if evaluates else "train"))
+    _check_run_outputs(out_dir, {"annotation file": [f for f in (train_ds.ann_file, val_json) if f is not None],
+                                 "image": [train_ds.root / im["file_name"] for im in train_ds.images]})
     model = call(build_model, "model", dict(cfg["model"], num_classes=train_ds.num_classes))
     saved = dict(cfg, model=dict(cfg["model"], num_classes=train_ds.num_classes))
     meta = run_meta(saved, [{"id": int(cid), "name": str(train_ds.class_names[label])}
                             for label, cid in sorted(train_ds.label_to_cat_id.items())])
 
     def write_config() -> None:
-        atomic_write_text(config_file, yaml.safe_dump(saved, sort_keys=False))
+        if not own_config:
+            atomic_write_text(saved_config, yaml.safe_dump(saved, sort_keys=False))
 
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 holds the folder for the whole run
-        return call(train, "train", dict(train_cfg, resume=resume, on_start=write_config, meta=meta), model, train_ds)
-    with output_lock(out_dir, command="locconf train"):
-        return call(train, "train", dict(train_cfg, resume=resume, on_start=write_config, meta=meta), model,
-                    train_ds)
+    eval_fn = periodic_eval(cfg, val_ds, val_json) if train_cfg.get("eval_every") is not None else None
+    return call(train, "train", dict(train_cfg, resume=resume, on_start=write_config, meta=meta, eval_fn=eval_fn),
+                model, train_ds)
+
+
+def _check_run_outputs(out_dir: Path, inputs: dict[str, Any]) -> None:
+    """Refuse an input that a run in ``out_dir`` would write over (its config, log or checkpoints)."""
+    from ..engine.checkpoint import CHECKPOINT_PATTERN
+    from ..engine.metrics_log import METRICS_FILE
+    from ..files import check_outputs
+
+    folder = out_dir.resolve()
+    for name, value in inputs.items():
+        for path in [value] if isinstance(value, (str, os.PathLike)) else list(value or []):
+            resolved = Path(path).resolve()
+            if resolved.parent == folder and (resolved.name in (METRICS_FILE, "config.yaml")
+                                              or CHECKPOINT_PATTERN.match(resolved.name)):
+                check_outputs({f"train.out_dir's {resolved.name}": resolved}, {name: path})
+
+
+def periodic_eval(cfg: dict[str, dict], val_ds, val_json: str | os.PathLike):
+    """The ``eval_fn`` of ``train.eval_every``: COCO metrics of the val split under the ``eval`` methods.
+
+    ``eval_fn(model, step)`` collects the val candidates on the model's device and returns
+    ``{method: {metric: value}}`` (:func:`locconf.evaluation.evaluate_methods`, without per-site
+    metrics), which the trainer logs as a ``type: "eval"`` record. Every process evaluates the whole
+    split (no sharding); only rank 0's record is logged.
+    """
+    import torch
+
+    from ..data import collate_fn
+    from ..evaluation import collect_candidates, evaluate_methods, load_coco
+    from ..postprocess import METHODS
+    from .evaluate import _eval_settings
+
+    eval_cfg, methods = _eval_settings(cfg["eval"], None, 0)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:  # before training, not at the first evaluation
+        raise ValueError(f"eval.methods: {unknown} are not among {list(METHODS)} (train.eval_every evaluates them)")
+    gt = load_coco(val_json)
+
+    def eval_fn(model: nn.Module, step: int) -> dict:
+        loader = torch.utils.data.DataLoader(val_ds, batch_size=1, collate_fn=collate_fn)
+        candidates = collect_candidates(model, loader, next(model.parameters()).device, progress=False)
+        return call(evaluate_methods, "eval", dict(eval_cfg, per_site=False, progress=False), candidates, gt,
+                    methods, val_ds.label_to_cat_id)
+
+    return eval_fn
 
 
 def run_meta(cfg: dict[str, dict], categories: list[dict]) -> dict[str, Any]:
@@ -111,16 +177,31 @@ def load_trained(checkpoint: str | os.PathLike, cfg: dict[str, dict] | None = No
     (:func:`checkpoint_meta`), else ``config.yaml`` beside it (checkpoints of older versions).
     The model's ``categories`` attribute holds the checkpoint's categories (``{"id", "name"}`` in
     label order), or ``None`` when it records none.
+
+    Raises:
+        ValueError: the file holds no model weights, or weights of another model than ``cfg``
+            builds (the message sets the checkpoint's model settings and locconf version against
+            the configuration's).
     """
     from ..engine.checkpoint import load_checkpoint
 
     checkpoint = Path(checkpoint)
     state = load_checkpoint(checkpoint)
+    if not isinstance(state.get("model"), dict):
+        what = "a bare state_dict (save {'model': model.state_dict()})" if state and all(
+            hasattr(v, "shape") for v in state.values()) else f"the keys {sorted(map(str, state))[:8]}"
+        raise ValueError(f"checkpoint {checkpoint} holds no model weights ('model'): it has {what}; give a "
+                         "checkpoint written by locconf train")
     meta = checkpoint_meta(state)
     beside = checkpoint.parent / "config.yaml"
     if cfg is None:
-        cfg = check_config(meta["config"], source=f"{checkpoint} (its recorded configuration)") if meta.get("config") \
-            else load_config(beside)
+        if meta.get("config"):
+            cfg = check_config(meta["config"], source=f"{checkpoint} (its recorded configuration)")
+        elif beside.is_file():
+            cfg = load_config(beside)
+        else:
+            raise FileNotFoundError(f"checkpoint {checkpoint} records no configuration (written by an older "
+                                    f"locconf) and there is no config.yaml beside it: give the configuration")
     num_classes = int(cfg["model"].get("num_classes", 0))
     if not num_classes and meta.get("config"):
         num_classes = int((meta["config"].get("model") or {}).get("num_classes", 0))
@@ -128,13 +209,35 @@ def load_trained(checkpoint: str | os.PathLike, cfg: dict[str, dict] | None = No
         num_classes = int((load_config(beside)["model"]).get("num_classes", 0))
     num_classes = num_classes or _num_classes_from_state(state["model"])
     model = build_model(num_classes=num_classes, **{k: v for k, v in cfg["model"].items() if k != "num_classes"})
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], checkpoint, meta, dict(cfg["model"], num_classes=num_classes))
     model.categories = meta.get("categories")
     return model.to(device_of(device)).eval(), cfg
+
+
+def load_weights(model: nn.Module, weights: dict, checkpoint: str | os.PathLike, meta: dict[str, Any],
+                 model_cfg: dict[str, Any] | None) -> None:
+    """``model.load_state_dict(weights)``; weights of another model are a ``ValueError`` that says why.
+
+    PyTorch lists missing and unexpected parameter names; the message here sets the checkpoint's
+    recorded model settings (``meta["config"]["model"]``) and locconf version against ``model_cfg``
+    (the settings ``model`` was built with) and this version, and says what to do.
+    """
+    from .. import __version__
+    from ..engine.checkpoint import describe_meta_difference, first_keys
+
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        current = {"locconf_version": __version__, "config": {"model": dict(model_cfg or {})}}
+        advice = ("leave the configuration out to use the one the checkpoint records" if meta.get("config")
+                  else "use the configuration it was trained with")
+        raise ValueError(f"checkpoint {checkpoint} does not fit the model the configuration builds: "
+                         f"{describe_meta_difference(meta, current)}: {advice} ({first_keys(e)})") from None
 
 
 def _num_classes_from_state(state: dict) -> int:
     for key, value in state.items():
         if key.endswith("cls_score.weight"):
             return value.shape[0] - 1
-    raise ValueError("cannot infer num_classes from the checkpoint; set model.num_classes")
+    raise ValueError("cannot infer num_classes from the checkpoint's weights (no '*cls_score.weight'): set "
+                     "model.num_classes in the configuration")

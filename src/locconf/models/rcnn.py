@@ -260,6 +260,9 @@ def build_rcnn(
                      representation_size, score_thresh, quality_thresh, candidates_per_image, min_size, max_size,
                      cascade, cascade_loss_weights, mask, class_agnostic_box)
     _check_iou_net_options(quality, head_options, refine_steps, refine_order)
+    if box_batch_size_per_image < 1 or not 0 < box_positive_fraction <= 1:
+        raise ValueError(f"box_batch_size_per_image must be >= 1 and box_positive_fraction in (0, 1], got "
+                         f"{box_batch_size_per_image}, {box_positive_fraction}")
     if cascade_quality_iou is not None and (cascade is None or quality not in ("dir", "dir_foresight", "iou_direct")):
         raise ValueError(f"cascade_quality_iou needs cascade and a quality head trained on the RoIs' boxes "
                          f"('dir', 'dir_foresight', 'iou_direct'), got cascade={cascade!r}, quality={quality!r}")
@@ -364,6 +367,17 @@ def _build_rpn(fpn_channels: int, num_levels: int, anchor_sizes: Optional[Sequen
     anchor_sizes = tuple(anchor_sizes) if anchor_sizes is not None else tuple(16.0 * 2**i for i in range(num_levels))
     if len(anchor_sizes) != num_levels:
         raise ValueError(f"anchor_sizes needs one size per pyramid level ({num_levels}), got {len(anchor_sizes)}")
+    if not all(float(s) > 0 for s in anchor_sizes):
+        raise ValueError(f"anchor_sizes must be positive, got {list(anchor_sizes)}")
+    if len(aspect_ratios) == 0 or not all(float(a) > 0 for a in aspect_ratios):
+        raise ValueError(f"aspect_ratios must be a non-empty list of positive ratios, e.g. [0.5, 1.0, 2.0], "
+                         f"got {list(aspect_ratios)}")
+    for name, value in (("rpn_batch_size_per_image", batch_size_per_image),
+                        ("rpn_pre_nms_top_n_train", pre_nms_top_n[0]), ("rpn_pre_nms_top_n_test", pre_nms_top_n[1]),
+                        ("rpn_post_nms_top_n_train", post_nms_top_n[0]),
+                        ("rpn_post_nms_top_n_test", post_nms_top_n[1])):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     anchors = AnchorGenerator(sizes=tuple((float(s),) for s in anchor_sizes),
                               aspect_ratios=(tuple(float(a) for a in aspect_ratios),) * num_levels)
     return RegionProposalNetwork(

@@ -4,20 +4,22 @@ Each image's detections are written at once, images by increasing id, detections
 score, as a JSON array (or JSON Lines when the output name ends in ``.jsonl`` / ``.ndjson``).
 Output records keep the kept candidate's ``quality`` / ``variance``; their ``bbox`` is the
 input's unchanged unless the method moves boxes (variance voting, fusion). The output is written to
-a temporary file in the output's folder and renamed only once everything succeeded; on any error
-the temporary file is deleted and an existing output is left untouched.
+a temporary file in the output's folder (``.<name>.tmp.<pid>``, :func:`locconf.files.temp_path`) and
+renamed only once everything succeeded; on any error or interruption the temporary file is deleted
+and an existing output is left untouched; one left by a SIGKILL is removed by the next write.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ..files import remove_stale_temp_files, temp_path
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -34,11 +36,22 @@ class _AtomicWriter:
         folder = self.path.parent
         if not folder.is_dir():
             raise ValueError(f"output folder {folder} does not exist")
-        # A fresh name opened exclusively (not mkstemp, whose 0600 mode the renamed output would keep).
-        self._tmp = folder / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-        self._f = open(self._tmp, "x", encoding="utf-8")
-        if not self.jsonl:
-            self._f.write("[")
+        if self.path.is_dir():
+            raise IsADirectoryError(f"output {self.path} is a folder: give a file name")
+        remove_stale_temp_files(self.path)  # left by a run killed with SIGKILL
+        # This process's name (locconf.files.temp_path), opened exclusively (not mkstemp, whose 0600 mode
+        # the renamed output would keep).
+        self._tmp = temp_path(self.path)
+        try:
+            self._f = open(self._tmp, "w", encoding="utf-8")
+            if not self.jsonl:
+                self._f.write("[")
+        except OSError as e:
+            self._tmp.unlink(missing_ok=True)
+            raise type(e)(e.errno, f"cannot write {self.path}: {e.strerror}") from None
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
         return self
 
     def write(self, record: dict) -> None:

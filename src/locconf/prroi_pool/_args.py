@@ -60,14 +60,25 @@ def check_features(features: Tensor, name: str = "features") -> None:
     check_not_meta(features, name)
 
 
-def boxes_to_rois(boxes: Sequence[Tensor], name: str = "rois") -> Tensor:
-    """List of (K_i, 4) boxes -> (K, 5) rois ``[batch_index, x1, y1, x2, y2]``."""
-    if len(boxes) == 0:
-        raise ValueError(f"{name} is an empty list; give one (K_i, 4) tensor per image")
+def boxes_to_rois(boxes: Sequence[Tensor], name: str = "rois", batch_size: int | None = None,
+                  features: str = "features") -> Tensor:
+    """List of (K_i, 4) boxes, one per image -> (K, 5) rois ``[batch_index, x1, y1, x2, y2]``.
+
+    With ``batch_size`` (the images of the feature map ``features``), the list must hold one
+    tensor per image: another length is a ``ValueError`` naming both. No image and an empty list
+    give (0, 5) rois.
+    """
     for i, b in enumerate(boxes):
         if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
             shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
             raise ValueError(f"{name}[{i}] must be a (K_i, 4) tensor of boxes, got {shape}")
+    if batch_size is not None and len(boxes) != batch_size:
+        raise ValueError(f"{name} is a list of {len(boxes)} box tensors but {features} holds {batch_size} "
+                         f"image(s): give one (K_i, 4) tensor per image, in the order of {features}' batch")
+    if len(boxes) == 0:
+        if batch_size == 0:
+            return torch.zeros(0, 5)
+        raise ValueError(f"{name} is an empty list; give one (K_i, 4) tensor per image")
     ref = boxes[0]
     dtype = ref.dtype if ref.is_floating_point() else torch.float32
     idx = [torch.full((b.shape[0], 1), float(i), dtype=dtype, device=b.device) for i, b in enumerate(boxes)]
@@ -101,4 +112,7 @@ def check_rois(rois: Tensor, batch_size: int, name: str = "rois") -> None:
     if flags[2]:
         raise ValueError(f"{name} has a non-integral batch index (column 0 must hold whole image indices)")
     if flags[3]:
-        raise ValueError(f"{name} has a batch index out of range [0, {batch_size - 1}]")
+        if batch_size == 0:
+            raise ValueError(f"{name} has {rois.shape[0]} boxes but the feature map holds no image (batch of 0)")
+        raise ValueError(f"{name} has a batch index out of range [0, {batch_size - 1}] (the feature map holds "
+                         f"{batch_size} image(s))")

@@ -137,7 +137,8 @@ class MultiScalePrRoIPool(nn.Module):
                 raise ValueError(f"x has no feature map named {name!r}")
             check_features(x[name], name=f"x[{name!r}]")
         feats = [x[name] for name in self.featmap_names]
-        rois = boxes_to_rois(boxes, name="boxes")
+        rois = boxes_to_rois(boxes, name="boxes", batch_size=feats[0].shape[0], features="x")
+        rois = rois.to(feats[0]) if rois.shape[0] == 0 else rois
         check_rois(rois, feats[0].shape[0], name="boxes")
         scales, level = self.levels(x, boxes, image_shapes)
         b, c = feats[0].shape[:2]

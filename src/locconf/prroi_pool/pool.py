@@ -36,7 +36,8 @@ def prroi_pool(
     oh, ow = pair(output_size)
     spatial_scale = check_scale(spatial_scale)
     if not isinstance(rois, Tensor):
-        rois = boxes_to_rois(list(rois))
+        rois = boxes_to_rois(list(rois), batch_size=features.shape[0])
+        rois = rois.to(device=features.device, dtype=features.dtype) if rois.shape[0] == 0 else rois
     check_rois(rois, features.shape[0])
     if rois.device != features.device:
         raise ValueError(f"rois is on {rois.device} but features is on {features.device}")
