@@ -109,16 +109,26 @@ def deferred_signals(signums: Iterable[int] = (signal.SIGINT, signal.SIGTERM)):
     """Hold SIGINT and SIGTERM back while the block runs; they are delivered (raised) right after it.
 
     For the few system calls that must all happen or none (renaming a set of outputs into place).
-    Outside the main thread, or where signals cannot be blocked (Windows), the block runs as is.
+    The signals' handlers are replaced by one that only records them while the block runs (a
+    signal mask would not do: the kernel hands a process's signal to any thread that does not
+    block it, and torch's threads do not); the first recorded signal is raised again once the old
+    handlers are back. Outside the main thread the block runs as is.
     """
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(signums))
+    pending: list[int] = []
+    previous = {}
+    for signum in signums:
+        if signal.getsignal(signum) is not None:  # None: a handler not set from Python, left alone
+            previous[signum] = signal.signal(signum, lambda s, frame: pending.append(s))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 class OutputSet:

@@ -166,8 +166,8 @@ def section_feeds(arch: Any = "rcnn") -> dict[str, list[Feed]]:
     return {
         "model": model,
         "data": [Feed(build_datasets, exclude=("split",))],
-        # eval_every needs an eval_fn, which locconf train does not pass
-        "train": [Feed(train, 2, exclude=("resume", "on_start", "eval_fn", "eval_every", "meta"))],
+        # locconf train makes the eval_fn of train.eval_every itself (locconf.experiment.training.periodic_eval)
+        "train": [Feed(train, 2, exclude=("resume", "on_start", "eval_fn", "meta"))],
         # locconf eval passes progress (--no-progress)
         "eval": [Feed(evaluate_methods, 4, also=("methods",), exclude=("progress",))],
     }
