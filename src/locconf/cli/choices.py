@@ -12,3 +12,5 @@ BORDERS = ("none", "drop", "down-weight")
 WEIGHTS = ("score", "quality", "variance")
 #: :data:`locconf.fusion.CONF_TYPES`.
 CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
+#: :data:`locconf.io.FORMATS` (the file formats of ``--format``, ``--gt-format``, ``--out-format``).
+FORMATS = ("json", "jsonl", "csv", "geojson", "gpkg", "shp")
