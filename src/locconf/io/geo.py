@@ -184,7 +184,10 @@ def read_vector(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, np.ndarr
     """Every feature of a vector file: ``(geometries, {field: values}, crs)``.
 
     ``geometries``: an object array of shapely geometries (None for a feature without one);
-    ``crs``: the layer's CRS as pyogrio gives it (``"EPSG:n"`` or WKT), None when it has none.
+    ``crs``: the layer's CRS as pyogrio gives it (``"EPSG:n"`` or WKT), None when it has none. A
+    GeoJSON file without a ``crs`` member states none (GDAL reports WGS 84 for it, RFC 7946's
+    default): None here, so that pixel coordinates written without a CRS read back as such
+    (:func:`locconf.io.vector.read_vector_rows` still takes lon/lat coordinates for WGS 84).
     """
     shapely, pyogrio = require("shapely", "pyogrio", why=f"reading {path}")
     path = Path(path)
@@ -196,7 +199,17 @@ def read_vector(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, np.ndarr
         raise ValueError(f"{path}: cannot read it as a vector file ({type(e).__name__}: {e})") from None
     geoms = shapely.from_wkb(wkb) if wkb is not None else np.full(len(values[0]) if values else 0, None, object)
     fields = {str(name): np.asarray(v) for name, v in zip(meta["fields"], values)}
-    return np.asarray(geoms, dtype=object), fields, meta.get("crs")
+    crs = meta.get("crs")
+    if path.suffix.lower() in (".geojson", ".json") and not _geojson_states_crs(path):
+        crs = None
+    return np.asarray(geoms, dtype=object), fields, crs
+
+
+def _geojson_states_crs(path: Path) -> bool:
+    """Whether a GeoJSON file has a top-level ``crs`` member (GDAL writes it before the features)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    return b'"crs"' in head.split(b'"features"', 1)[0]
 
 
 def write_vector(path: str | os.PathLike, fmt: str, geoms: np.ndarray, fields: dict[str, np.ndarray],
@@ -216,12 +229,16 @@ def write_vector(path: str | os.PathLike, fmt: str, geoms: np.ndarray, fields: d
     crs_text = None
     if crs is not None:
         crs_text = crs.to_wkt() if hasattr(crs, "to_wkt") else str(crs)
+    import warnings
+
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tmp = tmp_dir / path.name
         names = list(fields)
-        pyogrio.raw.write(tmp, shapely.to_wkb(np.asarray(geoms, dtype=object)), [fields[n] for n in names], names,
-                          geometry_type="Polygon", crs=crs_text, driver=DRIVERS[fmt])
+        with warnings.catch_warnings():  # pixel coordinates have no CRS: pyogrio's warning about it is expected
+            warnings.filterwarnings("ignore", message=".*'crs' was not provided")
+            pyogrio.raw.write(tmp, shapely.to_wkb(np.asarray(geoms, dtype=object)), [fields[n] for n in names], names,
+                              geometry_type="Polygon", crs=crs_text, driver=DRIVERS[fmt])
         for f in sorted(tmp_dir.iterdir()):
             os.replace(f, path.parent / f.name)
     finally:

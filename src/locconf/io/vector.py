@@ -13,8 +13,9 @@ Which raster a feature belongs to:
   receives the features that overlap it: one crowns file of a site against its tiles;
 * with no raster at all, a file without a CRS holds pixel coordinates of one image.
 
-Boxes are clipped to their raster and a feature that does not overlap it is left out (both
-counted in the log). A file without a CRS read against a georeferenced raster is taken to be in the
+Where features are dealt out to the rasters they overlap (no ``image_path`` field), each box is
+clipped to its raster and a feature that does not overlap a raster is left out of it (both counted
+in the log); a feature that names its image keeps its box as it is. A file without a CRS read against a georeferenced raster is taken to be in the
 raster's CRS (with a warning). Point geometries have no box (buffer them into polygons first);
 features without a geometry are skipped (counted). Fields are read like CSV columns
 (:mod:`locconf.io.csvfile`): ``label`` (missing: ``default_label``), ``score`` / ``scores``,
@@ -150,13 +151,14 @@ def read_vector_rows(path: str | os.PathLike, need_score: bool, finder: ImageFin
             boxes = np.asarray(shapely.bounds(geoms[idx]), dtype=np.float64).reshape(-1, 4)
             inside = np.ones(len(idx), dtype=bool)
         else:
-            if crs is None and raster.crs is not None:
-                logger.warning("%s has no CRS: its coordinates are taken to be in %s, the CRS of %s", path,
-                               raster.crs.to_string() or "the CRS", raster.path)
-            raw = pixel_boxes(geoms[idx], raster, crs, name=str(path))
-            boxes, inside = _clip(raw, raster)
-            clipped_count += int(((boxes != raw).any(1) & inside).sum())
-            outside += int((~inside).sum())
+            raw = pixel_boxes(geoms[idx], raster, _stated_or_assumed(shapely, path, geoms[idx], crs, raster),
+                              name=str(path))
+            if "image_path" in names:
+                boxes, inside = raw, np.ones(len(idx), dtype=bool)
+            else:
+                boxes, inside = _clip(raw, raster)
+                clipped_count += int(((boxes != raw).any(1) & inside).sum())
+                outside += int((~inside).sum())
         for j in np.flatnonzero(inside):
             i = int(idx[j])
             rows.append(_row(path, i, key, boxes[j], fields, names, extras, default_label, need_score))
@@ -168,6 +170,23 @@ def read_vector_rows(path: str | os.PathLike, need_score: bool, finder: ImageFin
         logger.info("%s: %d boxes clipped to their raster, %d feature placements outside a raster left out", path,
                     clipped_count, outside)
     return rows, infos
+
+
+def _stated_or_assumed(shapely: Any, path: Path, geoms: np.ndarray, crs: Any, raster: RasterInfo) -> Any:
+    """The CRS of a file's coordinates: its own; else, against a georeferenced raster, WGS 84 for a
+    GeoJSON file whose coordinates are all longitudes / latitudes while the raster's CRS is
+    projected (RFC 7946's default), or the raster's CRS (both with a warning)."""
+    if crs is not None or raster.crs is None:
+        return crs
+    xy = shapely.get_coordinates(geoms)
+    lonlat = xy.size and (np.abs(xy[:, 0]) <= 180).all() and (np.abs(xy[:, 1]) <= 90).all()
+    if path.suffix.lower() in (".geojson", ".json") and lonlat and raster.crs.is_projected:
+        logger.warning("%s states no CRS and holds longitudes / latitudes: taken as WGS 84 (EPSG:4326), GeoJSON's "
+                       "default", path)
+        return "EPSG:4326"
+    logger.warning("%s has no CRS: its coordinates are taken to be in %s, the CRS of %s", path,
+                   raster.crs.to_string() or "the CRS", raster.path)
+    return None
 
 
 def _row(path: Path, i: int, key: Any, box: np.ndarray, fields: dict, names: dict, extras: list, default_label: str,
