@@ -171,3 +171,29 @@ def test_evaluate_methods_reports_them_per_method_site_and_image(tmp_path):
     assert "| box_precision | box_recall |" in table and table.splitlines()[2].endswith("| 50.0 | 50.0 |")
     with pytest.raises(ValueError, match="iou_threshold"):
         evaluate_methods(cands, path, ["nms"], {1: 5}, progress=False, pr_iou_threshold=-1)
+
+
+def test_locconf_eval_writes_them_to_results_and_table(tmp_path):
+    from locconf.experiment import build_model, load_config, run_eval
+
+    torch.manual_seed(0)
+    cfg_text = f"""
+model: {{arch: rcnn, num_classes: 2, backbone: resnet18, fpn_channels: 16, min_size: 64, max_size: 64,
+        candidates_per_image: 50}}
+data: {{source: synthetic, root: {tmp_path / 'data'}, synthetic: {{num_train: 1, num_val: 2, image_size: 64,
+       num_classes: 2}}}}
+eval: {{methods: [nms], pr_iou_threshold: 0.3}}
+"""
+    (tmp_path / "cfg.yaml").write_text(cfg_text)
+    cfg = load_config(tmp_path / "cfg.yaml")
+    model = build_model(**cfg["model"]).eval()
+    report = run_eval(model, cfg, tmp_path / "ev", device="cpu", progress=False)
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text())
+    nms = saved["methods"]["nms"]
+    assert {"box_precision", "box_recall"} <= set(nms) and "images" not in nms
+    images = saved["box_precision_recall_images"]["nms"]
+    assert [im["image_id"] for im in images] == [1, 2] and all("recall" in im for im in images)
+    with_objects = [im["recall"] for im in images if im["objects"]]
+    assert nms["box_recall"] == pytest.approx(sum(with_objects) / len(with_objects))
+    assert "box_precision | box_recall |" in (tmp_path / "ev" / "table.md").read_text()
+    assert "box_recall" in report["table"]

@@ -41,10 +41,10 @@ def add_parser(sub, parents) -> None:
     pp.add_argument("--format", default=None, choices=FORMATS, help="format of INPUT / --fuse files (default: by extension)")
     pp.add_argument("--gt-format", default=None, choices=FORMATS, help="format of --gt (default: by extension)")
     pp.add_argument("--out-format", default=None, choices=FORMATS, help="format of --out (default: by extension)")
-    pp.add_argument("--images", nargs="+", type=Path, default=None, metavar="PATH",
-                    help="image files or folders: the rasters of vector files in map coordinates (and of a vector "
-                         "--out, then written in map coordinates) and the images a CSV names (default: the folder "
-                         "of each file read)")
+    pp.add_argument("--images", action="append", type=Path, default=None, metavar="PATH",
+                    help="an image file or folder (repeatable): the rasters of vector files in map coordinates (and "
+                         "of a vector --out, then written in map coordinates) and the images a CSV names (the "
+                         "folder of each file read is also searched)")
     pp.add_argument("--pr-iou", type=float, default=0.4,
                     help="IoU above which a matched box is a true positive in the box precision / recall")
     pp.add_argument("--pr-score", type=float, default=0.1, help="score from which boxes count in the box precision / recall")
