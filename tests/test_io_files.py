@@ -238,3 +238,14 @@ def test_format_choices_mirror_the_library():
     from locconf.cli import choices
 
     assert choices.FORMATS == FORMATS
+
+
+@pytest.mark.parametrize("out", ["o.jsonl", "o.csv"])
+def test_postprocess_writers_round_trip_through_the_readers(tmp_path, gt, out):
+    src = deepforest_csv(tmp_path / "p.csv")
+    postprocess_file(src, tmp_path / "ref.json", method="soft-gaussian", gt=gt, progress=False)
+    postprocess_file(src, tmp_path / out, method="soft-gaussian", gt=gt, progress=False)
+    ref = read_detections(tmp_path / "ref.json", gt=gt)
+    got = read_detections(tmp_path / out, gt=gt)
+    assert _boxes(got) == _boxes(ref)
+    assert sorted((r["image_path"], r["note"]) for r in got) == sorted((r["image_path"], r["note"]) for r in ref)

@@ -26,6 +26,7 @@ from locconf.cli import main as cli_main  # noqa: E402
 from locconf.cli import run_command as main  # noqa: E402
 from locconf.io import GeoDependencyError, read_annotations, read_detections, write_detections  # noqa: E402
 from locconf.io.geo import box_polygons, raster_info, read_vector, write_vector  # noqa: E402
+from locconf.postprocess_files import postprocess_file  # noqa: E402
 
 CRS = "EPSG:32617"
 ORIGIN = (402345.25, 4501234.75)  # UTM metres: large coordinates, as real ones
@@ -228,3 +229,23 @@ def test_missing_geo_dependency_says_what_to_install(tmp_path, tile, monkeypatch
     monkeypatch.setitem(sys.modules, "rasterio", None)
     with pytest.raises(ImportError, match="rasterio is not installed"):
         raster_info(tile)
+
+
+@pytest.mark.parametrize("fmt", ["geojson", "gpkg", "shp"])
+def test_postprocess_vector_output_round_trips(tmp_path, tile, fmt):
+    _, bounds = crowns_in_pixels()
+    rows = ["image_path,xmin,ymin,xmax,ymax,label,score,quality,note"]
+    rows += [f"tile.tif,{b[0]},{b[1]},{b[2]},{b[3]},Tree,{0.9 - 0.1 * k},{0.5 + 0.1 * k},n{k}"
+             for k, b in enumerate(bounds)]
+    (tmp_path / "p.csv").write_text("\n".join(rows) + "\n")
+    for images, name in (([tile], f"map.{fmt}"), (None, f"pixels.{fmt}")):
+        postprocess_file(tmp_path / "p.csv", tmp_path / name, method="none", images=images, progress=False)
+        _, _, crs = read_vector(tmp_path / name)
+        assert (crs is not None) == (images is not None)
+        back = read_detections(tmp_path / name, images=images)
+        ref = read_detections(tmp_path / "p.csv")
+        assert len(back) == len(ref) == 4
+        for r, s in zip(sorted(back, key=lambda r: -r["score"]), ref):
+            np.testing.assert_allclose(r["bbox"], s["bbox"], atol=1e-6, rtol=0)
+            assert (r["score"], r["quality"], r["note"], r["category_id"]) == pytest.approx(
+                (s["score"], s["quality"], s["note"], s["category_id"]))

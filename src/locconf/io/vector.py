@@ -15,8 +15,12 @@ Which raster a feature belongs to:
 
 Where features are dealt out to the rasters they overlap (no ``image_path`` field), each box is
 clipped to its raster and a feature that does not overlap a raster is left out of it (both counted
-in the log); a feature that names its image keeps its box as it is. A file without a CRS read against a georeferenced raster is taken to be in the
-raster's CRS (with a warning). Point geometries have no box (buffer them into polygons first);
+in the log); a feature that names its image keeps its box as it is.
+
+A file that states no CRS, read against a georeferenced raster, is read the way that puts most of
+its features on the raster: in the raster's CRS (preferred among equals), in its pixels (a file
+locconf wrote in pixel coordinates), or, for a GeoJSON of longitudes / latitudes, in WGS 84
+(GeoJSON's default); a warning says which. Point geometries have no box (buffer them into polygons first);
 features without a geometry are skipped (counted). Fields are read like CSV columns
 (:mod:`locconf.io.csvfile`): ``label`` (missing: ``default_label``), ``score`` / ``scores``,
 ``quality``, ``var_x1`` ... ``var_y2``; others are kept.
@@ -151,8 +155,10 @@ def read_vector_rows(path: str | os.PathLike, need_score: bool, finder: ImageFin
             boxes = np.asarray(shapely.bounds(geoms[idx]), dtype=np.float64).reshape(-1, 4)
             inside = np.ones(len(idx), dtype=bool)
         else:
-            raw = pixel_boxes(geoms[idx], raster, _stated_or_assumed(shapely, path, geoms[idx], crs, raster),
-                              name=str(path))
+            if crs is None:
+                raw = _boxes_without_crs(shapely, path, geoms[idx], raster)
+            else:
+                raw = pixel_boxes(geoms[idx], raster, crs, name=str(path))
             if "image_path" in names:
                 boxes, inside = raw, np.ones(len(idx), dtype=bool)
             else:
@@ -172,21 +178,29 @@ def read_vector_rows(path: str | os.PathLike, need_score: bool, finder: ImageFin
     return rows, infos
 
 
-def _stated_or_assumed(shapely: Any, path: Path, geoms: np.ndarray, crs: Any, raster: RasterInfo) -> Any:
-    """The CRS of a file's coordinates: its own; else, against a georeferenced raster, WGS 84 for a
-    GeoJSON file whose coordinates are all longitudes / latitudes while the raster's CRS is
-    projected (RFC 7946's default), or the raster's CRS (both with a warning)."""
-    if crs is not None or raster.crs is None:
-        return crs
+def _overlapping(boxes: np.ndarray, raster: RasterInfo) -> int:
+    """How many boxes overlap the raster's pixel extent."""
+    return int(((boxes[:, 2] > 0) & (boxes[:, 0] < raster.width) & (boxes[:, 3] > 0) & (boxes[:, 1] < raster.height)).sum())
+
+
+def _boxes_without_crs(shapely: Any, path: Path, geoms: np.ndarray, raster: RasterInfo) -> np.ndarray:
+    """Pixel boxes of geometries whose file states no CRS, against a georeferenced raster.
+
+    The coordinates are read the way that puts most features on the raster: in the raster's CRS
+    (first among equals), in its pixels, or, for a GeoJSON file of longitudes / latitudes against
+    a projected raster, in WGS 84 (GeoJSON's default); a warning says which.
+    """
+    readings = [(f"the CRS of {raster.path.name}", pixel_boxes(geoms, raster, None, name=str(path))),
+                ("pixel coordinates", np.asarray(shapely.bounds(geoms), dtype=np.float64).reshape(-1, 4))]
     xy = shapely.get_coordinates(geoms)
     lonlat = xy.size and (np.abs(xy[:, 0]) <= 180).all() and (np.abs(xy[:, 1]) <= 90).all()
-    if path.suffix.lower() in (".geojson", ".json") and lonlat and raster.crs.is_projected:
-        logger.warning("%s states no CRS and holds longitudes / latitudes: taken as WGS 84 (EPSG:4326), GeoJSON's "
-                       "default", path)
-        return "EPSG:4326"
-    logger.warning("%s has no CRS: its coordinates are taken to be in %s, the CRS of %s", path,
-                   raster.crs.to_string() or "the CRS", raster.path)
-    return None
+    if path.suffix.lower() in (".geojson", ".json") and lonlat and raster.crs is not None and raster.crs.is_projected:
+        readings.append(("WGS 84 (GeoJSON's default)", pixel_boxes(geoms, raster, "EPSG:4326", name=str(path))))
+    counts = [_overlapping(boxes, raster) for _, boxes in readings]
+    best = int(np.argmax(counts))
+    logger.warning("%s states no CRS: its coordinates are read as %s (%d of %d features on %s)", path,
+                   readings[best][0], counts[best], len(geoms), raster.path.name)
+    return readings[best][1]
 
 
 def _row(path: Path, i: int, key: Any, box: np.ndarray, fields: dict, names: dict, extras: list, default_label: str,
