@@ -249,3 +249,12 @@ def test_postprocess_vector_output_round_trips(tmp_path, tile, fmt):
             np.testing.assert_allclose(r["bbox"], s["bbox"], atol=1e-6, rtol=0)
             assert (r["score"], r["quality"], r["note"], r["category_id"]) == pytest.approx(
                 (s["score"], s["quality"], s["note"], s["category_id"]))
+
+
+def test_no_detections_in_every_format_give_empty_files_and_empty_output(tmp_path):
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    for fmt in ("csv", "json", "jsonl", "geojson", "gpkg", "shp"):
+        path = write_detections(tmp_path / f"e.{fmt}", empty, image_path="t.tif")
+        assert read_detections(path) == [], fmt
+        report = postprocess_file(path, tmp_path / f"out.{fmt}", progress=False)
+        assert report["detections"] == 0 and read_detections(tmp_path / f"out.{fmt}") == [], fmt

@@ -52,23 +52,53 @@ SCORE_THRESHOLD = 0.1
 _CHUNK = 1 << 22  # entries of one block of the intersection matrix (32 MiB in float64)
 
 
-def _intersections(det: Tensor, gt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(gt index, det index, area)`` of every intersecting pair, in blocks of ground truths (bounded memory)."""
+def _intersections(det: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(gt index, det index, area)`` of every intersecting pair, row-major, in blocks of ground
+    truths (bounded memory)."""
     rows, cols, areas = [], [], []
     step = max(1, _CHUNK // max(det.shape[0], 1))
     for start in range(0, gt.shape[0], step):
         g = gt[start:start + step]
-        w = (torch.minimum(g[:, None, 2], det[None, :, 2]) - torch.maximum(g[:, None, 0], det[None, :, 0])).clamp(min=0)
-        h = (torch.minimum(g[:, None, 3], det[None, :, 3]) - torch.maximum(g[:, None, 1], det[None, :, 1])).clamp(min=0)
-        inter = w * h
-        i, j = torch.nonzero(inter > 0, as_tuple=True)
+        w = np.minimum(g[:, None, 2], det[None, :, 2]) - np.maximum(g[:, None, 0], det[None, :, 0])
+        h = np.minimum(g[:, None, 3], det[None, :, 3]) - np.maximum(g[:, None, 1], det[None, :, 1])
+        i, j = np.nonzero((w > 0) & (h > 0))
         rows.append(i + start)
         cols.append(j)
-        areas.append(inter[i, j])
-    if not rows:
-        empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty, torch.zeros(0, dtype=torch.float64)
-    return torch.cat(rows), torch.cat(cols), torch.cat(areas)
+        areas.append(w[i, j] * h[i, j])
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(areas)
+
+
+def _match(det: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`match_one_to_one` on float64 numpy boxes (N, 4), (M, 4): (N,) matched truth, (N,) IoU."""
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    n, m = det.shape[0], gt.shape[0]
+    matched = np.full(n, -1, dtype=np.int64)
+    iou = np.zeros(n, dtype=np.float64)
+    if n == 0 or m == 0:
+        return matched, iou
+    gi, dj, inter = _intersections(det, gt)
+    if gi.size == 0:
+        return matched, iou
+    # Rows: the M truths. Columns: the N predictions, then one private "unmatched" column per truth.
+    # Cost big - intersection on a pair, big on a truth's own column: a full matching of the rows of
+    # least cost is one of greatest total intersection (SciPy wants non-zero weights: big > any area).
+    big = float(inter.max()) + 1.0
+    cost = np.concatenate([big - inter, np.full(m, big)])
+    r = np.concatenate([gi, np.arange(m)])
+    c = np.concatenate([dj, n + np.arange(m)])
+    rows, cols = min_weight_full_bipartite_matching(csr_array((cost, (r, c)), shape=(m, n + m)))
+    real = cols < n
+    g_idx, d_idx = np.asarray(rows[real], dtype=np.int64), np.asarray(cols[real], dtype=np.int64)
+    d, g = det[d_idx], gt[g_idx]
+    i = (np.clip(np.minimum(d[:, 2], g[:, 2]) - np.maximum(d[:, 0], g[:, 0]), 0, None)
+         * np.clip(np.minimum(d[:, 3], g[:, 3]) - np.maximum(d[:, 1], g[:, 1]), 0, None))
+    union = (d[:, 2] - d[:, 0]) * (d[:, 3] - d[:, 1]) + (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1]) - i
+    overlap = i > 0  # a truth left on a prediction it does not touch is no match (only intersecting pairs gain)
+    matched[d_idx[overlap]] = g_idx[overlap]
+    iou[d_idx[overlap]] = i[overlap] / union[overlap]
+    return matched, iou
 
 
 def match_one_to_one(det_boxes: Tensor, gt_boxes: Tensor) -> tuple[Tensor, Tensor]:
@@ -81,40 +111,10 @@ def match_one_to_one(det_boxes: Tensor, gt_boxes: Tensor) -> tuple[Tensor, Tenso
         ``(matched, iou)``: (N,) int64, the ground truth each prediction is assigned to (-1: none,
         or no overlap), and (N,) float64, the IoU with it (0 where none). On the CPU.
     """
-    from scipy.sparse import csr_array
-    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
-
-    det = check_boxes(det_boxes, "det_boxes").detach().to("cpu", torch.float64)
-    gt = check_boxes(gt_boxes, "gt_boxes").detach().to("cpu", torch.float64)
-    n, m = det.shape[0], gt.shape[0]
-    matched = torch.full((n,), -1, dtype=torch.long)
-    iou = torch.zeros(n, dtype=torch.float64)
-    if n == 0 or m == 0:
-        return matched, iou
-    gi, dj, inter = _intersections(det, gt)
-    if gi.numel() == 0:
-        return matched, iou
-    # Rows: the M truths. Columns: the N predictions, then one private "unmatched" column per truth.
-    # Cost big - intersection on a pair, big on a truth's own column: a full matching of the rows of
-    # least cost is one of greatest total intersection (SciPy wants non-zero weights: big > any area).
-    big = float(inter.max()) + 1.0
-    cost = np.concatenate([big - inter.numpy(), np.full(m, big)])
-    r = np.concatenate([gi.numpy(), np.arange(m)])
-    c = np.concatenate([dj.numpy(), n + np.arange(m)])
-    rows, cols = min_weight_full_bipartite_matching(csr_array((cost, (r, c)), shape=(m, n + m)))
-    real = cols < n
-    g_idx = torch.from_numpy(np.asarray(rows[real], dtype=np.int64))
-    d_idx = torch.from_numpy(np.asarray(cols[real], dtype=np.int64))
-    d, g = det[d_idx], gt[g_idx]
-    w = (torch.minimum(d[:, 2], g[:, 2]) - torch.maximum(d[:, 0], g[:, 0])).clamp(min=0)
-    h = (torch.minimum(d[:, 3], g[:, 3]) - torch.maximum(d[:, 1], g[:, 1])).clamp(min=0)
-    i = w * h
-    union = (d[:, 2] - d[:, 0]) * (d[:, 3] - d[:, 1]) + (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1]) - i
-    pair_iou = torch.where(union > 0, i / union.clamp(min=1e-300), torch.zeros_like(i))
-    overlap = i > 0
-    matched[d_idx[overlap]] = g_idx[overlap]
-    iou[d_idx[overlap]] = pair_iou[overlap]
-    return matched, iou
+    det = check_boxes(det_boxes, "det_boxes").detach().to("cpu", torch.float64).numpy()
+    gt = check_boxes(gt_boxes, "gt_boxes").detach().to("cpu", torch.float64).numpy()
+    matched, iou = _match(det, gt)
+    return torch.from_numpy(matched), torch.from_numpy(iou)
 
 
 def _check_threshold(value: Any, name: str, low: float, high: float) -> float:
@@ -171,14 +171,15 @@ def box_precision_recall(
         for name, d, keys in (("detections", det, ("boxes", "scores")), ("targets", target, ("boxes",))):
             if not isinstance(d, Mapping) or any(key not in d for key in keys):
                 raise ValueError(f"{name}[{k}] must be a dict with {', '.join(keys)}")
-        boxes = check_boxes(det["boxes"], f"detections[{k}]['boxes']")
-        keep = torch.nonzero(det["scores"] >= score_threshold).flatten()
-        gt = check_boxes(target["boxes"], f"targets[{k}]['boxes']")
+        boxes = check_boxes(det["boxes"], f"detections[{k}]['boxes']").detach().to("cpu", torch.float64).numpy()
+        scores = torch.as_tensor(det["scores"]).detach().to("cpu", torch.float64).numpy()
+        gt = check_boxes(target["boxes"], f"targets[{k}]['boxes']").detach().to("cpu", torch.float64).numpy()
         if target.get("iscrowd") is not None:
-            gt = gt[torch.as_tensor(target["iscrowd"]).to(gt.device) == 0]
-        matched, iou = match_one_to_one(boxes[keep], gt)
+            gt = gt[torch.as_tensor(target["iscrowd"]).cpu().numpy() == 0]
+        boxes = boxes[scores >= score_threshold]
+        matched, iou = _match(boxes, gt)
         tp = int(((matched >= 0) & (iou > iou_threshold)).sum())
-        n, m = int(keep.numel()), int(gt.shape[0])
+        n, m = int(boxes.shape[0]), int(gt.shape[0])
         im: dict[str, Any] = {"image_id": target.get("image_id", k)}
         if target.get("site") is not None:
             im["site"] = target["site"]

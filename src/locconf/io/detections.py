@@ -46,13 +46,15 @@ def detection_records(path: str | os.PathLike, fmt: str, keys: ImageKeys, catego
     return result_records(rows, keys, categories)
 
 
-def _array(v: Any, name: str, shape: tuple) -> np.ndarray:
+def _array(v: Any, name: str, rows: Optional[int], cols: Optional[int] = None) -> np.ndarray:
+    """``detections[name]`` as float64, checked: ``(rows,)`` or ``(rows, cols)`` (``rows`` None: any), finite."""
     if hasattr(v, "detach"):
         v = v.detach().cpu()
     a = np.asarray(v, dtype=np.float64)
-    if a.ndim != len(shape) or (len(shape) == 2 and a.shape[1] != shape[1]) or (a.shape[0] != shape[0] and shape[0] >= 0):
-        raise ValueError(f"detections[{name!r}] must have shape {tuple('N' if s < 0 else s for s in shape)}, "
-                         f"got {a.shape}")
+    want = (rows,) if cols is None else (rows, cols)
+    if a.ndim != len(want) or any(w is not None and s != w for s, w in zip(a.shape, want)):
+        raise ValueError(f"detections[{name!r}] must have shape {tuple('N' if w is None else w for w in want)}"
+                         f"{'' if rows is None else f' with N = {rows}'}, got {a.shape}")
     if not np.isfinite(a).all():
         raise ValueError(f"detections[{name!r}] must be finite (no NaN or inf)")
     return a
@@ -64,19 +66,19 @@ def _check(detections: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for key in ("boxes", "scores", "labels"):
         if key not in detections:
             raise ValueError(f"detections needs {key!r} (and has {sorted(detections)})")
-    boxes = _array(detections["boxes"], "boxes", (-1, 4))
+    boxes = _array(detections["boxes"], "boxes", None, 4)
     n = boxes.shape[0]
     if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
         raise ValueError("detections['boxes'] must be x1, y1, x2, y2 with x2 >= x1 and y2 >= y1")
-    out = {"boxes": boxes, "scores": _array(detections["scores"], "scores", (n,)),
-           "labels": _array(detections["labels"], "labels", (n,))}
+    out = {"boxes": boxes, "scores": _array(detections["scores"], "scores", n),
+           "labels": _array(detections["labels"], "labels", n)}
     if (out["labels"] != np.round(out["labels"])).any():
         raise ValueError("detections['labels'] must be integers")
     out["labels"] = out["labels"].astype(np.int64)
     if detections.get("quality") is not None:
-        out["quality"] = _array(detections["quality"], "quality", (n,))
+        out["quality"] = _array(detections["quality"], "quality", n)
     if detections.get("variances") is not None:
-        out["variances"] = _array(detections["variances"], "variances", (n, 4))
+        out["variances"] = _array(detections["variances"], "variances", n, 4)
     return out
 
 

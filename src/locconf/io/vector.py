@@ -122,7 +122,7 @@ def read_vector_rows(path: str | os.PathLike, need_score: bool, finder: ImageFin
     (shapely,) = require("shapely", why=f"reading {path}")
     path = Path(path)
     geoms, fields, crs = read_vector(path)
-    names = _fields(path, fields, need_score)
+    names = _fields(path, fields, need_score and len(geoms) > 0)  # an empty layer may keep no field definitions
     present = _check_geometries(shapely, path, geoms)
     extras = [n for n in fields if n.strip().lower() not in _KNOWN]
     if "image_path" in names:
