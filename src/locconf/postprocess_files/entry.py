@@ -77,7 +77,7 @@ def _writer(output: Path, out_format: Optional[str], sources: Sequence[_Source],
     extra_keys = list(dict.fromkeys(k for s in sources for k in s.extra_keys)) if extra else []
     return open_writer(output, out_format, keys, categories, image_ids,
                        quality=all(s.has_quality for s in sources), variance=all(s.has_variance for s in sources),
-                       extra_keys=extra_keys, images=images)
+                       extra_keys=extra_keys, images=images, base=sources[0].path.parent)
 
 
 def postprocess_file(

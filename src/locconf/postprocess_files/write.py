@@ -246,9 +246,10 @@ def _field_array(values: list) -> Any:
 
 def open_writer(path: str | os.PathLike, out_format: Optional[str], keys: ImageKeys, categories: Categories,
                 image_ids: Sequence[int], quality: bool, variance: bool, extra_keys: Sequence[str],
-                images: Any = None):
+                images: Any = None, base: Optional[Path] = None):
     """The writer of ``path`` in its format (``out_format``, else by extension): a context manager
-    with ``write(record)`` and ``count``."""
+    with ``write(record)`` and ``count``. ``images`` (and the folder ``base``) hold the rasters of
+    a vector output."""
     fmt = format_of(path, out_format, "out_format")
     if fmt in ("json", "jsonl"):
         return _AtomicWriter(path, jsonl=fmt == "jsonl", keys=keys)
@@ -256,7 +257,7 @@ def open_writer(path: str | os.PathLike, out_format: Optional[str], keys: ImageK
     if fmt == "csv":
         return _CsvWriter(path, rows)
     assert fmt in VECTOR_FORMATS
-    return _VectorWriter(path, fmt, rows, ImageFinder(images))
+    return _VectorWriter(path, fmt, rows, ImageFinder(images, base=base))
 
 
 def _record(image_id: int, category_id: int, bbox: list, score: float, quality: Optional[Tensor],
