@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,13 +238,16 @@ def test_postprocess_vector_output_round_trips(tmp_path, tile, fmt):
     rows = ["image_path,xmin,ymin,xmax,ymax,label,score,quality,note"]
     rows += [f"tile.tif,{b[0]},{b[1]},{b[2]},{b[3]},Tree,{0.9 - 0.1 * k},{0.5 + 0.1 * k},n{k}"
              for k, b in enumerate(bounds)]
-    (tmp_path / "p.csv").write_text("\n".join(rows) + "\n")
-    for images, name in (([tile], f"map.{fmt}"), (None, f"pixels.{fmt}")):
-        postprocess_file(tmp_path / "p.csv", tmp_path / name, method="none", images=images, progress=False)
+    (tmp_path / "px").mkdir()
+    for folder in (tmp_path, tmp_path / "px"):  # beside the raster, and in a folder without it
+        (folder / "p.csv").write_text("\n".join(rows) + "\n")
+    for images, name in (([tile], f"map.{fmt}"), (None, f"found.{fmt}"), (None, f"px/pixels.{fmt}")):
+        src = tmp_path / Path(name).parent / "p.csv"
+        postprocess_file(src, tmp_path / name, method="none", images=images, progress=False)
         _, _, crs = read_vector(tmp_path / name)
-        assert (crs is not None) == (images is not None)
+        assert (crs is None) == name.startswith("px/")  # the raster is found beside the input, else pixels
         back = read_detections(tmp_path / name, images=images)
-        ref = read_detections(tmp_path / "p.csv")
+        ref = read_detections(src)
         assert len(back) == len(ref) == 4
         for r, s in zip(sorted(back, key=lambda r: -r["score"]), ref):
             np.testing.assert_allclose(r["bbox"], s["bbox"], atol=1e-6, rtol=0)
