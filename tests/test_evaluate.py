@@ -72,8 +72,8 @@ def _perfect():
 def test_perfect_detections(gt_path):
     r = evaluate_methods(_perfect(), gt_path, ["nms"], LABEL_TO_CAT, progress=False)
     m = r["nms"]
-    assert set(m) == set(METRICS)
-    for k in ("AP", "AP50", "AP75", "AP90", "APl", "AR100"):
+    assert set(m) == set(METRICS) | {"box_precision", "box_recall"}
+    for k in ("AP", "AP50", "AP75", "AP90", "APl", "AR100", "box_precision", "box_recall"):
         assert m[k] == pytest.approx(1.0), k
     # no small or medium ground truth: undefined, -1 as COCO says
     assert m["APs"] == -1.0 and m["APm"] == -1.0

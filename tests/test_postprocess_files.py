@@ -352,7 +352,7 @@ BAD_CASES = {
     "no category_id": (_bad(drop="category_id"), "missing key 'category_id'"),
     "no bbox": (_bad(drop="bbox"), "missing key 'bbox'"),
     "no score": (_bad(drop="score"), "missing key 'score'"),
-    "string image_id": (_bad({"image_id": "3"}), "'image_id' must be a 64-bit integer"),
+    "string image_id among integers": (_bad({"image_id": "3"}), "named both by integer ids and by strings"),
     "bool image_id": (_bad({"image_id": True}), "'image_id' must be a 64-bit integer"),
     "huge image_id": (_bad({"image_id": -2**63 - 1}), "'image_id' must be a 64-bit integer"),
     "float category_id": (_bad({"category_id": 7.5}), "'category_id' must be a 64-bit integer"),

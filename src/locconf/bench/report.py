@@ -14,7 +14,17 @@ from ..evaluation import CONFIDENCE_SIGNALS as SIGNALS  # score, quality, combin
 from .settings import BASELINE
 
 #: Metrics shown in the Markdown tables (results.json holds every metric of evaluate_methods).
-TABLE_METRICS = ("AP", "AP50", "AP75", "AP90")
+TABLE_METRICS = ("AP", "AP50", "AP75", "AP90", "box_precision", "box_recall")
+
+#: Metrics of the compact summary table (the README quotes it).
+SUMMARY_METRICS = ("AP", "AP50", "AP75", "AP90")
+
+#: Column headers of the metrics (DeepForest's box precision / recall at IoU > 0.4, score >= 0.1).
+HEADERS = {"box_precision": "P@0.4", "box_recall": "R@0.4"}
+
+
+def _headers(metrics=TABLE_METRICS) -> str:
+    return " | ".join(HEADERS.get(k, k) for k in metrics)
 
 
 def fmt(stat: Mapping | None, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
@@ -51,8 +61,8 @@ def format_summary(results: Mapping) -> str:
     """One row per variant: its paper's post-processing, the metrics, the paired deltas and the
     Pearson correlations (the compact table the README quotes)."""
     agg = results["aggregate"]["variants"]
-    lines = ["| variant | method | AP | AP50 | AP75 | AP90 | dAP / dAP75 (own NMS) | dAP / dAP75 (baseline NMS) | "
-             "Pearson score | Pearson quality |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| variant | method | {_headers(SUMMARY_METRICS)} | dAP / dAP75 (own NMS) | dAP / dAP75 (baseline NMS) | "
+             "Pearson score | Pearson quality |", "|---|---|" + "---:|" * (len(SUMMARY_METRICS) + 4)]
     for name, a in agg.items():
         method = a["headline"]
         m = a["summary"]["methods"].get(method)
@@ -65,7 +75,7 @@ def format_summary(results: Mapping) -> str:
         base_text = ("(is the reference)" if name == BASELINE and method == "nms"
                      else f"{fmt(base.get('AP'), signed=True)} / {fmt(base.get('AP75'), signed=True)}")
         pearson = [fmt((corr.get(sig) or {}).get("pearson"), scale=1.0, digits=2) for sig in ("score", "quality")]
-        lines.append(f"| {name} | {method} | " + " | ".join(fmt(m.get(k)) for k in TABLE_METRICS)
+        lines.append(f"| {name} | {method} | " + " | ".join(fmt(m.get(k)) for k in SUMMARY_METRICS)
                      + f" | {own_text} | {base_text} | {pearson[0]} | {pearson[1]} |")
     return "\n".join(lines) + "\n"
 
@@ -93,7 +103,9 @@ def _header(meta: Mapping, places: Sequence[str] = ()) -> list[str]:
         f"(this invocation: {meta['wall_time_invocation_s'] / 60:.1f} min).",
         f"- Command: `{meta['command']}`",
         "",
-        "Metrics x 100 on the val split. d(own NMS): the method minus NMS on the *same* model's candidates; "
+        "Metrics x 100 on the val split. P@0.4 / R@0.4: DeepForest's box precision / recall (one-to-one "
+        "matching per image, IoU > 0.4, detections scored >= 0.1, mean over images; "
+        "locconf.evaluation.precision_recall). d(own NMS): the method minus NMS on the *same* model's candidates; "
         "d(baseline NMS): the method minus the two-stage baseline with NMS, paired by seed. "
         "**bold** = the method the variant's paper uses.",
         "",
@@ -113,7 +125,7 @@ def _variants_table(variants: Mapping) -> list[str]:
 def _overall_table(variants: Mapping, agg: Mapping) -> list[str]:
     """Every (variant, method): the metrics and the deltas over its own and the baseline's NMS."""
     lines = ["", "## Overall", "",
-             "| variant | method | " + " | ".join(TABLE_METRICS)
+             "| variant | method | " + _headers()
              + " | dAP (own NMS) | dAP75 (own NMS) | dAP (baseline NMS) | dAP75 (baseline NMS) |",
              "|---|---|" + "---:|" * (len(TABLE_METRICS) + 4)]
     for name, info in variants.items():
@@ -146,7 +158,7 @@ def _site_table(agg: Mapping) -> list[str]:
                                  + " |")
     if not site_rows:
         return []
-    return ["## Per site", "", "| variant | method | site | " + " | ".join(TABLE_METRICS) + " |",
+    return ["## Per site", "", "| variant | method | site | " + _headers() + " |",
             "|---|---|---|" + "---:|" * len(TABLE_METRICS)] + site_rows + [""]
 
 

@@ -16,3 +16,5 @@ CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
 SECTIONS = ("model", "data", "train", "eval")
 #: :data:`locconf.experiment.ARCHS`.
 ARCHS = ("rcnn", "one_stage", "torchvision_frcnn")
+#: :data:`locconf.io.FORMATS` (the file formats of ``--format``, ``--gt-format``, ``--out-format``).
+FORMATS = ("json", "jsonl", "csv", "geojson", "gpkg", "shp")

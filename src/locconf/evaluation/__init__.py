@@ -6,6 +6,8 @@ model and data set:
 * :mod:`.collect`: :func:`collect_candidates` runs the detector once over a data loader;
 * :mod:`.coco`: :func:`evaluate_methods` post-processes the same candidates with each method and
   scores each with COCO (:func:`load_coco`, :func:`coco_metrics`, :func:`format_table`);
+* :mod:`.precision_recall`: DeepForest's box precision and recall at an IoU threshold
+  (:func:`box_precision_recall`, one-to-one matching per image: :func:`match_one_to_one`);
 * :mod:`.matching`: the true IoU of every box (:func:`match_to_ground_truth`) and the confidence
   signals read beside it (:data:`CONFIDENCE_SIGNALS`: score, quality, combined);
 * :mod:`.correlation`: how well each signal ranks boxes by their true IoU
@@ -34,6 +36,7 @@ from .coco import METRICS, coco_metrics, evaluate_methods, format_table, load_co
 from .collect import collect_candidates
 from .correlation import confidence_correlation, pearson, rankdata, spearman
 from .matching import CONFIDENCE_SIGNALS, match_to_ground_truth
+from .precision_recall import PR_METRICS, box_precision_recall, match_one_to_one
 from .plots import draw_detections, plot_confidence, plot_reliability
 from .report import detections_png, render_report, write_report
 
@@ -44,6 +47,9 @@ __all__ = [
     "load_coco",
     "coco_metrics",
     "METRICS",
+    "PR_METRICS",
+    "box_precision_recall",
+    "match_one_to_one",
     "CONFIDENCE_SIGNALS",
     "match_to_ground_truth",
     "rankdata",

@@ -2,8 +2,8 @@
 
 :func:`evaluate_methods` applies every post-processing method of :mod:`locconf.postprocess` to the
 *same* candidates (:func:`locconf.evaluation.collect_candidates`) and scores each with the COCO API
-of ``faster-coco-eval`` (bbox AP, AP50, AP75, AP90, APs/APm/APl, AR@100); :func:`format_table`
-shows the results. :func:`load_coco` and :func:`coco_metrics` are the two steps the file tools
+of ``faster-coco-eval`` (bbox AP, AP50, AP75, AP90, APs/APm/APl, AR@100), and with DeepForest's box
+precision and recall at IoU 0.4 (:mod:`.precision_recall`); :func:`format_table` shows the results. :func:`load_coco` and :func:`coco_metrics` are the two steps the file tools
 (:mod:`locconf.postprocess_files`) share with it.
 
 Conventions:
@@ -40,10 +40,12 @@ from ..data.coco import check_ground_truth, read_json
 from ..files import require_file
 from ..postprocess import METHODS, postprocess
 from .collect import _image_id
+from .precision_recall import IOU_THRESHOLD, PR_METRICS, SCORE_THRESHOLD, box_precision_recall
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_methods", "format_table", "load_coco", "coco_metrics", "METRICS"]
+__all__ = ["evaluate_methods", "format_table", "load_coco", "coco_metrics", "METRICS", "gt_targets",
+           "add_precision_recall"]
 
 #: Metric names, in table order.
 METRICS = ("AP", "AP50", "AP75", "AP90", "APs", "APm", "APl", "AR100")
@@ -56,28 +58,37 @@ def _silent(*args: Any, **kwargs: Any) -> None:
     """A ``print_function`` for faster-coco-eval that prints nothing."""
 
 
-def load_coco(coco_gt: COCO | str | os.PathLike) -> COCO:
+def load_coco(coco_gt: COCO | dict | str | os.PathLike, source: str | os.PathLike | None = None) -> COCO:
     """A silent ``COCO`` ground truth; ``area`` is filled in as ``w * h`` where a record lacks it.
 
-    The file is checked first (:func:`locconf.data.coco.check_ground_truth`): a record COCO's
+    The records are checked first (:func:`locconf.data.coco.check_ground_truth`): one COCO's
     evaluation would misread or silently ignore (a negative or non-finite ``area``, say) is a
-    ``ValueError`` naming it.
+    ``ValueError`` naming it (and ``source``, the file a dict was read from, where given). ``coco_gt``: a COCO object, a COCO instances dict (e.g. :func:`locconf.io.read_annotations`'s)
+    or the path of a COCO instances JSON file (a results file, a JSON array, is refused with a
+    message that says so).
     """
+    from ..io.annotations import check_instances
+
     if isinstance(coco_gt, COCO):
         return coco_gt
-    if not isinstance(coco_gt, (str, os.PathLike)):
-        raise ValueError(f"coco_gt must be a path to a COCO json file or a COCO object, got {type(coco_gt).__name__}")
-    data = read_json(require_file(coco_gt, "ground truth"))
-    check_ground_truth(data, coco_gt)
+    if isinstance(coco_gt, dict):
+        data = check_instances(coco_gt, source or "coco_gt")
+    elif isinstance(coco_gt, (str, os.PathLike)):
+        data = check_instances(read_json(require_file(coco_gt, "ground truth")), coco_gt)
+    else:
+        raise ValueError(f"coco_gt must be a path to a COCO json file, a COCO instances dict or a COCO object, "
+                         f"got {type(coco_gt).__name__}")
+    name = (source or "coco_gt") if isinstance(coco_gt, dict) else coco_gt
+    check_ground_truth(data, name)  # the records: ids, boxes, areas COCO's evaluation would misread
     ids: set = set()
     for i, ann in enumerate(data.get("annotations", []) if isinstance(data, dict) else []):
         if isinstance(ann, dict) and isinstance(ann.get("id"), (int, str)):
             if ann["id"] in ids:
-                raise ValueError(f"{coco_gt}: annotations[{i}] repeats annotation id {ann['id']} "
+                raise ValueError(f"{name}: annotations[{i}] repeats annotation id {ann['id']} "
                                  "(COCO evaluation needs unique ids: duplicates corrupt AP)")
             ids.add(ann["id"])
     for ann in data.get("annotations", []):
-        if "area" not in ann and "bbox" in ann:
+        if isinstance(ann, dict) and "area" not in ann and "bbox" in ann:
             ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
     return COCO(data, print_function=_silent)
 
@@ -121,12 +132,17 @@ def _coco_results(
     params: dict,
     label_to_cat_id: dict[int, int],
     progress: bool,
+    kept: list | None = None,
 ) -> list[dict]:
-    """Post-process every image with ``method``; COCO result records (``bbox`` as x, y, w, h)."""
+    """Post-process every image with ``method``; COCO result records (``bbox`` as x, y, w, h).
+
+    ``kept``: where given, each image's detections (``boxes``, ``scores``) are appended to it."""
     records: list[dict] = []
     for cand in progress_bar(candidates, desc=method, progress=progress, leave=False):
         fields = {k: v for k, v in cand.items() if isinstance(v, Tensor)}
         det = postprocess(fields, method=method, max_detections=max_detections, **params)
+        if kept is not None:
+            kept.append({"boxes": det["boxes"], "scores": det["scores"]})
         if det["boxes"].shape[0] == 0:
             continue
         boxes = det["boxes"].double()
@@ -170,6 +186,37 @@ def coco_metrics(gt: COCO, dt: COCO, image_ids: Sequence[int]) -> dict[str, floa
     return {name: metrics[name] for name in METRICS}
 
 
+def gt_targets(gt: COCO, image_ids: Sequence[int]) -> list[dict]:
+    """Each image's ground truth as a target dict: ``boxes`` (M, 4) xyxy float64, ``labels``
+    (COCO category ids), ``iscrowd``, ``image_id`` and ``site`` where the image record has one."""
+    targets = []
+    for image_id in image_ids:
+        anns = gt.imgToAnns.get(image_id, [])
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4)
+        t = {"image_id": image_id, "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+             "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64),
+             "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64)}
+        site = gt.imgs[image_id].get("site")
+        if site is not None:
+            t["site"] = str(site)
+        targets.append(t)
+    return targets
+
+
+def add_precision_recall(metrics: dict, pr: Mapping, per_image: bool) -> dict:
+    """Put :func:`locconf.evaluation.box_precision_recall`'s ``box_precision`` / ``box_recall``
+    into a row of metrics (and into its ``sites``); with ``per_image``, the images' too (``images``)."""
+    for key in PR_METRICS:
+        metrics[key] = pr[key]
+    for site, site_pr in pr["sites"].items():
+        if site in metrics.get("sites", {}):
+            for key in PR_METRICS:
+                metrics["sites"][site][key] = site_pr[key]
+    if per_image:
+        metrics["images"] = pr["images"]
+    return metrics
+
+
 def _sites(gt: COCO, image_ids: Sequence[int]) -> dict[str, list[int]]:
     """Image ids per ``site`` of the image records (images without a site belong to none)."""
     sites: dict[str, list[int]] = {}
@@ -189,8 +236,12 @@ def evaluate_methods(
     method_params: Mapping[str, dict] | None = None,
     per_site: bool = True,
     progress: bool = True,
+    pr_iou_threshold: float = IOU_THRESHOLD,
+    pr_score_threshold: float = SCORE_THRESHOLD,
+    per_image: bool = False,
 ) -> dict[str, dict]:
-    """Post-process the same candidates with each method and score each with COCO bbox metrics.
+    """Post-process the same candidates with each method and score each with COCO bbox metrics
+    and DeepForest's box precision and recall.
 
     Args:
         candidates: per-image :class:`locconf.candidates.Candidates` with ``image_id``, from
@@ -205,11 +256,18 @@ def evaluate_methods(
             (e.g. ``{"nms": {"iou_threshold": 0.6}}``).
         per_site: also evaluate each ``site`` of the image records on its own images.
         progress: show tqdm progress bars.
+        pr_iou_threshold, pr_score_threshold: DeepForest's box precision and recall
+            (:func:`locconf.evaluation.box_precision_recall`): a detection scored at least
+            ``pr_score_threshold`` is a true positive when the one-to-one matching pairs it with
+            a ground truth at IoU greater than ``pr_iou_threshold`` (0.4 and 0.1, DeepForest's).
+        per_image: also return each image's precision and recall (``"images"``).
 
     Returns:
-        ``{method: {"AP", "AP50", "AP75", "AP90", "APs", "APm", "APl", "AR100": float}}`` in
-        ``[0, 1]`` (-1 where undefined), plus ``"sites": {site: {metric: float}}`` when
-        ``per_site`` and the images have sites. JSON-serialisable.
+        ``{method: {"AP", "AP50", "AP75", "AP90", "APs", "APm", "APl", "AR100", "box_precision",
+        "box_recall": float}}`` in ``[0, 1]`` (-1 where undefined), plus ``"sites": {site:
+        {metric: float}}`` when ``per_site`` and the images have sites, and ``"images": [{"image_id",
+        "tp", "predictions", "objects", "precision", "recall"}]`` with ``per_image``.
+        JSON-serialisable.
     """
     gt = load_coco(coco_gt)
     image_ids = _check_candidates(candidates, gt)
@@ -234,6 +292,10 @@ def evaluate_methods(
         logger.info("evaluating on the %d images with candidates; %d images of coco_gt have none",
                     len(image_ids), missing)
     sites = _sites(gt, image_ids) if per_site else {}
+    box_precision_recall([], [], pr_iou_threshold, pr_score_threshold)  # checks the thresholds before any work
+    targets = gt_targets(gt, image_ids)
+    if not per_site:
+        targets = [{k: v for k, v in t.items() if k != "site"} for t in targets]
 
     results: dict[str, dict] = {}
     for method in methods:
@@ -246,14 +308,16 @@ def evaluate_methods(
                 "(this detector does not predict it)", method, need, n, len(candidates)
             )
             continue
+        kept: list[dict] = []
         records = _coco_results(candidates, method, max_detections, dict(method_params.get(method, {})),
-                                label_map, progress)
+                                label_map, progress, kept)
         with contextlib.redirect_stdout(io.StringIO()):
             dt = gt.loadRes(records)
         metrics: dict[str, Any] = coco_metrics(gt, dt, image_ids)
         if sites:
             metrics["sites"] = {site: coco_metrics(gt, dt, ids) for site, ids in sites.items()}
-        results[method] = metrics
+        pr = box_precision_recall(kept, targets, pr_iou_threshold, pr_score_threshold)
+        results[method] = add_precision_recall(metrics, pr, per_image)
     return results
 
 
@@ -272,7 +336,7 @@ def _cell(value: Any, percent: bool, digits: int) -> str:
 
 def format_table(
     results: Mapping[str, Mapping],
-    columns: Sequence[str] = METRICS,
+    columns: Sequence[str] | None = None,
     per_site: bool = False,
     percent: bool = True,
     digits: int = 1,
@@ -281,13 +345,17 @@ def format_table(
 
     Args:
         results: ``{method: metrics}``.
-        columns: metric names to show.
+        columns: metric names to show (default: :data:`METRICS`, then ``box_precision`` and
+            ``box_recall`` where a result has them).
         per_site: add one row ``method [site]`` per site after each method's row.
         percent: show metrics x 100 (as papers do). Undefined (-1) values are shown as ``-``.
         digits: decimals.
     """
     if not isinstance(results, Mapping):
         raise ValueError(f"results must be a dict {{method: metrics}}, got {type(results).__name__}")
+    if columns is None:
+        columns = list(METRICS) + [c for c in PR_METRICS if any(c in m for m in results.values()
+                                                                 if isinstance(m, Mapping))]
     columns = list(columns)
     if not columns:
         raise ValueError("columns must name at least one metric")

@@ -26,12 +26,14 @@ from torch import Tensor
 from ..boxes import check_boxes
 from ..files import atomic_write_text
 from .coco import METRICS
+from .precision_recall import PR_METRICS
 from .plots import figure, image_array, show_image
 
 __all__ = ["write_report", "render_report", "detections_png", "METRIC_COLUMNS"]
 
-#: Metric columns of the AP tables, in order (the evaluation's :data:`locconf.evaluation.coco.METRICS`).
-METRIC_COLUMNS = METRICS
+#: Metric columns of the AP tables, in order (the evaluation's :data:`locconf.evaluation.coco.METRICS`,
+#: then DeepForest's box precision and recall where the results have them).
+METRIC_COLUMNS = METRICS + PR_METRICS
 
 _STYLE = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 2em auto;

@@ -69,13 +69,21 @@ def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/n
                    train_json: str | None = None, val_json: str | None = None, train_images: str | None = None,
                    val_images: str | None = None, flips: bool = True, vertical_flip: bool = True,
                    rot90: bool = True, jitter: bool = True, scale_jitter: Sequence[float] | None = None,
-                   jitter_strength: float = 0.2, synthetic: dict | None = None, *, split: str | None = None):
+                   jitter_strength: float = 0.2, synthetic: dict | None = None,
+                   train_annotations: str | None = None, val_annotations: str | None = None,
+                   annotation_format: str | None = None, default_label: str = "Tree", *,
+                   split: str | None = None):
     """Build ``(train_dataset, val_dataset, val_json_path)`` from the ``data`` section.
 
     Args:
         source: ``"neon-trees"`` (fetched and converted into ``root`` when missing),
-            ``"synthetic"`` (generated into ``root`` when missing; options in ``synthetic``) or
-            ``"coco"`` (``train_json`` and ``val_json`` relative to ``root``).
+            ``"synthetic"`` (generated into ``root`` when missing; options in ``synthetic``),
+            ``"coco"`` (``train_json`` and ``val_json`` relative to ``root``) or ``"annotations"``
+            (``train_annotations`` and ``val_annotations`` relative to ``root``: COCO, DeepForest's
+            CSV, or GeoJSON / GeoPackage / shapefile boxes or crowns in the map coordinates of the
+            GeoTIFFs of ``train_images`` / ``val_images``; converted to COCO by
+            :func:`locconf.data.annotation_files.coco_file`, the validation split with the training
+            split's categories).
         root: the dataset's folder; ``neon-trees`` and ``synthetic`` keep ``train.json`` and
             ``val.json`` there.
         fetch: fetch (``neon-trees``) or generate (``synthetic``) the data into ``root`` when its
@@ -83,7 +91,11 @@ def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/n
         train_json, val_json: the splits' COCO files, relative to ``root`` (``source: coco`` only;
             training needs ``train_json``, evaluating only ``val_json``).
         train_images, val_images: folders (relative to ``root``) that the splits' ``file_name``
-            entries are relative to, e.g. ``train2017`` / ``val2017`` for COCO (default: ``root``).
+            entries are relative to, e.g. ``train2017`` / ``val2017`` for COCO (default: ``root``);
+            for ``"annotations"``, where the images (rasters) the files name are found.
+        train_annotations, val_annotations: the splits' annotation files (``source: annotations``).
+        annotation_format: the format of both annotation files (default: by extension).
+        default_label: the label of every box of an annotation file without a ``label`` column.
         flips: random flips in training: horizontal and, unless ``vertical_flip`` is false,
             vertical (resizing is the model's job).
         vertical_flip: whether ``flips`` also flips vertically (false in COCO's papers).
@@ -113,8 +125,11 @@ def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/n
             neon_trees(root)
         elif missing:
             write_synthetic_splits(root, **synthetic_options(synthetic))
+    elif source == "annotations":
+        (train_json, train_images), (val_json, val_images) = _converted_splits(
+            root, train_annotations, val_annotations, train_images, val_images, annotation_format, default_label)
     elif source != "coco":
-        raise ValueError(f"data.source must be 'neon-trees', 'synthetic' or 'coco', got {source!r}")
+        raise ValueError(f"data.source must be 'neon-trees', 'synthetic', 'coco' or 'annotations', got {source!r}")
     needed = [f"data.{s}_json" for s, name in (("train", train_json), ("val", val_json)) if s in wanted and not name]
     if needed:
         what = "to train and evaluate" if split is None else "to train" if split == "train" else "to evaluate"
@@ -129,6 +144,30 @@ def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/n
         val_path = root / val_json
         val_ds = CocoDetection(root / (val_images or ""), val_path)
     return train_ds, val_ds, val_path
+
+
+def _converted_splits(root: Path, train_annotations: str | None, val_annotations: str | None,
+                      train_images: str | None, val_images: str | None, annotation_format: str | None,
+                      default_label: str) -> tuple[tuple[Path, Path], tuple[Path, Path]]:
+    """``(COCO file, image folder)`` of the two splits of ``data.source: annotations``, absolute
+    (validation labels mapped to the training split's categories)."""
+    from ..data.annotation_files import coco_file
+    from ..data.coco import read_json
+
+    if not train_annotations or not val_annotations:
+        raise ValueError("data.train_annotations and data.val_annotations are required for data.source 'annotations'")
+    out = []
+    categories = None
+    for split, name, folder in (("train", train_annotations, train_images), ("val", val_annotations, val_images)):
+        images = (root / (folder or "")).resolve()
+        given = (root / name).resolve()
+        coco = coco_file(given, [images], annotation_format, categories=categories, default_label=default_label)
+        if split == "train":
+            data = read_json(coco)
+            categories = data.get("categories") if isinstance(data, dict) else None
+        # A converted file names its images by absolute path; a COCO file's are relative to its folder.
+        out.append((coco, images if coco == given else Path("/")))
+    return out[0], out[1]
 
 
 def write_synthetic_splits(root: str | os.PathLike, num_train: int, num_val: int, image_size: int,

@@ -64,7 +64,9 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
              calibration_min_boxes: int = MIN_BOXES) -> dict:
     """Candidates once, every method scored; writes results.json, table.md, the plots and the calibration.
 
-    ``results.json`` holds ``methods`` (metrics per method, overall and per site), ``correlation``
+    ``results.json`` holds ``methods`` (metrics per method, overall and per site: COCO's and
+    DeepForest's ``box_precision`` / ``box_recall``), ``box_precision_recall_images`` (each
+    image's precision and recall per method), ``correlation``
     (Pearson / Spearman of each confidence signal with the true IoU), ``correlation_sites``
     (the same per site, where the images record one) and ``calibration``: the expected calibration
     error of each signal read as a predicted IoU, as predicted and after out-of-fold isotonic
@@ -221,8 +223,8 @@ def _score(candidates: list[dict], methods: list[str], eval_cfg: dict, val_ds, v
     """COCO metrics of each method on ``candidates`` (:func:`locconf.evaluation.evaluate_methods`)."""
     from ..evaluation import evaluate_methods
 
-    return call(evaluate_methods, "eval", dict(eval_cfg, progress=progress), candidates, str(val_json), methods,
-                val_ds.label_to_cat_id)
+    return call(evaluate_methods, "eval", dict(eval_cfg, progress=progress, per_image=True), candidates, str(val_json),
+                methods, val_ds.label_to_cat_id)
 
 
 def _correlation_per_site(candidates: list[dict], targets: list[dict]) -> dict[str, dict]:
@@ -279,12 +281,15 @@ def _write_results(files: OutputSet, results: dict, correlation: dict, correlati
     """Write ``results.json`` and ``table.md``; return the table (with the calibrated-quality one, if any)."""
     from ..evaluation import format_table
 
+    per_image = {m: r.pop("images") for m, r in results.items() if "images" in r}
+    for r in (calibration.get("methods") or {}).values():
+        r.pop("images", None)
     table = format_table(results, per_site=True)
     if calibration.get("methods"):
         table += "\n\n" + format_table(calibration["methods"])
     files.temp("results.json").write_text(json.dumps(
         {"methods": results, "correlation": correlation, "correlation_sites": correlation_sites,
-         "calibration": calibration}, indent=1))
+         "calibration": calibration, "box_precision_recall_images": per_image}, indent=1))
     files.temp("table.md").write_text(table + "\n")
     return table
 

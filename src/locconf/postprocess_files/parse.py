@@ -1,5 +1,8 @@
 """One image's COCO result records, checked, as candidate tensors.
 
+Keys other than :data:`KNOWN_KEYS` (``segmentation``, ``keypoints``, custom ids, extra CSV
+columns) are not read: they are handed on with the record (``extra``), for the output.
+
 Errors: a bad record (not an object, a missing key, a wrong type, a negative width or height, NaN
 or inf, a non-positive variance, an image or category id that the ground truth lacks) raises a
 ``ValueError`` naming the file, the record's index (0-based, in file order; JSON Lines also give
@@ -17,6 +20,9 @@ from torch import Tensor
 
 #: ``where(index, line)``: "file: record i (line l)", the start of an error message.
 Where = Callable[[int, Optional[int]], str]
+
+#: The record keys locconf reads; any other key of a record rides along to the output.
+KNOWN_KEYS = frozenset(("image_id", "image_path", "category_id", "bbox", "score", "quality", "variance"))
 
 _INT64 = 2**63
 
@@ -105,7 +111,8 @@ def image_candidates(recs: list[tuple[int, Optional[int], dict]], where: Where, 
     Returns the fields of :class:`locconf.candidates.Candidates` (float64 ``boxes`` (N, 4) xyxy,
     ``scores`` (N,), ``quality`` (N,) / ``variances`` (N, 4) when the file has them) with
     ``category`` (N,) int64, the COCO category ids, in place of ``labels``; and ``bbox``: the
-    records' ``bbox`` lists.
+    records' ``bbox`` lists, and ``extra``: each record's other keys (a list of dicts; None when no
+    record has any).
     """
     n = len(recs)
     boxes, scores, cats, quality, variances = [], [], [], [], []
@@ -129,4 +136,6 @@ def image_candidates(recs: list[tuple[int, Optional[int], dict]], where: Where, 
     _check_values(cand, xywh, boxes, recs, where)
     cand["boxes"] = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
     cand["bbox"] = boxes
+    extra = [{k: v for k, v in rec.items() if k not in KNOWN_KEYS} for _, _, rec in recs]
+    cand["extra"] = extra if any(extra) else None
     return cand
