@@ -6,13 +6,15 @@ import argparse
 from pathlib import Path
 
 from ._common import add_parser as _sub_parser
-from ._common import add_progress_flag, print_report
+from ._common import add_progress_flag, add_trust_flag, apply_trust_flag, print_report
 
 
 def add_parser(sub, parents) -> None:
     ev = _sub_parser(sub, "eval", parents, help="evaluate a checkpoint under several post-processing methods")
     ev.add_argument("config", type=Path, help="the YAML configuration (its data section names the split)")
-    ev.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint to evaluate")
+    ev.add_argument("--checkpoint", type=Path, default=None,
+                    help="the checkpoint to evaluate; without it, the config's model must be arch: torchvision with "
+                         "weights: FILE (a torchvision or DeepForest detector trained elsewhere), and --out is needed")
     ev.add_argument("--methods", default=None,
                     help="comma-separated post-processing methods, e.g. nms,soft-gaussian,quality "
                          "(default: eval.methods of the config, else nms,soft-linear,soft-gaussian)")
@@ -21,23 +23,29 @@ def add_parser(sub, parents) -> None:
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda where available)")
     ev.add_argument("--html", type=Path, default=None, help="also write one self-contained HTML report here")
     ev.add_argument("--gallery", type=int, default=8, help="images in the report's gallery of detections")
+    add_trust_flag(ev)
     add_progress_flag(ev)
     ev.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiment import load_config, load_trained, run_eval
+    from ..experiment import load_config, load_detector, run_eval
 
     cfg = load_config(args.config)
-    model, _ = load_trained(args.checkpoint, cfg, device=args.device)
+    apply_trust_flag(cfg, args.trust_weights)
+    if args.checkpoint is None and args.out is None:
+        raise ValueError("--out is required without --checkpoint (the results go beside the checkpoint otherwise)")
+    model, _ = load_detector(cfg, args.checkpoint, device=args.device)
     methods = args.methods.split(",") if args.methods else None
     out_dir = args.out or Path(args.checkpoint).parent / "eval"
     report = run_eval(model, cfg, out_dir, methods=methods, device=args.device, html=args.html, gallery=args.gallery,
                       progress=not args.no_progress)
     print_report(report)
-    if report.get("calibrator") is not None:  # saved with the model: <checkpoint>.calibration.json
+    if report.get("calibrator") is not None and args.checkpoint is not None:  # <checkpoint>.calibration.json
         beside = report["calibrator"].save(Path(args.checkpoint).with_suffix(".calibration.json"))
         print(f"quality calibration (isotonic, for predict/postprocess --calibration): {beside}")
+    elif report.get("calibrator") is not None:
+        print(f"quality calibration (isotonic, for predict/postprocess --calibration): {out_dir / 'calibration.json'}")
     if report.get("html"):
         print(f"report: {report['html']}")
     return 0

@@ -6,13 +6,14 @@ import argparse
 from pathlib import Path
 
 from ._common import add_parser as _sub_parser
-from ._common import add_progress_flag
+from ._common import add_progress_flag, add_trust_flag, apply_trust_flag
 
 
 def add_parser(sub, parents) -> None:
     train = _sub_parser(sub, "train", parents, help="train a detector from a YAML config")
     train.add_argument("config", type=Path, help="the YAML configuration (sections model, data, train, eval)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    add_trust_flag(train)
     add_progress_flag(train)
     train.set_defaults(func=run)
 
@@ -23,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.no_progress:
         cfg["train"]["progress"] = False
+    apply_trust_flag(cfg, args.trust_weights)
     summary = run_train(cfg, resume=args.resume)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in (summary.get("losses") or {}).items())
     print(f"step {summary['step']} in {summary['seconds']:.0f} s; last losses: {losses}")
