@@ -1,6 +1,6 @@
 """The cost of wrapping a torchvision detector: its own eval forward against the wrapper's ``detect``.
 
-Run:  python benchmarks/torchvision_wrapper.py [--repeats 3] [--sizes 400 600 800] [--device cpu]
+Run:  OMP_NUM_THREADS=1 python benchmarks/torchvision_wrapper.py [--repeats 3] [--sizes 400 600 800] [--device cpu]
 
 For each family at torchvision's default settings (``fasterrcnn_resnet50_fpn``,
 ``retinanet_resnet50_fpn``, ``fcos_resnet50_fpn``: 91 COCO logits, ``min_size`` 800, the builders'
@@ -17,7 +17,8 @@ above its threshold (RetinaNet's prior is 0.01 < 0.05), which would time an NMS 
 class logits are spread (random, seeded) to give thousands of pre-NMS candidates per image, the
 load of a trained model on a busy image; the candidate counts are printed. The models are timed
 round-robin (one image each in turn, torchvision then the wrapper) and the medians are reported,
-so that a slow spell of a shared machine hits both alike.
+so that a slow spell of a shared machine hits both alike; on the CPU the time is the process's CPU
+time (one thread), which other jobs on the machine do not inflate as they do wall time.
 
 Prints a Markdown table and writes it to ``benchmarks/results/torchvision_wrapper.md``.
 """
@@ -60,11 +61,14 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn, device: torch.device) -> float:
+    """Seconds ``fn`` takes: the process's CPU time on the CPU (one thread: the work done, which a
+    busy shared machine does not inflate as it does wall time), wall time on CUDA."""
     sync(device)
-    t = time.perf_counter()
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    t = clock()
     fn()
     sync(device)
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def head_outputs(wrapped, img: torch.Tensor) -> tuple:
@@ -119,15 +123,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", type=int, nargs="+", default=[400, 600, 800], help="square image sides")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "torchvision_wrapper.md"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, s, s, generator=g).to(device) for s in args.sizes]
     place = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    clock = "wall time" if device.type == "cuda" else "process CPU time"
     lines = [f"torchvision detector vs locconf's wrapper (`detect`), default settings (91 logits, min_size 800), "
              f"images {', '.join(f'{s} px' for s in args.sizes)}; {device.type} ({place}), "
-             f"{torch.get_num_threads()} thread(s), torch {torch.__version__}; median of {args.repeats} x "
+             f"{torch.get_num_threads()} thread(s), torch {torch.__version__}; {clock}, median of {args.repeats} x "
              f"{len(images)} images, round-robin", "",
              "| builder | pre-NMS candidates per image | torchvision forward s/image | wrapper detect s/image | "
              "ratio | post-processing: torchvision ms | wrapper (selection + locconf NMS) ms | ratio |",

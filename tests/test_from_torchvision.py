@@ -30,7 +30,7 @@ from locconf.postprocess import postprocess
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SIZE = 128  # a multiple of 32: no padding, so no region of constant features
+SIZE = 128  # the models' min_size and max_size
 
 
 class TinyBackbone(nn.Module):
@@ -89,8 +89,9 @@ def randomize_class_head(model: nn.Module) -> None:
 
 
 def images(n: int = 2, seed: int = 1) -> list[torch.Tensor]:
+    """Random images; the second is resized (to 85 x 128) and padded in the batch."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.rand(3, SIZE, SIZE, generator=g) for _ in range(n)]
+    return [torch.rand(3, *((SIZE, SIZE) if i % 2 == 0 else (100, 150)), generator=g) for i in range(n)]
 
 
 def canonical(det: dict, n: int | None = None) -> dict:
@@ -218,6 +219,11 @@ def test_wrapper_trains_with_locconf_labels_and_restores_modes():
         wrapped([img], [dict(target, labels=torch.zeros_like(target["labels"]))])
     wrapped.detect([img])
     assert wrapped.training and tv.training
+    other = from_torchvision(tiny_torchvision("retinanet", 2, seed=7), background=False)
+    other.load_state_dict(tv.state_dict())  # a plain torchvision state dict (e.g. an old torchvision_frcnn run)
+    assert torch.equal(other.torchvision_model.head.classification_head.cls_logits.bias,
+                       tv.head.classification_head.cls_logits.bias)
+    other.load_state_dict(wrapped.state_dict())  # and the wrapper's own, under torchvision_model.
     wrapped.candidates_per_image = 5
     assert all(len(c["boxes"]) <= 5 for c in wrapped.candidates(images()))
     with pytest.raises(ValueError, match="FasterRCNN, MaskRCNN, RetinaNet or FCOS"):
@@ -285,7 +291,7 @@ def deepforest_files(tmp_path_factory):
 
 def _build_deepforest(path, **kw):
     """DeepForest's RetinaNet settings (one class, NMS at 0.05, 300 detections), small images."""
-    return build_torchvision("retinanet_resnet50_fpn", 1, weights=None if path is None else str(path),
+    return build_torchvision(1, name="retinanet_resnet50_fpn", weights=None if path is None else str(path),
                              backbone="resnet18", min_size=SIZE, max_size=SIZE, score_thresh=0.05, nms_thresh=0.05,
                              detections_per_img=300, **kw)
 
@@ -351,11 +357,11 @@ def test_safetensors_and_background_inferred_from_the_file(tmp_path):
 
     assert TORCHVISION_BUILDERS["fcos_resnet50_fpn"] == "fcos"
     torch.manual_seed(0)
-    source = build_torchvision("fcos_resnet50_fpn", 2, background_class=True, backbone="resnet18",
+    source = build_torchvision(2, name="fcos_resnet50_fpn", background_class=True, backbone="resnet18",
                                min_size=SIZE, max_size=SIZE)
     state = {k: v.contiguous() for k, v in source.torchvision_model.state_dict().items()}
     save_file(state, str(tmp_path / "model.safetensors"))
-    loaded = build_torchvision("fcos_resnet50_fpn", 2, weights=str(tmp_path / "model.safetensors"),
+    loaded = build_torchvision(2, name="fcos_resnet50_fpn", weights=str(tmp_path / "model.safetensors"),
                                backbone="resnet18", min_size=SIZE, max_size=SIZE).eval()
     assert loaded.label_offset == 0 and loaded.num_classes == 2  # 3 logits in the file for 2 classes
     source.eval()
@@ -363,6 +369,65 @@ def test_safetensors_and_background_inferred_from_the_file(tmp_path):
     for a, b in zip(loaded.candidates(imgs), source.candidates(imgs)):
         assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['box_score_thresh'\]"):
-        build_torchvision("fcos_resnet50_fpn", 2, box_score_thresh=0.1)
+        build_torchvision(2, name="fcos_resnet50_fpn", box_score_thresh=0.1)
     with pytest.raises(ValueError, match="model.name must be a torchvision detection builder"):
-        build_torchvision("ssd300_vgg16", 2)
+        build_torchvision(2, name="ssd300_vgg16")
+
+
+# -- item 3: the commands ------------------------------------------------------------------------------
+
+
+def test_torchvision_arch_through_train_eval_predict(tmp_path, capsys):
+    """`arch: torchvision` through `locconf train`, `eval` (with the checkpoint, and without one from
+    a weights file: the config alone), `predict` without a checkpoint and `--trust-weights`."""
+    import json
+
+    import yaml
+
+    from locconf.cli import main, run_command
+    from locconf.experiment import load_trained
+
+    torch.manual_seed(0)
+    model = {"arch": "torchvision", "name": "fcos_resnet50_fpn", "backbone": "resnet18", "min_size": 96,
+             "max_size": 96, "score_thresh": 0.01}  # two steps from the prior: scores are low
+    cfg = {"model": model,
+           "data": {"source": "synthetic", "root": str(tmp_path / "data"),
+                    "synthetic": {"num_train": 4, "num_val": 2, "image_size": 96, "num_classes": 2}},
+           "train": {"iterations": 2, "batch_size": 2, "lr": 0.001, "warmup_iters": 1, "out_dir": str(tmp_path / "run"),
+                     "checkpoint_every": 2, "progress": False},
+           "eval": {"methods": ["nms", "quality"]}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "cfg.yaml")]) == 0
+    ckpt = tmp_path / "run" / "checkpoint_0000002.pth"
+    trained, _ = load_trained(ckpt)
+    assert trained.family == "fcos" and trained.num_classes == 2 and trained.label_offset == 1
+    names = [c["name"] for c in trained.categories]
+    assert len(names) == 2
+    assert main(["eval", str(tmp_path / "cfg.yaml"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev")]) == 0
+    assert set(json.loads((tmp_path / "ev" / "results.json").read_text())["methods"]) == {"nms", "quality"}
+
+    # the trained weights as a user's torchvision file: eval and predict from the config alone
+    torch.save(trained.torchvision_model.state_dict(), tmp_path / "fcos.pt")
+    (tmp_path / "file.yaml").write_text(yaml.safe_dump(dict(cfg, model=dict(model, weights=str(tmp_path / "fcos.pt")))))
+    assert main(["eval", str(tmp_path / "file.yaml"), "--out", str(tmp_path / "ev2")]) == 0
+    assert (json.loads((tmp_path / "ev2" / "results.json").read_text())["methods"]
+            == json.loads((tmp_path / "ev" / "results.json").read_text())["methods"])
+    image = tmp_path / "data" / "val" / "000000.png"
+    assert main(["predict", str(image), "--config", str(tmp_path / "file.yaml"), "--out", str(tmp_path / "vis.png")]) == 0
+    assert (tmp_path / "vis.png").stat().st_size > 0
+    assert any(name in (tmp_path / "vis.csv").read_text() for name in names)  # named from the data's JSON
+    with pytest.raises(ValueError, match="--out is required"):
+        run_command(["eval", str(tmp_path / "file.yaml")])
+    with pytest.raises(ValueError, match="checkpoint is required"):
+        run_command(["eval", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "ev3")])
+
+    # a file that pickles an object: refused, then loaded with --trust-weights
+    torch.save({"state_dict": trained.torchvision_model.state_dict(), "hparams": argparse.Namespace(lr=0.1)},
+               tmp_path / "pickled.ckpt")
+    (tmp_path / "pickled.yaml").write_text(yaml.safe_dump(dict(cfg, model=dict(model, weights=str(tmp_path / "pickled.ckpt")))))
+    with pytest.raises(ValueError, match="argparse.Namespace"):
+        run_command(["eval", str(tmp_path / "pickled.yaml"), "--out", str(tmp_path / "ev4")])
+    assert main(["eval", str(tmp_path / "pickled.yaml"), "--out", str(tmp_path / "ev4"), "--trust-weights"]) == 0
+    (tmp_path / "rcnn.yaml").write_text(yaml.safe_dump(dict(cfg, model={"arch": "rcnn"})))
+    with pytest.raises(ValueError, match="--trust-weights is for"):
+        run_command(["eval", str(tmp_path / "rcnn.yaml"), "--checkpoint", str(ckpt), "--trust-weights"])

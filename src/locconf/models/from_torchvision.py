@@ -24,7 +24,11 @@ These steps are written here, vectorised over the images of a batch (torchvision
 images and levels), and read the model's own settings and box coder at every call, so a changed
 ``score_thresh`` or ``topk_candidates`` is honoured. Hard NMS at the model's ``nms_thresh`` keeping
 ``detections_per_img`` boxes then gives the torchvision model's own output
-(``tests/test_from_torchvision.py`` checks it for the three families, random and trained weights).
+(``tests/test_from_torchvision.py`` checks it for the three families, random and trained weights);
+:meth:`TorchvisionDetector.detect` runs it on the resized images' coordinates, as torchvision does,
+while :meth:`TorchvisionDetector.candidates` returns the candidates in the input images'
+coordinates (the contract), where an IoU within float rounding of the threshold could decide
+otherwise.
 
 Labels: locconf numbers object classes ``1..K`` (0 is the background). Faster R-CNN's softmax has
 a background column 0, so its labels are kept. RetinaNet and FCOS have one sigmoid per class and
@@ -142,7 +146,7 @@ class TorchvisionDetector(nn.Module):
         self.num_classes, self.label_offset = num_classes, offset
         self.candidates_per_image = candidates_per_image
         self.categories = None
-        self._register_load_state_dict_pre_hook(_accept_plain_keys)
+        self.register_load_state_dict_pre_hook(_accept_plain_keys)
         self.train(model.training)  # the wrapper starts in the model's mode
 
     # -- the model's own settings ----------------------------------------------------------------
@@ -213,10 +217,11 @@ class TorchvisionDetector(nn.Module):
         max_detections = per_image if max_detections is None else max_detections
         with _eval_mode(self):
             cands, sizes, original, features = self._run(images)
-            dets = [postprocess(c, method, max_detections, **params) for c in self._rescaled(cands, sizes, original)]
+            # post-processed in the resized images' coordinates and then rescaled, as torchvision does
+            dets = [postprocess(c, method, max_detections, **params) for c in cands]
             if self.family == "mask_rcnn":
-                self._add_masks(dets, features, sizes, original)
-        return dets
+                self._add_masks(dets, features, sizes)
+            return self._rescaled(dets, sizes, original)  # also pastes the masks into the input images
 
     # -- inference ---------------------------------------------------------------------------------
 
@@ -334,16 +339,14 @@ class TorchvisionDetector(nn.Module):
         split = {k: v.split(counts) for k, v in fields.items()}
         return [{k: split[k][b] for k in fields} for b in range(bsz)]
 
-    def _add_masks(self, dets: list[dict], features, sizes, original) -> None:
-        """Mask R-CNN's masks for the final detections, pasted into the input images (as torchvision)."""
+    def _add_masks(self, dets: list[dict], features, sizes) -> None:
+        """Mask R-CNN's mask probabilities (n, 1, M, M) for the detections (resized-image coordinates)."""
         heads = self.torchvision_model.roi_heads
-        boxes = [_resize(d["boxes"], o, s) for d, s, o in zip(dets, sizes, original)]
+        boxes = [d["boxes"] for d in dets]
         pooled = heads.mask_head(heads.mask_roi_pool(features, boxes, sizes))
         probs = maskrcnn_inference(heads.mask_predictor(pooled), [d["labels"] - self.label_offset for d in dets])
-        pasted = self.torchvision_model.transform.postprocess(
-            [{"boxes": b, "masks": p} for b, p in zip(boxes, probs)], sizes, original)
-        for d, p in zip(dets, pasted):
-            d["masks"] = p["masks"]
+        for d, p in zip(dets, probs):
+            d["masks"] = p
 
 
 @contextlib.contextmanager
@@ -371,13 +374,6 @@ def _first_of_group(image: Tensor, bsz: int) -> Tensor:
     """(B,) the index of each image's first row in ``image`` (sorted)."""
     counts = torch.bincount(image, minlength=bsz)
     return torch.cumsum(counts, 0) - counts
-
-
-def _resize(boxes: Tensor, from_size, to_size) -> Tensor:
-    """Boxes from one image size (h, w) to another, with torchvision's ``resize_boxes`` arithmetic."""
-    from torchvision.models.detection.transform import resize_boxes
-
-    return resize_boxes(boxes, from_size, to_size)
 
 
 def _accept_plain_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -39,9 +39,9 @@ _BUILDER_OWN = ("trainable_backbone_layers",)  # builder arguments besides weigh
 
 
 def build_torchvision(
-    name: str,
     num_classes: int,
     *,
+    name: Optional[str] = None,
     weights: Optional[str | os.PathLike] = None,
     trust_weights: bool = False,
     background_class: Optional[bool] = None,
@@ -57,8 +57,8 @@ def build_torchvision(
     """Build a torchvision detector by its builder's name and wrap it for locconf.
 
     Args:
-        name: a builder of :data:`TORCHVISION_BUILDERS` (``torchvision.models.detection``).
         num_classes: object classes K, background excluded (locconf's labels ``1..K``).
+        name: a builder of :data:`TORCHVISION_BUILDERS` (``torchvision.models.detection``).
         weights: a weight file (:func:`locconf.models.weight_files.read_weights`), or None for
             random weights (to train).
         trust_weights: let a file that stores Python objects load (``torch.load(weights_only=False)``);
@@ -148,6 +148,7 @@ def _check_options(name: str, builder, options: dict) -> None:
                 if p not in ("self", "backbone", "num_classes", "kwargs")}
     accepted |= {p for p in inspect.signature(builder).parameters
                  if p not in ("weights", "weights_backbone", "num_classes", "progress", "kwargs")} - set(_BUILDER_OWN)
+    accepted |= {"size_divisible", "fixed_size"}  # the detector's **kwargs go to its GeneralizedRCNNTransform
     # objects (modules, generators) cannot come from a configuration file
     objects = {"rpn_anchor_generator", "rpn_head", "box_roi_pool", "box_head", "box_predictor", "anchor_generator",
                "head", "proposal_matcher", "mask_roi_pool", "mask_head", "mask_predictor"}
