@@ -431,3 +431,21 @@ def test_torchvision_arch_through_train_eval_predict(tmp_path, capsys):
     (tmp_path / "rcnn.yaml").write_text(yaml.safe_dump(dict(cfg, model={"arch": "rcnn"})))
     with pytest.raises(ValueError, match="--trust-weights is for"):
         run_command(["eval", str(tmp_path / "rcnn.yaml"), "--checkpoint", str(ckpt), "--trust-weights"])
+
+
+def test_bench_torchvision_variants_build_on_the_setting():
+    """`locconf bench` variants tv_fasterrcnn / tv_retinanet / tv_fcos: the setting's trunk, image size and
+    candidate count under build_torchvision's names, a configuration that checks and builds."""
+    from locconf.bench import settings
+    from locconf.experiment import build_model, check_config
+
+    setting = settings.synthetic_setting(2)
+    for name in ("tv_fasterrcnn", "tv_retinanet", "tv_fcos"):
+        cfg = check_config(settings.make_config(setting, settings.EXTRA_VARIANTS[name], 0, "unused", 3))
+        model_cfg = cfg["model"]
+        assert model_cfg["arch"] == "torchvision" and model_cfg["backbone"] == "resnet18"
+        assert (model_cfg["min_size"], model_cfg["max_size"], model_cfg["candidates_per_image"]) == (128, 128, 1000)
+        assert "fpn_channels" not in model_cfg and "channels_last" not in model_cfg
+        model = build_model(**model_cfg)
+        assert model.num_classes == 3 and model.candidates_per_image == 1000
+        assert model.torchvision_model.transform.min_size == (128,)
