@@ -49,7 +49,7 @@ COLUMNS = ("AP", "AP50", "AP75", "AP90")
 
 
 class Flipped(nn.Module):
-    """Run ``model`` on flipped images and map its boxes (and variances) back to the unflipped image.
+    """``candidates``: ``model``'s on flipped images, boxes (and variances) mapped back to the unflipped image.
 
     ``axis``: ``"h"`` (left-right, x) or ``"v"`` (top-bottom, y). Other outputs pass unchanged.
     """
@@ -60,9 +60,9 @@ class Flipped(nn.Module):
             raise ValueError(f"axis must be 'h' or 'v', got {axis!r}")
         self.model, self.axis = model, axis
 
-    def forward(self, images: list[torch.Tensor]) -> list[dict]:
+    def candidates(self, images: list[torch.Tensor]) -> list[dict]:
         dim, lo, hi = (-1, 0, 2) if self.axis == "h" else (-2, 1, 3)
-        outputs = self.model([im.flip(dim) for im in images])
+        outputs = self.model.candidates([im.flip(dim) for im in images])
         mapped = []
         for im, out in zip(images, outputs):
             out = dict(out)

@@ -3,7 +3,7 @@
 Run:  python benchmarks/inference.py [--candidates 100 1000] [--repeats 5] [--device cpu]
 
 Every model is built at the NEON CPU setting (ResNet-18 FPN P3-P6, 128 channels, 400 x 400 input)
-with random weights and the same seed, and runs ``model(images)`` (candidates, before any
+with random weights and the same seed, and runs ``model.candidates(images)`` (before any
 post-processing) on the same images. Random weights score every proposal alike, so the number of
 candidates is set explicitly (``score_thresh=0``, ``candidates_per_image=N``): the quality heads'
 cost grows with it, and a trained model's count depends on its threshold (DIR's ``a``), so the
@@ -66,14 +66,14 @@ def run(candidates: int, repeats: int, device: torch.device, quality_width: int,
     counts = {}
     with torch.no_grad():
         for n, m in models.items():  # warm-up (and candidate count)
-            counts[n] = len(m(images[:1])[0]["boxes"])
+            counts[n] = len(m.candidates(images[:1])[0]["boxes"])
         for r in range(repeats):
             for img in images:
                 for n, m in models.items():
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     t = time.perf_counter()
-                    m([img])
+                    m.candidates([img])
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     times[n].append(time.perf_counter() - t)
@@ -94,7 +94,7 @@ def main() -> None:
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, SIZE, SIZE, generator=g).to(device) for _ in range(args.images)]
-    lines = [f"Inference, {SIZE}x{SIZE}, ResNet-18 FPN P3-P6 (128 ch), random weights, model(images) -> candidates, "
+    lines = [f"Inference, {SIZE}x{SIZE}, ResNet-18 FPN P3-P6 (128 ch), random weights, model.candidates(images), "
              f"quality branches {args.quality_width} wide; {device.type} "
              f"({cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}), "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.repeats} x "

@@ -102,7 +102,7 @@ def test_inference_matches_a_plain_reference():
     heads = model.roi_heads
     images, _ = _data()
     with torch.no_grad():
-        cands = model(images)
+        cands = model.candidates(images)
         batch, _ = model.transform(images)
         features = model.backbone(batch.tensors)
         proposals, _ = model.rpn(batch, features)

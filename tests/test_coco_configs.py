@@ -139,7 +139,7 @@ def test_builds_trains_one_step_and_evaluates(name, coco_root, tmp_path):
     _, val_ds, _ = build_datasets(**cfg["data"])
     assert val_ds.label_to_cat_id == {1: 1, 2: 18, 3: 90}
     with torch.no_grad():
-        cand = model([val_ds[0][0]])[0]
+        cand = model.candidates([val_ds[0][0]])[0]
     n = cand["boxes"].shape[0]
     assert cand["boxes"].shape == (n, 4) and cand["scores"].shape == (n,) and cand["labels"].shape == (n,)
     assert n <= 50

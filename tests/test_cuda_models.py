@@ -48,7 +48,7 @@ def test_rcnn_heads_train_and_predict_on_cuda(quality, amp):
     assert grads and all(torch.isfinite(g).all() for g in grads)
     model.eval()
     with torch.no_grad(), torch.autocast("cuda", enabled=amp):
-        out = model(images)
+        out = model.candidates(images)
     assert len(out) == 2
     for o in out:
         _assert_on_cuda(o)
@@ -66,7 +66,7 @@ def test_one_stage_heads_train_and_predict_on_cuda(head):
     sum(losses.values()).backward()
     model.eval()
     with torch.no_grad():
-        out = model(images)
+        out = model.candidates(images)
     for o in out:
         _assert_on_cuda(o)
 
@@ -78,8 +78,8 @@ def test_cuda_inference_matches_cpu(quality):
     model = build_rcnn(2, quality=quality, **TINY).eval()
     images, _ = _images_targets("cpu")
     with torch.no_grad():
-        cpu = model(images)
-        gpu = model.cuda()([im.cuda() for im in images])
+        cpu = model.candidates(images)
+        gpu = model.cuda().candidates([im.cuda() for im in images])
     for c, g in zip(cpu, gpu):
         assert c.keys() == g.keys()
         n = min(len(c["scores"]), len(g["scores"]), 50)

@@ -18,6 +18,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from locconf.data import CocoDetection, SyntheticScenes, collate_fn, write_synthetic_coco
 from locconf.evaluation import METRICS, coco_metrics, collect_candidates, evaluate_methods, format_table, load_coco
 from locconf.evaluation.coco import _ap_at_iou
+from locconf.models import from_torchvision
 
 # Recall reached at 0.5 with precision 1 (or p) up to it: 51 of the 101 recall points.
 HALF = 51 / 101
@@ -252,7 +253,7 @@ class _RawDetector(nn.Module):
         self.w = nn.Parameter(torch.ones(()))
         self.calls = []
 
-    def forward(self, images):
+    def candidates(self, images):
         self.calls.append((self.training, torch.is_grad_enabled()))
         outs = []
         for img in images:
@@ -290,7 +291,9 @@ def test_collect_candidates_torchvision_fasterrcnn(synthetic):
         box_score_thresh=0.0, representation_size=32,
     )
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_fn)
-    cands = collect_candidates(model, loader, torch.device("cpu"), progress=False)
+    with pytest.raises(ValueError, match="from_torchvision"):  # torchvision's own output is post-NMS
+        collect_candidates(model, loader, torch.device("cpu"), progress=False)
+    cands = collect_candidates(from_torchvision(model), loader, torch.device("cpu"), progress=False)
     assert len(cands) == len(ds)
     assert {"boxes", "scores", "labels", "image_id"} <= set(cands[0])
     r = evaluate_methods(cands, path, ["nms", "soft-gaussian", "quality"], ds.label_to_cat_id, progress=False)

@@ -91,7 +91,7 @@ def test_class_aware_detector_trains_and_predicts_the_quality_of_each_candidate_
     assert head.iou[-1].weight.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
-        cand = model(images)
+        cand = model.candidates(images)
         batch, _ = model.transform(images)
         features = model.backbone(batch.tensors)
         for i, c in enumerate(cand):  # images are 96 px and min_size is 96: no resizing
@@ -116,7 +116,7 @@ def test_class_aware_refinement_climbs_the_candidate_class(order):
 
     model.roi_heads.quality_head.refine = record
     with torch.no_grad():
-        out = model(images)
+        out = model.candidates(images)
     assert len(seen) == 1 and seen[0] is not None
     for o, lab in zip(out, seen[0]):
         assert torch.equal(o["labels"][:len(lab)], lab) and torch.isfinite(o["quality"]).all()

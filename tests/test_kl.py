@@ -86,5 +86,5 @@ def test_class_specific_kl_detector_trains_only_the_groups_of_positive_classes()
     assert grad[0] == 0 and grad[2] == 0  # background and the class without an object
     model.eval()
     with torch.no_grad():
-        cand = model(images)[0]
+        cand = model.candidates(images)[0]
     assert cand["variances"].shape == (len(cand["boxes"]), 4) and bool((cand["variances"] > 0).all())

@@ -107,7 +107,7 @@ def test_candidates_fields_shapes_and_image_coordinates(head):
     # a 48 x 64 image is resized to 96 x 128 inside the model: boxes must come back in 48 x 64 pixels
     images = [torch.rand(3, 48, 64), torch.rand(3, 96, 96)]
     with torch.no_grad():
-        cands = model(images)
+        cands = model.candidates(images)
     assert len(cands) == 2
     for cand, (h, w) in zip(cands, [(48, 64), (96, 96)]):
         assert set(cand) == {"boxes", "scores", "labels"} | EXTRA_FIELDS[head]
@@ -137,7 +137,7 @@ def test_no_candidates_are_correctly_shaped_and_detect_works(head):
     torch.manual_seed(0)
     model = tiny(head, score_thresh=0.999).eval()  # an untrained model scores ~0.01
     with torch.no_grad():
-        cand = model([torch.rand(3, 80, 96)])[0]
+        cand = model.candidates([torch.rand(3, 80, 96)])[0]
     assert cand["boxes"].shape == (0, 4) and cand["scores"].shape == (0,) and cand["labels"].shape == (0,)
     assert cand["labels"].dtype == torch.int64
     model.train()
@@ -151,7 +151,7 @@ def test_detect_applies_the_default_method_and_checks_it():
     model = tiny("clq", score_thresh=0.0, candidates_per_image=200).eval()
     images = [torch.rand(3, 96, 96)]
     with torch.no_grad():
-        cand = model(images)[0]
+        cand = model.candidates(images)[0]
     expected = postprocess(cand, "nms", max_detections=20)
     got = model.detect(images, max_detections=20)[0]
     torch.testing.assert_close(got["boxes"], expected["boxes"])
@@ -339,7 +339,7 @@ def trained(tmp_path_factory):
             records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             model.eval()
             with torch.no_grad():
-                candidates = model(images)
+                candidates = model.candidates(images)
             runs[head] = {"records": [r for r in records if r["type"] == "train"], "candidates": candidates,
                           "positives": model.positive_samples(images, targets)}
     finally:
@@ -449,7 +449,7 @@ def test_config_builds_and_trains_one_step(name):
     # every evaluation method of the config can run on this detector's candidates
     model.eval()
     with torch.no_grad():
-        cand = model([images[0]])[0]
+        cand = model.candidates([images[0]])[0]
     for method in cfg["eval"].get("methods", []):
         need = REQUIRED_SIGNALS[method]
         assert need is None or need in cand, (name, method)

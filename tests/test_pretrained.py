@@ -168,5 +168,5 @@ def test_detectors_train_and_predict_on_the_pretrained_trunk(build, one_thread_m
     total.backward()
     model.eval()
     with torch.no_grad():
-        out = model([torch.rand(3, 128, 128)])
+        out = model.candidates([torch.rand(3, 128, 128)])
     assert out[0]["boxes"].shape[1] == 4

@@ -69,7 +69,7 @@ def test_losses_and_candidates(quality, agnostic):
 
     model.eval()
     with torch.no_grad():
-        out = model(images)
+        out = model.candidates(images)
     assert len(out) == 2
     signal = {None: None, "kl": "variances"}.get(quality, "quality")
     for cand, img in zip(out, images):
@@ -99,7 +99,7 @@ def test_agnostic_boxes_shared_by_classes():
     model = build_rcnn(3, class_agnostic_box=True, score_thresh=0.0, candidates_per_image=10**6, **{
         k: v for k, v in TINY.items() if k != "candidates_per_image"}).eval()
     with torch.no_grad():
-        cand = model(images[:1])[0]
+        cand = model.candidates(images[:1])[0]
     boxes = cand["boxes"]
     per_class = [boxes[cand["labels"] == c] for c in (1, 2, 3)]
     assert per_class[0].shape == per_class[1].shape == per_class[2].shape
@@ -111,7 +111,7 @@ def test_agnostic_boxes_shared_by_classes():
         k: v for k, v in TINY.items() if k != "candidates_per_image"}).eval()
     with torch.no_grad():
         model.roi_heads.box_head.bbox_pred.bias.copy_(torch.linspace(-1, 1, 16))
-        cand = model(images[:1])[0]
+        cand = model.candidates(images[:1])[0]
     key = [set(map(tuple, cand["boxes"][cand["labels"] == c].round(decimals=3).tolist())) for c in (1, 2, 3)]
     assert key[0] != key[1] and key[1] != key[2]
 
@@ -128,7 +128,7 @@ def test_empty_images_train_and_evaluate():
         model.eval()
         model.roi_heads.score_thresh = 0.999  # nothing passes: correctly shaped empty candidates
         with torch.no_grad():
-            out = model(images)
+            out = model.candidates(images)
         for cand in out:
             assert cand["boxes"].shape == (0, 4) and cand["scores"].shape == (0,)
             if quality in ("dir", "iou_net"):
@@ -164,9 +164,9 @@ def test_quality_threshold_a():
     torch.manual_seed(0)
     model = build_rcnn(2, quality="dir", **TINY).eval()
     with torch.no_grad():
-        full = model(images)
+        full = model.candidates(images)
         model.roi_heads.quality_thresh = float(full[0]["scores"].median())
-        part = model(images)
+        part = model.candidates(images)
     a = model.roi_heads.quality_thresh
     for f, p in zip(full, part):
         above = p["scores"] > a
@@ -179,19 +179,19 @@ def test_refinement_raises_predicted_iou():
     torch.manual_seed(0)
     model = build_rcnn(2, quality="iou_net", **TINY).eval()
     with torch.no_grad():
-        plain = model(images)
+        plain = model.candidates(images)
     model.roi_heads.refine_steps = 3
     model.roi_heads.refine_order = "before_nms"  # every candidate refined (test_refine_order: the paper's order)
     model.roi_heads.quality_head.refine_keep_best = True  # the option that returns the best box visited
     with torch.no_grad():
-        refined = model(images)
+        refined = model.candidates(images)
     for p, r in zip(plain, refined):
         assert r["boxes"].shape == p["boxes"].shape
         assert bool((r["quality"] >= p["quality"] - 1e-5).all())  # never below the starting box
     # the paper's Algorithm 2 (the default) may end a box below its start by at most max_drop per step
     model.roi_heads.quality_head.refine_keep_best = False
     with torch.no_grad():
-        paper = model(images)
+        paper = model.candidates(images)
     assert all(r["boxes"].shape == p["boxes"].shape for p, r in zip(plain, paper))
 
 
@@ -372,7 +372,7 @@ def test_head_learns_localization_quality(quality, baseline, tmp_path):
     val = _scenes(16, 1)
     model.eval()
     with torch.no_grad():
-        cands = [model([val[i][0]])[0] for i in range(len(val))]
+        cands = [model.candidates([val[i][0]])[0] for i in range(len(val))]
     targets = [val[i][1] for i in range(len(val))]
     if quality == "kl":
         # the predicted spread (relative to the box size) falls as the true IoU rises

@@ -30,11 +30,11 @@ def test_nms_then_refine_against_refine_then_nms():
     heads.quality_head.refine_keep_best = True  # monotone in the predicted IoU: checkable
     with torch.no_grad():
         heads.refine_steps = 0
-        plain = model(images)
+        plain = model.candidates(images)
         heads.refine_steps = 3
-        after = model(images)
+        after = model.candidates(images)
         heads.refine_order = "before_nms"
-        before = model(images)
+        before = model.candidates(images)
     for p, a, b in zip(plain, after, before):
         nms = postprocess(p, "iou-guided", max_detections=len(p["boxes"]))
         assert len(nms["boxes"]) < len(p["boxes"])  # the NMS removed something

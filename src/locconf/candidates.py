@@ -1,8 +1,9 @@
-"""Candidates: what a detector returns in evaluation, and what everything after it reads.
+"""Candidates: what a detector's ``candidates(images)`` returns, and what everything after it reads.
 
-"A detector stops at candidates" (``docs/design.md``): in evaluation mode every locconf detector
-(:class:`locconf.models.rcnn.RCNN`, :class:`locconf.models.one_stage.OneStageDetector`) returns, per
-image, a plain ``dict`` of tensors before any NMS; :func:`locconf.postprocess.postprocess` turns
+"A detector stops at candidates" (``docs/design.md``): every locconf detector's ``candidates``
+(:class:`locconf.models.rcnn.RCNN`, :class:`locconf.models.one_stage.OneStageDetector`, a torchvision
+detector wrapped by :func:`locconf.models.from_torchvision`) returns, per image, a plain ``dict`` of
+tensors before any NMS (``model(images)`` in evaluation returns final detections, as torchvision's); :func:`locconf.postprocess.postprocess` turns
 one into detections (a dict of the same fields, fewer rows), the evaluation
 (:mod:`locconf.evaluation`) scores and analyses lists of them, and the file tools
 (:mod:`locconf.postprocess_files`) read and write them as COCO result records. This module is the

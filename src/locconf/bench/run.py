@@ -193,7 +193,7 @@ def evaluate_once(checkpoint: str | Path, cfg: dict, eval_dir: Path, device: str
     _, val_ds, _ = build_datasets(**cfg["data"])
     image, _ = val_ds[0]
     with torch.no_grad():
-        probe = model([image.to(next(model.parameters()).device)])[0]
+        probe = model.candidates([image.to(next(model.parameters()).device)])[0]
     signals = candidate_signals(probe)
     methods = select_methods(signals)
     out = run_eval(model, cfg, eval_dir, methods=methods, device=device, progress=progress)

@@ -85,6 +85,15 @@ DEFAULT_VARIANTS = tuple(VARIANTS)
 #: the DIR head trained on the last stage's positives (the paper's rule) or on its RoIs at IoU >= 0.5.
 EXTRA_VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("tv_frcnn", "torchvision Faster R-CNN (reference)", "two_stage", {"arch": "torchvision_frcnn"}),
+    # torchvision's own detectors by builder name (locconf.models.build_torchvision) on the setting's
+    # trunk, torchvision's heads and pyramid (P2-P6 / P3-P7, 256 channels), anchors from 16 px
+    Variant("tv_fasterrcnn", "torchvision fasterrcnn_resnet50_fpn_v2 heads on the setting's trunk", "two_stage",
+            {"arch": "torchvision", "name": "fasterrcnn_resnet50_fpn_v2", "anchor_sizes": [16, 32, 64, 128, 256]}),
+    Variant("tv_retinanet", "torchvision retinanet_resnet50_fpn heads on the setting's trunk", "one_stage",
+            {"arch": "torchvision", "name": "retinanet_resnet50_fpn", "anchor_sizes": [16, 32, 64, 128, 256]}),
+    Variant("tv_fcos", "torchvision fcos_resnet50_fpn heads on the setting's trunk (quality = centerness)",
+            "one_stage", {"arch": "torchvision", "name": "fcos_resnet50_fpn", "anchor_sizes": [8, 16, 32, 64, 128]},
+            expects=("quality",)),
     Variant("cascade", "Cascade R-CNN (3 stages, IoU 0.5 / 0.6 / 0.7)", "two_stage",
             {"arch": "rcnn", "cascade": [0.5, 0.6, 0.7]}),
     Variant("cascade_dir", "Cascade R-CNN + DIR on the last stage", "two_stage",
@@ -216,18 +225,30 @@ SETTINGS = {"neon": neon_setting, "neon-scratch": lambda iterations=None: neon_s
             "synthetic": synthetic_setting}
 
 
+#: The setting keys a torchvision detector (``arch: torchvision``) takes, under build_torchvision's names;
+#: the others (FPN width and stages, anchors of locconf's pyramids, ...) are locconf's builders' own.
+_TORCHVISION_KEYS = {"backbone": "backbone", "weights": "backbone_weights", "norm": "backbone_norm",
+                     "frozen_stages": "backbone_frozen_stages", "min_size": "min_size", "max_size": "max_size",
+                     "candidates_per_image": "candidates_per_image",
+                     "box_batch_size_per_image": "box_batch_size_per_image",
+                     "rpn_batch_size_per_image": "rpn_batch_size_per_image"}
+
+
 def make_config(setting: Setting, variant: Variant, seed: int, out_dir: str | Path,
                 num_classes: int | None = None, amp: bool | None = None) -> dict:
     """The full configuration (model/data/train/eval sections) of one variant and seed.
 
     The model section is the setting's shared keys, then its family's keys, then the variant's
-    overrides; the train section the setting's budget, its family's keys, the seed and ``out_dir``,
+    overrides (a torchvision detector, ``arch: torchvision``, takes of the first two the keys of
+    :data:`_TORCHVISION_KEYS`, renamed); the train section the setting's budget, its family's keys, the seed and ``out_dir``,
     and ``amp`` when given (mixed precision on CUDA; None leaves ``train()``'s default).
     """
     if variant.family not in ("two_stage", "one_stage"):
         raise ValueError(f"variant {variant.name!r}: family must be 'two_stage' or 'one_stage', got {variant.family!r}")
-    model = {**copy.deepcopy(setting.model), **copy.deepcopy(setting.family_model.get(variant.family, {})),
-             **copy.deepcopy(dict(variant.model))}
+    shared = {**copy.deepcopy(setting.model), **copy.deepcopy(setting.family_model.get(variant.family, {}))}
+    if variant.model.get("arch") == "torchvision":  # build_torchvision's names for the keys it shares
+        shared = {_TORCHVISION_KEYS[k]: v for k, v in shared.items() if k in _TORCHVISION_KEYS}
+    model = {**shared, **copy.deepcopy(dict(variant.model))}
     if model.get("arch") == "torchvision_frcnn":  # torchvision's box head has no quality branch
         model.pop("quality_representation_size", None)
     if num_classes is not None:

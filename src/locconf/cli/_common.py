@@ -35,6 +35,19 @@ def add_set_flag(parser: argparse.ArgumentParser) -> None:
                         help="set a configuration key, e.g. --set train.lr=0.005 --set data.synthetic.num_train=50 "
                              "(the value is YAML; repeatable; checked like the file's keys; list them with "
                              "'locconf config keys')")
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-weights", action="store_true",
+                        help="let model.weights load even if the file stores Python objects (torch.load with "
+                             "weights_only=False, which can run code): only for a file you trust")
+
+
+def apply_trust_flag(cfg: dict | None, trust: bool) -> None:
+    """``--trust-weights``: set ``model.trust_weights`` (only the ``torchvision`` architecture reads weight files)."""
+    if not trust:
+        return
+    if cfg is None or (cfg.get("model") or {}).get("arch") != "torchvision":
+        raise ValueError("--trust-weights is for a configuration whose model is arch: torchvision with weights: FILE")
+    cfg["model"]["trust_weights"] = True
 
 
 def method_params(pairs: list[str], text: str | None) -> dict:

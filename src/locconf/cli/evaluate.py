@@ -7,7 +7,7 @@ import copy
 from pathlib import Path
 
 from ._common import add_parser as _sub_parser
-from ._common import add_progress_flag, add_set_flag, print_report
+from ._common import add_progress_flag, add_set_flag, add_trust_flag, apply_trust_flag, print_report
 
 
 def add_parser(sub, parents) -> None:
@@ -18,7 +18,9 @@ def add_parser(sub, parents) -> None:
     ev.add_argument("config", type=Path, nargs="?", default=None,
                     help="the YAML configuration (its data section names the split; default: the configuration "
                          "the checkpoint records)")
-    ev.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint to evaluate")
+    ev.add_argument("--checkpoint", type=Path, default=None,
+                    help="the checkpoint to evaluate; without it, the config's model must be arch: torchvision with "
+                         "weights: FILE (a torchvision or DeepForest detector trained elsewhere), and --out is needed")
     ev.add_argument("--methods", default=None,
                     help="comma-separated post-processing methods, e.g. nms,soft-gaussian,quality "
                          "(default: eval.methods of the config, else nms,soft-linear,soft-gaussian)")
@@ -29,6 +31,7 @@ def add_parser(sub, parents) -> None:
     ev.add_argument("--html", type=Path, default=None, help="also write one self-contained HTML report here")
     ev.add_argument("--gallery", type=int, default=8, help="images in the report's gallery of detections")
     add_set_flag(ev)
+    add_trust_flag(ev)
     ev.add_argument("--overwrite-calibration", action="store_true",
                     help="replace a calibration.json in --out that was fitted on another checkpoint or split "
                          "(refused otherwise)")
@@ -39,17 +42,22 @@ def add_parser(sub, parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiment import load_config, load_trained, run_eval
+    from ..experiment import load_config, load_detector, run_eval
     from ..experiment.config import apply_overrides, check_config
     from ..experiment.evaluate import eval_outputs, named_outputs
     from ..files import check_outputs
 
+    if args.checkpoint is None and args.config is None:
+        raise ValueError("give --checkpoint, or a CONFIG whose model is arch: torchvision with weights: FILE")
+    if args.checkpoint is None and args.out is None:
+        raise ValueError("--out is required without --checkpoint (the results go beside the checkpoint otherwise)")
     out_dir = args.out or Path(args.checkpoint).parent / "eval"
     inputs = {"config": args.config, "checkpoint": args.checkpoint}
     check_outputs({"--out" if args.out else "the default --out": out_dir}, inputs)
     check_outputs(named_outputs(eval_outputs(out_dir, args.html)), inputs)  # again in run_eval, with the data
     cfg = load_config(args.config, overrides=args.set) if args.config is not None else None
-    model, cfg = load_trained(args.checkpoint, cfg, device=args.device)
+    apply_trust_flag(cfg, args.trust_weights)
+    model, cfg = load_detector(cfg, args.checkpoint, device=args.device)
     if args.config is None and args.set:  # --set on the checkpoint's own configuration
         if any(item.strip().startswith("model.") for item in args.set):
             raise ValueError("--set model.*: the model comes from the checkpoint; give a CONFIG to change it")

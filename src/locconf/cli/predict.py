@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ._common import add_parser as _sub_parser
-from ._common import add_progress_flag, method_params
+from ._common import add_progress_flag, add_trust_flag, apply_trust_flag, method_params
 from .choices import BORDERS, METHODS
 
 
@@ -16,9 +16,9 @@ def add_parser(sub, parents) -> None:
                      "candidates (handling boxes cut by tile borders) and write a drawing, a CSV "
                      "(xmin, ymin, xmax, ymax, label, score[, quality]) and COCO results.")
     pr.add_argument("image", type=Path, help="PNG/JPEG (decoded whole) or GeoTIFF (read tile by tile with rasterio)")
-    pr.add_argument("--checkpoint", type=Path, required=True, help="the trained detector")
-    pr.add_argument("--config", type=Path, default=None, help="the configuration (default: config.yaml beside "
-                    "the checkpoint)")
+    pr.add_argument("--checkpoint", type=Path, default=None,
+                    help="the trained detector (optional when --config's model is arch: torchvision with weights: FILE)")
+    pr.add_argument("--config", type=Path, default=None, help="the configuration (default: the checkpoint's own)")
     pr.add_argument("--out", type=Path, required=True, help="the drawing (PNG, downscaled to --max-side)")
     pr.add_argument("--csv", type=Path, default=None, help="detections as CSV (default: --out with .csv)")
     pr.add_argument("--json", type=Path, default=None, help="detections as COCO results (default: --out with .json)")
@@ -38,20 +38,25 @@ def add_parser(sub, parents) -> None:
     pr.add_argument("--score-threshold", type=float, default=0.3, help="smallest score drawn")
     pr.add_argument("--max-side", type=int, default=2000, help="longer side of the drawing in pixels")
     pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda where available)")
+    add_trust_flag(pr)
     add_progress_flag(pr)
     pr.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiment import categories_of, load_config, load_trained, predict
+    from ..experiment import categories_of, load_config, load_detector, predict
     from ..files import check_outputs
+
+    if args.checkpoint is None and args.config is None:
+        raise ValueError("give --checkpoint, or --config whose model is arch: torchvision with weights: FILE")
 
     check_outputs({"--out": args.out, "--csv": args.csv or args.out.with_suffix(".csv"),
                    "--json": args.json or args.out.with_suffix(".json")},
                   {"image": args.image, "checkpoint": args.checkpoint, "config": args.config,
                    "calibration": args.calibration})
     cfg = load_config(args.config) if args.config else None
-    model, cfg = load_trained(args.checkpoint, cfg, device=args.device)
+    apply_trust_flag(cfg, args.trust_weights)
+    model, cfg = load_detector(cfg, args.checkpoint, device=args.device)
     class_names, label_to_cat_id = categories_of(cfg, getattr(model, "categories", None))
     merge = {k: v for k, v in (("max_detections", args.max_detections),
                                ("candidates_per_tile", args.candidates_per_tile)) if v is not None}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ._common import add_parser as _sub_parser
 from ._common import add_progress_flag, add_set_flag
+from ._common import add_progress_flag, add_trust_flag, apply_trust_flag
 
 
 def add_parser(sub, parents) -> None:
@@ -14,6 +15,7 @@ def add_parser(sub, parents) -> None:
     train.add_argument("config", type=Path, help="the YAML configuration (sections model, data, train, eval)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
     add_set_flag(train)
+    add_trust_flag(train)
     add_progress_flag(train)
     train.set_defaults(func=run)
 

@@ -1,7 +1,7 @@
 """Running a detector once over a data set and keeping every image's candidates.
 
-"A detector stops at candidates" (``docs/design.md``): :func:`collect_candidates` runs the model
-over a data loader once and keeps, per image, everything it predicts, a
+"A detector stops at candidates" (``docs/design.md``): :func:`collect_candidates` runs the model's
+``candidates`` over a data loader once and keeps, per image, everything it predicts, a
 :class:`locconf.candidates.Candidates` dict with its ``image_id``. The scoring
 (:func:`locconf.evaluation.coco.evaluate_methods`) and the analyses then work on these same
 candidates, without running the network again.
@@ -45,10 +45,10 @@ def collect_candidates(
     """Run ``model`` once over ``data_loader`` and keep every image's candidates on the CPU.
 
     Args:
-        model: a detector with torchvision's API: in eval mode ``model(images)`` takes a list of
-            (3, H, W) tensors and returns one dict of candidates per image
-            (:class:`locconf.candidates.Candidates`). A torchvision FasterRCNN (already
-            post-processed outputs) works as well as a locconf detector (raw candidates). Its training mode is restored afterwards.
+        model: a locconf detector: ``model.candidates(images)`` takes a list of (3, H, W) tensors
+            and returns one dict of candidates per image (:class:`locconf.candidates.Candidates`).
+            A torchvision detector works once wrapped by :func:`locconf.models.from_torchvision`.
+            Its training mode is restored afterwards.
         data_loader: iterable of ``(images, targets)`` batches (e.g. a ``DataLoader`` with
             :func:`locconf.data.collate_fn`); every target has an ``image_id``.
         device: where the model runs.
@@ -58,6 +58,9 @@ def collect_candidates(
         One dict per image, in loader order: every tensor the model returned (detached, on the CPU)
         plus ``image_id`` (int).
     """
+    if not callable(getattr(model, "candidates", None)):
+        raise ValueError(f"model ({type(model).__name__}) has no candidates(images) method: use a locconf detector, "
+                         f"or wrap a torchvision one with locconf.models.from_torchvision(model)")
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -70,7 +73,7 @@ def collect_candidates(
             images = list(images.unbind(0)) if isinstance(images, Tensor) else list(images)
             if len(images) != len(targets):
                 raise ValueError(f"data_loader gave {len(images)} images but {len(targets)} targets in a batch")
-            outputs = model([image.to(device, non_blocking=True) for image in images])
+            outputs = model.candidates([image.to(device, non_blocking=True) for image in images])
             if len(outputs) != len(images):
                 raise ValueError(f"model returned {len(outputs)} outputs for {len(images)} images")
             for i, (output, target) in enumerate(zip(outputs, targets)):

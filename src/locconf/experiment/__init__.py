@@ -5,7 +5,7 @@ arguments of the functions they feed:
 
 ```yaml
 model:                      # build_model(**model)
-  arch: rcnn                # rcnn | one_stage | torchvision_frcnn
+  arch: rcnn                # rcnn | one_stage | torchvision_frcnn | torchvision
   quality: dir              # ... any keyword of the builder (locconf.models.build_rcnn here)
 data:                       # build_datasets(**data)
   source: neon-trees        # neon-trees | synthetic | coco
@@ -28,7 +28,9 @@ key with its type, default and meaning (``locconf config keys``).
 The package, one job a module: ``config`` (reading and checking a configuration), ``keywords``
 (a section against the keywords of the function it feeds), ``build`` (the model and the data of a
 configuration), ``recipe`` (the NEON CPU recipe), ``training`` (``run_train``, ``load_trained``),
-``evaluate`` (``run_eval``) and ``inference`` (``predict``, ``categories_of``).
+``evaluate`` (``run_eval``) and ``inference`` (``predict``, ``categories_of``). ``training`` also holds
+``load_detector``, what ``eval`` and ``predict`` run: a checkpoint, or a torchvision / DeepForest
+detector's own weight file (``model.arch: torchvision``, ``model.weights``).
 """
 
 from .build import ARCHS, SYNTHETIC_DEFAULTS, build_datasets, build_model
@@ -37,7 +39,7 @@ from .config import (SECTIONS, ConfigLoader, KeyDoc, apply_overrides, check_conf
 from .evaluate import run_eval
 from .inference import categories_of, predict
 from .recipe import neon_recipe
-from .training import checkpoint_meta, load_trained, run_train
+from .training import checkpoint_meta, load_detector, load_trained, run_train
 
 __all__ = [
     "ARCHS",
@@ -54,6 +56,7 @@ __all__ = [
     "config_reference",
     "checkpoint_meta",
     "load_config",
+    "load_detector",
     "load_trained",
     "neon_recipe",
     "predict",

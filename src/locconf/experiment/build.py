@@ -14,7 +14,7 @@ from torch import nn
 
 from .keywords import call
 
-ARCHS = ("rcnn", "one_stage", "torchvision_frcnn")
+ARCHS = ("rcnn", "one_stage", "torchvision_frcnn", "torchvision")
 
 #: ``data.synthetic`` keys and their defaults.
 SYNTHETIC_DEFAULTS = dict(num_train=200, num_val=50, image_size=256, num_classes=3, seed=0)
@@ -34,35 +34,43 @@ def model_builder(arch: Any):
         from ..models import build_torchvision_frcnn
 
         return build_torchvision_frcnn
+    if arch == "torchvision":
+        from ..models import build_torchvision
+
+        return build_torchvision
     return None
 
 
-def build_model(arch: str = "rcnn", num_classes: int = 1, raw_candidates: bool = True,
-                candidates_per_image: int = 1000, **kwargs: Any) -> nn.Module:
+def build_model(arch: str = "rcnn", num_classes: int = 1, candidates_per_image: int | None = None,
+                **kwargs: Any) -> nn.Module:
     """Build a detector from the ``model`` section.
 
     Args:
         arch: ``"rcnn"`` (:func:`locconf.models.build_rcnn`: Faster R-CNN FPN with an optional
             localization-quality head, ``quality: iou_net | dir | ...``), ``"one_stage"``
-            (:func:`locconf.models.build_one_stage`: ``head: atss | clq | gfl``) or
-            ``"torchvision_frcnn"`` (torchvision's own Faster R-CNN, the reference baseline).
+            (:func:`locconf.models.build_one_stage`: ``head: atss | clq | gfl``),
+            ``"torchvision_frcnn"`` (torchvision's own Faster R-CNN, the reference baseline) or
+            ``"torchvision"`` (:func:`locconf.models.build_torchvision`: any torchvision detection
+            builder by ``name``, e.g. ``retinanet_resnet50_fpn``, with an optional ``weights`` file:
+            torchvision, DeepForest). The torchvision ones are wrapped by
+            :func:`locconf.models.from_torchvision`, so every detector has ``candidates`` and ``detect``.
         num_classes: object classes without the background.
-        raw_candidates: return every scored candidate in evaluation, before any NMS, so that
-            ``locconf.postprocess`` methods can be compared on the same candidates (locconf's own
-            detectors always do; this switches torchvision's internal NMS off).
-        candidates_per_image: how many candidates an image may return.
+        candidates_per_image: the most candidates an image may return (None: the architecture's
+            default: 1000 for locconf's detectors and ``torchvision_frcnn``, all of them for
+            ``torchvision``, as its NMS sees them).
         **kwargs: the builder's own keyword arguments.
     """
     builder = model_builder(arch)
     if builder is None:
         raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}")
-    if arch != "torchvision_frcnn":  # locconf's detectors always return raw candidates
-        return call(builder, "model", dict(kwargs, candidates_per_image=candidates_per_image), num_classes)
-    model = call(builder, "model", kwargs, num_classes)
-    if raw_candidates:
-        model.roi_heads.nms_thresh = 1.0  # "suppress IoU > 1": nothing is suppressed
-        model.roi_heads.detections_per_img = candidates_per_image
-    return model
+    if arch == "torchvision_frcnn":
+        from ..models import from_torchvision
+
+        model = call(builder, "model", kwargs, num_classes)
+        return from_torchvision(model, candidates_per_image=candidates_per_image or 1000)
+    if candidates_per_image is not None:
+        kwargs = dict(kwargs, candidates_per_image=candidates_per_image)
+    return call(builder, "model", kwargs, num_classes)
 
 
 def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/neon", fetch: bool = True,

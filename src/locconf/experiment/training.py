@@ -21,7 +21,7 @@ DEFAULT_OUT_DIR = "runs/default"
 #: Keys that may change when a run is resumed (they do not change what is trained).
 _BOOKKEEPING = {"train": {"out_dir", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "progress",
                           "num_workers", "device"},
-                "data": {"fetch"}, "model": {"num_classes"}}
+                "data": {"fetch"}, "model": {"num_classes", "trust_weights"}}
 
 
 def run_train(cfg: dict[str, dict], resume: bool = False, config_file: str | os.PathLike | None = None) -> dict:
@@ -208,7 +208,10 @@ def load_trained(checkpoint: str | os.PathLike, cfg: dict[str, dict] | None = No
     if not num_classes and beside.is_file():  # run_train records it there
         num_classes = int((load_config(beside)["model"]).get("num_classes", 0))
     num_classes = num_classes or _num_classes_from_state(state["model"])
-    model = build_model(num_classes=num_classes, **{k: v for k, v in cfg["model"].items() if k != "num_classes"})
+    model_cfg = {k: v for k, v in cfg["model"].items() if k != "num_classes"}
+    if model_cfg.get("arch") == "torchvision":  # the checkpoint holds the weights, not model.weights' file
+        model_cfg.update(weights=str(checkpoint), trust_weights=False)
+    model = build_model(num_classes=num_classes, **model_cfg)
     load_weights(model, state["model"], checkpoint, meta, dict(cfg["model"], num_classes=num_classes))
     model.categories = meta.get("categories")
     return model.to(device_of(device)).eval(), cfg
@@ -233,6 +236,36 @@ def load_weights(model: nn.Module, weights: dict, checkpoint: str | os.PathLike,
                   else "use the configuration it was trained with")
         raise ValueError(f"checkpoint {checkpoint} does not fit the model the configuration builds: "
                          f"{describe_meta_difference(meta, current)}: {advice} ({first_keys(e)})") from None
+def load_detector(cfg: dict[str, dict] | None, checkpoint: str | os.PathLike | None = None,
+                  device: str | None = None) -> tuple[nn.Module, dict[str, dict]]:
+    """The detector a command evaluates or predicts with; return ``(model in eval mode, configuration)``.
+
+    With a ``checkpoint``: :func:`load_trained`. Without one: the configuration's model with its
+    own weight file, for a detector trained elsewhere (``model: {arch: torchvision, name: ...,
+    weights: FILE}``, e.g. DeepForest's or torchvision's weights). ``model.num_classes`` is then
+    the file's number of classes (background excluded); without it, the number of categories of
+    the data's JSON file. The model's ``categories`` are those the file records (DeepForest's
+    ``label_dict``), else None.
+    """
+    if checkpoint is not None:
+        return load_trained(checkpoint, cfg, device)
+    if cfg is None:
+        raise ValueError("without a checkpoint, a configuration must name the model and its weights")
+    model_cfg = dict(cfg["model"])
+    if model_cfg.get("arch") != "torchvision" or not model_cfg.get("weights"):
+        raise ValueError("a checkpoint is required (--checkpoint), unless the configuration's model is "
+                         "{arch: torchvision, name: <builder>, weights: <file>} (a detector trained elsewhere); "
+                         f"got model.arch {model_cfg.get('arch', 'rcnn')!r}, model.weights {model_cfg.get('weights')!r}")
+    if not model_cfg.get("num_classes"):
+        from .inference import categories_of
+
+        names, _ = categories_of(cfg)
+        if not names:
+            raise ValueError("set model.num_classes: the number of classes of the weights file (background excluded); "
+                             "the data's JSON file that would give it is not there")
+        model_cfg["num_classes"] = len(names) - 1
+    model = build_model(**model_cfg)
+    return model.to(device_of(device)).eval(), cfg
 
 
 def _num_classes_from_state(state: dict) -> int:

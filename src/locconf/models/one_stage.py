@@ -68,8 +68,8 @@ class OneStageDetector(nn.Module):
 
     Build it with :func:`build_one_stage`. ``model(images, targets)`` returns the head's losses in
     training (``loss_cls``, ``loss_box`` and ``loss_centerness`` (atss) | ``loss_iou`` (clq) |
-    ``loss_dfl`` (gfl with its distribution box branch)) and,
-    in evaluation, one dict of candidates per image (:class:`locconf.candidates.Candidates`: every
+    ``loss_dfl`` (gfl with its distribution box branch)); ``model(images)`` in evaluation the final
+    detections (:meth:`detect`); :meth:`candidates` one dict of candidates per image (:class:`locconf.candidates.Candidates`: every
     anchor-class pair whose selection score passes ``score_thresh`` among the ``topk_candidates``
     best of its level, at most ``candidates_per_image``, before any NMS), in the input image's
     coordinates, with the head's further fields (:class:`locconf.models.dense.DenseScores`):
@@ -86,6 +86,7 @@ class OneStageDetector(nn.Module):
         self.topk, self.score_thresh, self.topk_candidates = topk, score_thresh, topk_candidates
         self.candidates_per_image, self.channels_last = candidates_per_image, channels_last
         self.default_method = head.default_method
+        self.max_detections = 100  # what detect (and model(images) in evaluation) keeps per image by default
 
     # -- input checks ---------------------------------------------------------------------
 
@@ -115,13 +116,29 @@ class OneStageDetector(nn.Module):
         return image_list, targets, out, anchors, strides, counts
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict] | None = None):
-        self._check_inputs(images, targets, need_targets=self.training)
+        """Training: the head's losses. Evaluation: the final detections (:meth:`detect` with the
+        head's own method), as torchvision's detectors return; :meth:`candidates` gives the
+        candidates before post-processing."""
+        if not self.training:
+            return self.detect(images)
+        self._check_inputs(images, targets, need_targets=True)
+        _, targets, out, anchors, strides, counts = self._run(images, targets)
+        return self._losses(out, anchors, strides, counts, targets)
+
+    @torch.no_grad()
+    def candidates(self, images: Sequence[Tensor]) -> list[Candidates]:
+        """Per image, every candidate before post-processing (:class:`locconf.candidates.Candidates`)
+        in the input images' coordinates. Runs in evaluation mode; the module's mode is restored."""
+        self._check_inputs(images, None, need_targets=False)
         original_sizes = [tuple(img.shape[-2:]) for img in images]
-        image_list, targets, out, anchors, strides, counts = self._run(images, targets)
-        if self.training:
-            return self._losses(out, anchors, strides, counts, targets)
-        cands = self._candidates(out, anchors, strides, counts, image_list.image_sizes)
-        return self.transform.postprocess(cands, image_list.image_sizes, original_sizes)  # list[Candidates]
+        was_training = self.training
+        self.eval()
+        try:
+            image_list, _, out, anchors, strides, counts = self._run(images, None)
+            cands = self._candidates(out, anchors, strides, counts, image_list.image_sizes)
+            return self.transform.postprocess(cands, image_list.image_sizes, original_sizes)  # needs eval mode
+        finally:
+            self.train(was_training)
 
     # -- training -----------------------------------------------------------------------------
 
@@ -187,26 +204,21 @@ class OneStageDetector(nn.Module):
         return [{name: v[b, :valid_counts[b]] for name, v in fields.items()} for b in range(bsz)]
 
     @torch.no_grad()
-    def detect(self, images: Sequence[Tensor], method: str | None = None, max_detections: int = 100,
+    def detect(self, images: Sequence[Tensor], method: str | None = None, max_detections: int | None = None,
                **params) -> list[Candidates]:
         """Final detections: candidates post-processed with ``method`` (default :attr:`default_method`).
 
         Args:
             images: list of (3, H, W) float images in [0, 1].
             method: one of :data:`locconf.postprocess.METHODS` (``None``: ``"nms"``).
-            max_detections: per image.
+            max_detections: per image (default :attr:`max_detections`, 100).
             **params: keyword arguments of the post-processing method (e.g. ``iou_threshold``).
         """
         method = self.default_method if method is None else method
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-        was_training = self.training
-        self.eval()
-        try:
-            candidates = self(images)
-        finally:
-            self.train(was_training)
-        return [postprocess(c, method, max_detections=max_detections, **params) for c in candidates]
+        max_detections = self.max_detections if max_detections is None else max_detections
+        return [postprocess(c, method, max_detections=max_detections, **params) for c in self.candidates(images)]
 
 
     @torch.no_grad()

@@ -5,10 +5,11 @@ Built from torchvision's parts (ResNet or timm backbone + FPN, anchor generator,
 (:class:`locconf.models.roi_heads.RoIHeads`, or Cascade R-CNN's stages,
 :class:`locconf.models.cascade.CascadeRoIHeads`); this module holds the detector and its builder.
 
-In evaluation the model stops at **candidates** (``docs/design.md``): every class-specific box whose
+:meth:`RCNN.candidates` stops at **candidates** (``docs/design.md``): every class-specific box whose
 score exceeds ``score_thresh``, before any NMS, with the signal its head predicts
 (:class:`locconf.candidates.Candidates`). ``locconf.postprocess.postprocess`` turns them into detections;
-:meth:`RCNN.detect` does it with the head's default method.
+:meth:`RCNN.detect` does it with the head's default method, and so does ``model(images)`` in
+evaluation (torchvision's convention: final detections).
 """
 
 
@@ -52,9 +53,13 @@ DEFAULT_METHODS = {None: "nms", **{name: head.default_method for name, head in _
 class RCNN(nn.Module):
     """Faster R-CNN / Mask R-CNN with a localization-quality head (see :func:`build_rcnn`).
 
-    ``model(images, targets)`` returns a dict of named losses in training; in evaluation a list of
-    per-image candidates (:class:`locconf.candidates.Candidates`) in the input images' coordinates.
+    ``model(images, targets)`` returns a dict of named losses in training; ``model(images)`` in
+    evaluation the final detections (:meth:`detect`); :meth:`candidates` the per-image candidates
+    (:class:`locconf.candidates.Candidates`) in the input images' coordinates.
     """
+
+    #: Detections per image that :meth:`detect` (and so ``model(images)`` in evaluation) keeps by default.
+    max_detections = 100
 
     def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork, roi_heads: RoIHeads,
                  transform: GeneralizedRCNNTransform, num_classes: int, quality: Optional[str]) -> None:
@@ -77,18 +82,35 @@ class RCNN(nn.Module):
         return out, rpn_losses, features, batch.image_sizes, original_sizes
 
     def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None):
-        out, rpn_losses, _, sizes, original = self._run(images, targets)
-        if self.training:
-            return {**rpn_losses, **out}
+        """Training: the dict of named losses. Evaluation: the final detections (:meth:`detect`
+        with the head's own method), as torchvision's detectors return; :meth:`candidates` gives
+        the candidates before post-processing."""
+        if not self.training:
+            return self.detect(images)
+        out, rpn_losses, _, _, _ = self._run(images, targets)
+        return {**rpn_losses, **out}
+
+    @torch.no_grad()
+    def candidates(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Per image, every candidate before post-processing (:class:`locconf.candidates.Candidates`)
+        in the input images' coordinates. Runs in evaluation mode; the module's mode is restored."""
+        was_training = self.training
+        self.eval()
+        try:
+            out, _, _, sizes, original = self._run(images)
+        finally:
+            self.train(was_training)
         return [_rescale(c, s, o) for c, s, o in zip(out, sizes, original)]
 
     @torch.no_grad()
-    def detect(self, images: list[Tensor], method: Optional[str] = None, max_detections: int = 100,
+    def detect(self, images: list[Tensor], method: Optional[str] = None, max_detections: Optional[int] = None,
                **params) -> list[dict[str, Tensor]]:
         """Final detections: candidates post-processed with ``method`` (default: the head's own,
-        :data:`DEFAULT_METHODS`); with a mask head, ``masks`` (n, 1, H, W) probabilities too."""
+        :data:`DEFAULT_METHODS`), at most ``max_detections`` per image (default
+        :attr:`max_detections`); with a mask head, ``masks`` (n, 1, H, W) probabilities too."""
         method = method or self.default_method
         check_method(method)  # before running the network
+        max_detections = self.max_detections if max_detections is None else max_detections
         was_training = self.training
         self.eval()
         try:

@@ -39,7 +39,7 @@ def tile_candidates(model: torch.nn.Module, raster: Any, windows: Tensor, batch_
             batch = windows[start:start + batch_size].tolist()
             images = [raster.read(w).to(device) for w in batch]
             with torch.no_grad():
-                outputs = model(images)
+                outputs = model.candidates(images)
             if len(outputs) != len(images):
                 raise ValueError(f"model returned {len(outputs)} outputs for {len(images)} tiles")
             for i, out in enumerate(outputs):
