@@ -5,6 +5,8 @@
 - :func:`build_one_stage`: one-stage ATSS-style detectors (ATSS, GFL, CLQ).
 - :func:`build_torchvision_frcnn`: torchvision's own Faster R-CNN, from scratch, as a reference.
 - :func:`build_fpn_backbone`: the ResNet + FPN they share.
+- :func:`save_pretrained` / :func:`from_pretrained`: a trained detector as a folder of safetensors
+  weights and its configuration (:mod:`locconf.models.pretrained_io`).
 
 Every detector follows torchvision's API: ``model(images, targets)`` returns a dict of losses in
 training and a list of per-image candidate dicts in evaluation.
@@ -12,7 +14,9 @@ training and a list of per-image candidate dicts in evaluation.
 
 from .backbone import build_fpn_backbone
 from .one_stage import build_one_stage
+from .pretrained_io import from_pretrained, save_pretrained
 from .rcnn import build_rcnn
 from .torchvision_rcnn import build_torchvision_frcnn
 
-__all__ = ["build_fpn_backbone", "build_one_stage", "build_rcnn", "build_torchvision_frcnn"]
+__all__ = ["build_fpn_backbone", "build_one_stage", "build_rcnn", "build_torchvision_frcnn", "from_pretrained",
+           "save_pretrained"]
