@@ -12,3 +12,5 @@ BORDERS = ("none", "drop", "down-weight")
 WEIGHTS = ("score", "quality", "variance")
 #: :data:`locconf.fusion.CONF_TYPES`.
 CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
+#: :data:`locconf.export.FORMATS`.
+EXPORT_FORMATS = ("pretrained", "onnx", "torch-export")

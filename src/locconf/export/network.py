@@ -147,8 +147,8 @@ class ExportedNetwork(nn.Module):
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int], batch_size: int) -> None:
         super().__init__()
-        self.model, self.image_size, self.batch_size = model, image_size, batch_size
-        transform = model.transform
+        self.model, self.image_size, self.batch_size = model.eval(), image_size, batch_size
+        transform = model.transform  # in evaluation mode: its resize is the fixed min_size rule
         param = next(model.parameters())
         with torch.no_grad():
             probe = transform([torch.zeros(3, *image_size, device=param.device)])[0]
