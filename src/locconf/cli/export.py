@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--image-size must be two sizes >= 1, got {args.image_size}")
     outputs = {"--out": out}
     if args.format == "pretrained":
-        outputs = {"--out": out, f"--out's {WEIGHTS_FILE}": out / WEIGHTS_FILE, f"--out's {CONFIG_FILE}": out / CONFIG_FILE}
+        outputs = {"--out": out, f"--out's {WEIGHTS_FILE}": out / WEIGHTS_FILE,
+                   f"--out's {CONFIG_FILE}": out / CONFIG_FILE}
     inputs = {"checkpoint": checkpoint}
     if args.config is not None:
         inputs["--config"] = args.config

@@ -18,5 +18,6 @@ from .network import ExportedNetwork, OneStageNetwork, RCNNNetwork, check_export
 from .outputs import OnnxDetector, candidates_from_outputs, postprocess_outputs, prepare_images
 
 __all__ = ["FORMATS", "ExportedNetwork", "OneStageNetwork", "OnnxDetector", "RCNNNetwork", "candidates_from_outputs",
-           "check_exportable", "default_image_size", "export_model", "export_network", "export_onnx", "export_program", "load_program",
-           "network_metadata", "postprocess_outputs", "prepare_images", "read_onnx_metadata"]
+           "check_exportable", "default_image_size", "export_model", "export_network", "export_onnx",
+           "export_program", "load_program", "network_metadata", "postprocess_outputs", "prepare_images",
+           "read_onnx_metadata"]

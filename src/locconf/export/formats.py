@@ -20,6 +20,7 @@ needs 16 or more).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -171,8 +172,9 @@ def export_program(model: nn.Module, path: str | os.PathLike, image_size: Option
     meta = json.dumps(network_metadata(network))
     with torch.no_grad():
         program = torch.export.export(network, (_example(network),))
-    return atomic_write(path, lambda tmp: torch.export.save(program, str(tmp),
-                                                            extra_files={PROGRAM_EXTRA_FILE: meta}))
+    buffer = io.BytesIO()  # torch.export.save wants a name ending in .pt2 or a buffer, not our temporary file
+    torch.export.save(program, buffer, extra_files={PROGRAM_EXTRA_FILE: meta})
+    return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
 def load_program(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:

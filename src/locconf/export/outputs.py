@@ -30,7 +30,8 @@ from ..candidates import Candidates
 __all__ = ["prepare_images", "candidates_from_outputs", "postprocess_outputs", "OnnxDetector"]
 
 
-def prepare_images(images: Sequence[Tensor] | Tensor, image_size: Sequence[int]) -> tuple[Tensor, list[tuple[int, int]]]:
+def prepare_images(images: Sequence[Tensor] | Tensor,
+                   image_size: Sequence[int]) -> tuple[Tensor, list[tuple[int, int]]]:
     """Stack images into the exported network's input, resizing each to ``image_size``.
 
     Args:
@@ -120,7 +121,8 @@ def candidates_from_outputs(outputs: Mapping[str, Any], original_sizes: Optional
     return out
 
 
-def postprocess_outputs(outputs: Mapping[str, Any], method: str, original_sizes: Optional[Sequence[Sequence[int]]] = None,
+def postprocess_outputs(outputs: Mapping[str, Any], method: str,
+                        original_sizes: Optional[Sequence[Sequence[int]]] = None,
                         image_size: Optional[Sequence[int]] = None, max_detections: int = 100,
                         **params: Any) -> list[dict[str, Tensor]]:
     """:func:`candidates_from_outputs`, then :func:`locconf.postprocess.postprocess` of each image
