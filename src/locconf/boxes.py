@@ -77,7 +77,7 @@ def check_boxes(boxes: Tensor, name: str = "boxes", allow_degenerate: bool = Tru
     if not boxes.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {boxes.dtype}")
     _check_not_meta(boxes, name)
-    if boxes.numel() == 0:
+    if boxes.numel() == 0 or tracing():
         return boxes
     # One fused reduction and a single host synchronisation for all checks.
     finite = torch.isfinite(boxes).all()
@@ -90,6 +90,12 @@ def check_boxes(boxes: Tensor, name: str = "boxes", allow_degenerate: bool = Tru
         rel = ">=" if allow_degenerate else ">"
         raise ValueError(f"{name} must satisfy x2 {rel} x1 and y2 {rel} y1")
     return boxes
+
+
+def tracing() -> bool:
+    """Inside ``torch.export`` / ``torch.compile`` / ``torch.jit.trace`` (:mod:`locconf.export`): the
+    value checks, which read the data on the host, are left out of the graph."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _check_not_meta(tensor: Tensor, name: str) -> None:

@@ -25,13 +25,13 @@ import sys
 import traceback
 
 from .. import __version__
-from . import bench, config, data, demo, evaluate, postprocess, predict, train
+from . import bench, config, data, demo, evaluate, export, postprocess, predict, train
 from ._common import HelpFormatter
 
 __all__ = ["build_parser", "main", "run_command", "configure_logging"]
 
 #: The sub-command modules, in the order ``locconf --help`` lists them.
-COMMANDS = (data, train, evaluate, predict, demo, postprocess, bench, config)
+COMMANDS = (data, train, evaluate, predict, demo, postprocess, export, bench, config)
 
 #: Exceptions that are the user's to fix: reported in one line, exit code 2.
 USER_ERRORS = (ValueError, OSError)

@@ -18,3 +18,5 @@ SECTIONS = ("model", "data", "train", "eval")
 ARCHS = ("rcnn", "one_stage", "torchvision_frcnn", "torchvision")
 #: :data:`locconf.io.FORMATS` (the file formats of ``--format``, ``--gt-format``, ``--out-format``).
 FORMATS = ("json", "jsonl", "csv", "geojson", "gpkg", "shp")
+#: :data:`locconf.export.FORMATS`.
+EXPORT_FORMATS = ("pretrained", "onnx", "torch-export")

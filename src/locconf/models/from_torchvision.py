@@ -151,6 +151,11 @@ class TorchvisionDetector(nn.Module):
 
     # -- the model's own settings ----------------------------------------------------------------
 
+    @property
+    def transform(self) -> nn.Module:
+        """The wrapped model's ``GeneralizedRCNNTransform`` (resizing and normalisation), as locconf's detectors have."""
+        return self.torchvision_model.transform
+
     def _settings(self) -> tuple[float, int]:
         """``(nms_thresh, detections_per_img)`` of the wrapped model, read at each call."""
         tv = self.torchvision_model

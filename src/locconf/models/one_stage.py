@@ -56,6 +56,7 @@ from .dense import GFL_BOXES, HEADS as DENSE_HEADS, DenseHead, DenseScores, Posi
 from .dense import iou_statistics  # noqa: F401  (re-exported: it lived here before locconf.models.dense)
 from .dense.common import BOX_CODER_WEIGHTS, distribution_expectation  # noqa: F401  (idem)
 from .inputs import check_detection_inputs
+from .pretrained_io import SavePretrained
 
 __all__ = ["build_one_stage", "OneStageDetector", "DenseHead", "HEADS"]
 
@@ -63,7 +64,7 @@ HEADS = tuple(DENSE_HEADS)  # the names build_one_stage accepts as head=
 EXTRA_LEVELS = ("pool", "p6p7", "none")
 
 
-class OneStageDetector(nn.Module):
+class OneStageDetector(SavePretrained, nn.Module):
     """A dense detector with ATSS assignment and one head of :mod:`locconf.models.dense`.
 
     Build it with :func:`build_one_stage`. ``model(images, targets)`` returns the head's losses in
@@ -158,11 +159,11 @@ class OneStageDetector(nn.Module):
 
     # -- inference ------------------------------------------------------------------------------
 
-    def _top_pairs(self, select: Tensor, counts: list[int]) -> tuple[Tensor, list[int]]:
+    def _top_pairs(self, select: Tensor, counts: list[int]) -> tuple[Tensor, Tensor]:
         """The best (anchor, class) pairs of every image by ``select`` (B, N, K): per level the
         ``topk_candidates`` best, batched over images without a host sync, then at most
         ``candidates_per_image`` of them. Returns their indices into N * K (B, C), sorted by
-        ``select``, and how many of each image's pass ``score_thresh``."""
+        ``select``, and how many of each image's pass ``score_thresh`` (B,) (a tensor: no sync)."""
         bsz, _, k = select.shape
         masked = select.masked_fill(select <= self.score_thresh, -1.0)
         flat_idx, start = [], 0
@@ -175,11 +176,20 @@ class OneStageDetector(nn.Module):
         sel = masked.reshape(bsz, -1).gather(1, flat_idx)
         best = sel.topk(min(self.candidates_per_image, sel.shape[1]), dim=1)
         flat_idx = flat_idx.gather(1, best.indices)  # (B, C), sorted by the selection score
-        valid_counts = (best.values > self.score_thresh).sum(dim=1).tolist()  # one sync for the batch
+        valid_counts = (best.values > self.score_thresh).sum(dim=1)
         return flat_idx, valid_counts
 
     def _candidates(self, out: dict[str, Tensor], anchors: Tensor, strides: Tensor, counts: list[int],
                     image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        fields, valid_counts = self._padded_candidates(out, anchors, strides, counts, image_sizes)
+        valid_counts = valid_counts.tolist()  # one sync for the batch
+        return [{name: v[b, :valid_counts[b]] for name, v in fields.items()} for b in range(len(valid_counts))]
+
+    def _padded_candidates(self, out: dict[str, Tensor], anchors: Tensor, strides: Tensor, counts: list[int],
+                           image_sizes: list[tuple[int, int]]) -> tuple[dict[str, Tensor], Tensor]:
+        """The candidates of every image as fixed-size tensors (B, C, ...), best first, and how many
+        rows of each image are candidates (B,): the rows beyond are padding. No host sync and no
+        data-dependent shape (what :mod:`locconf.export` exports)."""
         scores: DenseScores = self.head.predict(out)
         bsz, n, k = scores.scores.shape
         flat_idx, valid_counts = self._top_pairs(scores.select, counts)
@@ -201,7 +211,7 @@ class OneStageDetector(nn.Module):
             fields[name] = value.gather(1, anchor_idx)
         for name, value in scores.class_fields.items():
             fields[name] = value.reshape(bsz, -1).gather(1, flat_idx)
-        return [{name: v[b, :valid_counts[b]] for name, v in fields.items()} for b in range(bsz)]
+        return fields, valid_counts
 
     @torch.no_grad()
     def detect(self, images: Sequence[Tensor], method: str | None = None, max_detections: int | None = None,
@@ -386,8 +396,12 @@ def build_one_stage(
         topk_candidates: best (anchor, class) pairs kept per level before merging levels.
         candidates_per_image: at most this many candidates per image.
         channels_last: run the network in ``torch.channels_last`` memory format (faster on CPU).
+
+    The model's ``model_config`` holds these arguments with ``arch="one_stage"``: the ``model``
+    section of a configuration that rebuilds it (what :func:`locconf.models.save_pretrained` writes).
     """
-    _check_arguments(dict(locals()))
+    arguments = dict(locals())
+    _check_arguments(arguments)
     layers, strides, anchor_sizes, aspect_ratios = _pyramid(returned_layers, extra_levels, anchor_sizes, aspect_ratios)
     extra = {"pool": LastLevelMaxPool(), "p6p7": LastLevelP6P7(fpn_channels, fpn_channels), "none": None}[extra_levels]
     body = build_fpn_backbone(backbone, fpn_channels=fpn_channels, returned_layers=layers, norm=norm,
@@ -408,6 +422,7 @@ def build_one_stage(
     model = OneStageDetector(body, anchor_gen, dense, transform, topk=topk, score_thresh=score_thresh,
                              topk_candidates=topk_candidates, candidates_per_image=candidates_per_image,
                              channels_last=channels_last)
+    model.model_config = {"arch": "one_stage", **arguments}
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -35,6 +35,7 @@ from ..prroi_pool import MultiScalePrRoIPool
 from .backbone import build_fpn_backbone
 from .cascade import CascadeRoIHeads
 from .inputs import check_detection_inputs
+from .pretrained_io import SavePretrained
 from .roi_heads import BOX_LOSSES, REFINE_ORDERS, BoxHead, RoIHeads
 
 __all__ = ["build_rcnn", "RCNN", "RoIHeads", "BoxHead", "CascadeRoIHeads", "QUALITY_HEADS", "DEFAULT_METHODS",
@@ -50,7 +51,7 @@ BOX_POOLS = ("roi_align", "prroi")
 DEFAULT_METHODS = {None: "nms", **{name: head.default_method for name, head in _HEADS.items()}}
 
 
-class RCNN(nn.Module):
+class RCNN(SavePretrained, nn.Module):
     """Faster R-CNN / Mask R-CNN with a localization-quality head (see :func:`build_rcnn`).
 
     ``model(images, targets)`` returns a dict of named losses in training; ``model(images)`` in
@@ -272,7 +273,11 @@ def build_rcnn(
             every sampled RoI counts (:class:`CascadeRoIHeads`' ``quality_fg_iou``; on NEON the
             default head never sees a box below 0.7 and ranks the candidates inversely).
         channels_last: use the channels-last memory format (faster convolutions on CPU).
+
+    The model's ``model_config`` holds these arguments with ``arch="rcnn"``: the ``model`` section
+    of a configuration that rebuilds it (what :func:`locconf.models.save_pretrained` writes).
     """
+    arguments = dict(locals())
     head_options = dict(iou_net_boxes_per_gt=iou_net_boxes_per_gt, iou_net_max_boxes_per_image=iou_net_max_boxes_per_image,
                         iou_net_loss=iou_net_loss, iou_net_loss_weight=iou_net_loss_weight,
                         iou_net_score=iou_net_score, refine_keep_best=refine_keep_best,
@@ -322,6 +327,7 @@ def build_rcnn(
         roi_heads = RoIHeads(box_pool, box_head, quality_head, *mask_parts, **roi_options)
     transform = GeneralizedRCNNTransform(min_size, max_size, list(body.image_mean), list(body.image_std))
     model = RCNN(body, rpn, roi_heads, transform, num_classes, quality)
+    model.model_config = {"arch": "rcnn", **arguments}
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..boxes import tracing
+
 
 def is_int(value: object) -> bool:
     """An integer that is not a bool (``True`` is an ``int`` to Python, never a size here)."""
@@ -95,7 +97,7 @@ def check_rois(rois: Tensor, batch_size: int, name: str = "rois") -> None:
     if not rois.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {rois.dtype}")
     check_not_meta(rois, name)
-    if rois.shape[0] == 0:
+    if rois.shape[0] == 0 or tracing():  # no host reads inside an exported graph (locconf.export)
         return
     r = rois.detach()
     bidx = r[:, 0]
