@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .boxes import check_boxes
 
-__all__ = ["Candidates", "SIGNALS", "signals", "check_fields"]
+__all__ = ["Candidates", "SIGNALS", "signals", "check_fields", "candidates_of"]
 
 
 class _RequiredFields(TypedDict):
@@ -72,6 +72,12 @@ SIGNALS: tuple[str, ...] = ("quality", "variances")
 def signals(candidates: Mapping[str, Any]) -> list[str]:
     """The confidence signals (of :data:`SIGNALS`, in that order) that one image's candidates carry as tensors."""
     return [k for k in SIGNALS if isinstance(candidates.get(k), Tensor)]
+
+
+def candidates_of(model: Any, images: list[Tensor]) -> list[dict]:
+    """One candidate dict per image from a detector in evaluation mode: the one place that asks a
+    detector for its candidates (tiled prediction and test-time augmentation call it)."""
+    return model(images)
 
 
 def _check_vector(x: Tensor, name: str, n: int, device: torch.device, floating: bool = True) -> None:

@@ -12,3 +12,7 @@ BORDERS = ("none", "drop", "down-weight")
 WEIGHTS = ("score", "quality", "variance")
 #: :data:`locconf.fusion.CONF_TYPES`.
 CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
+#: :data:`locconf.tta.TTA_SETS` (test-time augmentation: the identity, three flips, or all eight symmetries).
+TTA = ("none", "flips", "all")
+#: :data:`locconf.tta.MERGES`.
+TTA_MERGES = ("concat", "fuse-score", "fuse-quality", "fuse-variance")
