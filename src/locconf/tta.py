@@ -51,7 +51,7 @@ Merging the passes (:data:`MERGES`):
 :func:`tta_candidates` runs the passes and maps them back; :func:`pool_passes` and
 :func:`fuse_passes` merge them; :class:`TestTimeAugmentation` wraps a detector so that anything
 that runs a detector (tiled prediction, :func:`locconf.evaluation.collect_candidates`) runs the
-augmented one.
+augmented one; :func:`evaluate_fused` scores fused passes for ``locconf eval``.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ __all__ = [
     "fuse_passes",
     "TestTimeAugmentation",
     "tta_model",
+    "evaluate_fused",
 ]
 
 #: ``name: (swap, flip_x, flip_y)``, the steps of each symmetry in the order they are applied.
@@ -397,3 +398,40 @@ def tta_model(model: nn.Module, tta: str | Sequence[str] = "none", merge: str = 
     if check_transforms(tta) == ("identity",) and merge == "concat":
         return model
     return TestTimeAugmentation(model, tta, merge, method, params)
+
+
+def evaluate_fused(candidates: Sequence[Mapping[str, Any]], coco_gt: Any, methods: Sequence[str],
+                   label_to_cat_id: Mapping[int, int], merge: str = "fuse-score", max_detections: int = 100,
+                   method_params: Optional[Mapping[str, dict]] = None, per_site: bool = True,
+                   progress: bool = True) -> dict[str, dict]:
+    """COCO metrics of each method followed by fusing the passes, as
+    :func:`locconf.evaluation.evaluate_methods` scores each method on pooled candidates.
+
+    ``candidates``: per image, the pooled passes (:class:`TestTimeAugmentation` with ``merge="concat"``,
+    so each row carries ``tta_pass``) and ``image_id``. For every method: each pass of each image is
+    post-processed by the method, the passes are fused (:func:`fuse_passes`, ``merge``), the best
+    ``max_detections`` kept and scored as they are. Methods whose signal the candidates lack are
+    skipped (as ``evaluate_methods`` does), and so is every method when ``merge`` needs a signal they lack.
+    """
+    from .evaluation import evaluate_methods
+    from .postprocess import REQUIRED_SIGNALS
+
+    weight = _fuse_weight(merge)
+    need = {"quality": "quality", "variance": "variances"}.get(weight)
+    if need is not None and any(not isinstance(c.get(need), Tensor) for c in candidates):
+        raise ValueError(f"tta merge {merge!r} needs {need!r}, which this detector does not predict; "
+                         f"use fuse-score or concat")
+    results = {}
+    for method in methods:
+        signal = REQUIRED_SIGNALS.get(method)
+        if signal is not None and any(not isinstance(c.get(signal), Tensor) for c in candidates):
+            continue  # evaluate_methods logs it
+        params = dict((method_params or {}).get(method) or {})
+        fused = [dict(fuse_passes(c, merge, method, params, max_detections), image_id=c["image_id"])
+                 for c in candidates]
+        # the fused boxes are final detections: scored as they are (NMS that suppresses nothing: IoU > 1)
+        scored = evaluate_methods(fused, coco_gt, ["nms"], label_to_cat_id, max_detections=max_detections,
+                                  method_params={"nms": {"iou_threshold": 1.0}}, per_site=per_site,
+                                  progress=progress)
+        results[method] = scored["nms"]
+    return results

@@ -29,7 +29,8 @@ _CALIBRATION_NOTE = ("ECE: mean |predicted - true IoU| over equal-width bins, on
 
 def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
              methods: Sequence[str] | None = None, device: str | None = None, progress: bool = True,
-             html: str | os.PathLike | None = None, gallery: int = 8) -> dict:
+             html: str | os.PathLike | None = None, gallery: int = 8, tta: str = "none",
+             tta_merge: str = "concat") -> dict:
     """Candidates once, every method scored; writes results.json, table.md and the plots.
 
     ``results.json`` holds ``methods`` (metrics per method, overall and per site), ``correlation``
@@ -41,10 +42,16 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
     diagrams; ``calibration.json`` is the quality's map fitted on every image (where the detector
     predicts a quality). With ``html``, one self-contained page (:mod:`locconf.evaluation.report`) with a
     gallery of the first ``gallery`` images' detections.
+
+    ``tta`` (:mod:`locconf.tta`: ``none``, ``flips``, ``all``): the candidates are the pooled passes of
+    test-time augmentation; with ``tta_merge="concat"`` every method merges them, with ``fuse-*``
+    each method's row is that method on each pass, then the passes fused (the analyses and pictures
+    read the pooled candidates).
     """
     from ..data import collate_fn
     from ..evaluation import collect_candidates, confidence_correlation, evaluate_calibration, plot_confidence
     from ..postprocess import REQUIRED_SIGNALS
+    from ..tta import MERGES, tta_model
 
     eval_cfg, methods = _eval_settings(cfg["eval"], methods, gallery)
     method_params = eval_cfg.get("method_params") or {}
@@ -52,8 +59,11 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
     out_dir.mkdir(parents=True, exist_ok=True)
     _, val_ds, val_json = call(build_datasets, "data", cfg["data"])
     loader = torch.utils.data.DataLoader(val_ds, batch_size=1, collate_fn=collate_fn)
-    candidates = collect_candidates(model, loader, device_of(device), progress=progress)
-    results = _score(candidates, methods, eval_cfg, val_ds, val_json, progress)
+    if tta_merge not in MERGES:
+        raise ValueError(f"tta_merge must be one of {', '.join(MERGES)}, got {tta_merge!r}")
+    runner = tta_model(model, tta)  # test-time augmentation (locconf.tta): the passes pooled
+    candidates = collect_candidates(runner, loader, device_of(device), progress=progress)
+    results = _score(candidates, methods, eval_cfg, val_ds, val_json, progress, tta_merge)
     correlation = confidence_correlation(candidates, val_ds)
     targets = [val_ds.target(i) for i in range(len(val_ds))]
     correlation_sites = _correlation_per_site(candidates, targets)
@@ -92,10 +102,15 @@ def _eval_settings(section: dict, methods: Sequence[str] | None, gallery: int) -
 
 
 def _score(candidates: list[dict], methods: list[str], eval_cfg: dict, val_ds, val_json: Path,
-           progress: bool) -> dict:
-    """COCO metrics of each method on ``candidates`` (:func:`locconf.evaluation.evaluate_methods`)."""
+           progress: bool, tta_merge: str = "concat") -> dict:
+    """COCO metrics of each method on ``candidates`` (:func:`locconf.evaluation.evaluate_methods`; with a
+    ``fuse-*`` ``tta_merge``, of each method then the passes fused: :func:`locconf.tta.evaluate_fused`)."""
     from ..evaluation import evaluate_methods
+    from ..tta import evaluate_fused
 
+    if tta_merge != "concat":
+        return call(evaluate_fused, "eval", dict(eval_cfg, progress=progress), candidates, str(val_json), methods,
+                    val_ds.label_to_cat_id, tta_merge)
     return call(evaluate_methods, "eval", dict(eval_cfg, progress=progress), candidates, str(val_json), methods,
                 val_ds.label_to_cat_id)
 
