@@ -181,3 +181,28 @@ def test_cli_choices_match_the_library():
     from locconf.cli import choices
 
     assert choices.TTA == tuple(TTA_SETS) and choices.TTA_MERGES == MERGES
+
+
+class _FixedDetector(torch.nn.Module):
+    """Always box [1, 2, 5, 7] with variances [1, 2, 3, 4]; remembers its input."""
+
+    def forward(self, images):
+        self.seen = images
+        return [{"boxes": torch.tensor([[1.0, 2.0, 5.0, 7.0]]), "scores": torch.tensor([0.9]),
+                 "labels": torch.tensor([1]), "variances": torch.tensor([[1.0, 2.0, 3.0, 4.0]])} for _ in images]
+
+
+def test_hand_computed_flips_and_rotations_of_a_fixed_box():
+    image = torch.rand(3, 10, 20)  # H = 10, W = 20
+    det = _FixedDetector()
+    expected = {  # (box in the original image, its variances), worked out by hand
+        "hflip": ([15.0, 2.0, 19.0, 7.0], [3.0, 2.0, 1.0, 4.0]),
+        "vflip": ([1.0, 3.0, 5.0, 8.0], [1.0, 4.0, 3.0, 2.0]),
+        # rot90: the detector sees a (20, 10) image; its (x, y) is the original's (y, W - x)
+        "rot90": ([13.0, 1.0, 18.0, 5.0], [4.0, 1.0, 2.0, 3.0]),
+        "transpose": ([2.0, 1.0, 7.0, 5.0], [2.0, 1.0, 4.0, 3.0]),
+    }
+    for name, (box, var) in expected.items():
+        out = tta_candidates(det, [image], [name])[0][0]
+        assert torch.equal(det.seen[0], transform_image(image, name))
+        assert out["boxes"].tolist() == [box] and out["variances"].tolist() == [var], name
