@@ -8,6 +8,7 @@ resumable; sharded over processes under ``torchrun``: :mod:`locconf.experiment.b
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 from pathlib import Path
@@ -109,11 +110,11 @@ def _run_single(args: argparse.Namespace) -> int:
     from ..experiment import categories_of, load_config, load_trained, predict
     from ..files import check_outputs, output_lock
 
-    if len(args.inputs) != 1 or not Path(args.inputs[0]).is_file():
-        if len(args.inputs) == 1 and not Path(args.inputs[0]).exists() and not any(c in args.inputs[0] for c in "*?["):
-            raise FileNotFoundError(f"image file not found: {args.inputs[0]}")
-        raise ValueError("--out draws one image file; for several images, a folder or a pattern give --out-dir")
     image = Path(args.inputs[0])
+    if len(args.inputs) != 1 or image.is_dir() or (glob.has_magic(args.inputs[0]) and not image.exists()):
+        raise ValueError("--out draws one image file; for several images, a folder or a pattern give --out-dir")
+    if not image.is_file():
+        raise FileNotFoundError(f"image file not found: {image}")
     csv_path, json_path = args.csv or args.out.with_suffix(".csv"), args.json or args.out.with_suffix(".json")
     check_outputs({"--out": args.out, "--csv": csv_path, "--json": json_path},
                   {"image": image, "checkpoint": args.checkpoint, "config": args.config,

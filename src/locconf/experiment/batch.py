@@ -270,7 +270,8 @@ def predict_images(model: nn.Module, inputs: Sequence[str | os.PathLike], out_di
             as :func:`locconf.experiment.inference.predict` (``calibration`` a JSON file here).
         checkpoint, config: the files the model came from: part of the settings key, and
             protected from being written over.
-        device: where the model runs. progress: a bar over the images (and the tiles of each).
+        device: where the model runs. progress: a bar over the images (and the tiles of an image of
+            several tiles); under torchrun, rank 0's images only.
 
     Returns:
         ``{"images", "predicted", "skipped", "failed": [{"image", "reason"}], "detections",
@@ -322,7 +323,7 @@ def predict_images(model: nn.Module, inputs: Sequence[str | os.PathLike], out_di
         mine = [job for job in jobs if job["index"] % world == rank]
         start = time.perf_counter()
         results, failures = _run_jobs(runner, mine, out_dir, key, overwrite=overwrite, fail_fast=fail_fast,
-                                      progress=progress, bar=progress_bar, rank=rank, world=world,
+                                      progress=progress and rank == 0, bar=progress_bar, rank=rank, world=world,
                                       options=dict(method=method, params=params, tile_size=tile_size, overlap=overlap,
                                                    batch_size=batch_size, border=border, calibration=cal,
                                                    device=device, max_pixels=max_pixels, class_names=class_names,

@@ -110,6 +110,6 @@ def predict_tiled(model: torch.nn.Module, raster: Any, tile_size: int = 400, ove
                "%s: %d x %d pixels, %d tile%s of %d px",
                getattr(raster, "path", "image"), raster.width, raster.height, windows.shape[0],
                "" if windows.shape[0] == 1 else "s", tile_size)
-    for index, cands in tile_candidates(model, raster, windows, batch_size, device, progress, calibration):
+    for index, cands in tile_candidates(model, raster, windows, batch_size, device, progress and many, calibration):
         merger.add(index, cands)
     return merger.finish()
