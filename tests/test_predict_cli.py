@@ -26,7 +26,8 @@ def tiny(tmp_path_factory):
     cfg = check_config({"model": dict(arch="rcnn", quality="dir", representation_size=32, backbone="resnet18",
                                       fpn_channels=8, min_size=96, max_size=96, candidates_per_image=20,
                                       num_classes=1),
-                        "data": dict(source="synthetic", root=str(root / "data"))})
+                        "data": dict(source="synthetic", root=str(root / "data"),
+                                     synthetic=dict(num_train=2, num_val=2, image_size=96, num_classes=1))})
     torch.manual_seed(0)
     model = build_model(**cfg["model"])
     ckpt = root / "ck.pth"
@@ -109,3 +110,22 @@ def test_batch_and_single_forms_and_exit_codes(tiny, tmp_path, capsys):
     assert {r["image_id"] for r in json.loads((tmp_path / "vis.json").read_text())} == {1}
     assert (tmp_path / "vis.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_eval_with_test_time_augmentation(tiny, tmp_path, capsys):
+    """`locconf eval --tta flips` scores each method on the pooled passes, `--tta-merge fuse-quality` each
+    method then fusion; both write their results (the synthetic val split of the checkpoint's config)."""
+    import yaml
+
+    root, ckpt = tiny
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(torch.load(ckpt, weights_only=True)["meta"]["config"]))
+    for merge in ("concat", "fuse-quality"):
+        assert main(["eval", str(cfg), "--checkpoint", str(ckpt), "--methods", "nms,quality", "--out",
+                     str(tmp_path / merge), "--tta", "flips", "--tta-merge", merge, "--no-progress"]) == 0
+        results = json.loads((tmp_path / merge / "results.json").read_text())
+        assert set(results["methods"]) == {"nms", "quality"}
+        assert all(0 <= m["AP"] <= 1 for m in results["methods"].values())
+    assert main(["eval", str(cfg), "--checkpoint", str(ckpt), "--tta", "flips", "--tta-merge", "fuse-variance",
+                 "--out", str(tmp_path / "v"), "--no-progress"]) == 2
+    assert "needs 'variances'" in capsys.readouterr().err

@@ -206,3 +206,34 @@ def test_hand_computed_flips_and_rotations_of_a_fixed_box():
         out = tta_candidates(det, [image], [name])[0][0]
         assert torch.equal(det.seen[0], transform_image(image, name))
         assert out["boxes"].tolist() == [box] and out["variances"].tolist() == [var], name
+
+
+def test_fusing_the_passes_averages_their_boxes_where_pooled_nms_keeps_one(tmp_path):
+    """Three passes see one object 2 px to the lower right, 2 px to the upper left and exactly, equally
+    scored. Fused by score, the box is their mean, the object itself: AP 1 at every IoU threshold.
+    Pooled and NMS'd, the first pass's box survives the tie: IoU 38^2 / (2 * 40^2 - 38^2) = 0.822 with
+    the object, so AP is 1 at the thresholds 0.50 ... 0.80 and 0 above: 7 / 10."""
+    import json
+
+    from locconf.evaluation import evaluate_methods
+    from locconf.tta import evaluate_fused
+
+    gt = {"images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],
+          "categories": [{"id": 1, "name": "crown"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600,
+                           "iscrowd": 0},
+                          {"id": 2, "image_id": 2, "category_id": 1, "bbox": [30, 20, 40, 40], "area": 1600,
+                           "iscrowd": 0}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    candidates = []
+    for image_id, (x, y) in ((1, (10.0, 10.0)), (2, (30.0, 20.0))):
+        passes = [{"boxes": torch.tensor([[x + d, y + d, x + 40 + d, y + 40 + d]]), "scores": torch.tensor([0.9]),
+                   "labels": torch.tensor([1]), "quality": torch.tensor([0.8])} for d in (2.0, -2.0, 0.0)]
+        candidates.append(dict(pool_passes(passes), image_id=image_id))
+    fused = evaluate_fused(candidates, str(tmp_path / "gt.json"), ["nms", "quality"], {1: 1}, "fuse-score",
+                           per_site=False, progress=False)
+    assert fused["nms"]["AP"] == pytest.approx(1.0) and fused["quality"]["AP"] == pytest.approx(1.0)
+    pooled = evaluate_methods(candidates, str(tmp_path / "gt.json"), ["nms"], {1: 1}, per_site=False, progress=False)
+    assert pooled["nms"]["AP"] == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="needs 'variances'"):
+        evaluate_fused(candidates, str(tmp_path / "gt.json"), ["nms"], {1: 1}, "fuse-variance", progress=False)
