@@ -357,3 +357,10 @@ def test_single_image_predict_writes_the_csv_schema_with_image_path(tmp_path):
     assert sorted([float(r[k]) for k in ("xmin", "ymin", "xmax", "ymax")] for r in rows) == truth
     assert {r["image_id"] for r in json.loads((tmp_path / "vis.json").read_text())} == {1}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_command_line_default_pixel_limit_is_the_library_s():
+    from locconf.cli.predict import DEFAULT_MAX_PIXELS as CLI_DEFAULT
+    from locconf.tiling import DEFAULT_MAX_PIXELS
+
+    assert CLI_DEFAULT == DEFAULT_MAX_PIXELS
