@@ -14,8 +14,9 @@ first ``--images`` tiles of ``--images-from`` (default: the 400 px NEON training
   locconf predict IMG_1 ... IMG_N --out-dir D2`` (gloo on the CPU), checked to write the same files
   as the one call.
 
-For each: wall-clock seconds, the CPU seconds of the command's processes (``RUSAGE_CHILDREN``) and
-images per second. The start-up of a call (interpreter, imports, model load) is its wall time minus
+For each: wall-clock seconds, the CPU seconds of the command's processes (``RUSAGE_CHILDREN``, which
+includes torchrun's workers) and images per second; from the CPU seconds of the two one-process
+rows, the start-up of a call and the cost of an image. The start-up of a call (interpreter, imports, model load) is its wall time minus
 the seconds its summary line reports for the images. Wall times depend on what else the machine
 runs: the report records the load average before and after, and the CPU seconds, which do not.
 Without ``--checkpoint`` a tiny detector is trained on synthetic data first (a few iterations), so
@@ -142,7 +143,11 @@ def format_report(r: dict, command: str) -> str:
     for name, wall, cpu, startup, imgs in rows:
         lines.append(f"| {name} | {wall:.1f} | {n / wall:.2f} | {cpu:.1f} | {cpu / n:.2f} | "
                      f"{'-' if startup is None else f'{startup:.1f}'} | {'-' if imgs is None else f'{imgs:.1f}'} |")
-    lines += ["", f"One call per image: {each['wall']:.1f} s wall and {each['cpu']:.1f} CPU s per call, each "
+    per_image = (one["cpu"] - each["cpu"]) / (n - 1)  # one call: S + n p; a call per image: S + p
+    lines += ["", f"From the CPU seconds of the two one-process rows (one call = S + {n} p, one call per image = "
+                  f"S + p): start-up S = {each['cpu'] - per_image:.1f} CPU s per call, p = {per_image:.2f} CPU s "
+                  f"per image (tiling, model, merging, drawing, writing).",
+              "", f"One call per image: {each['wall']:.1f} s wall and {each['cpu']:.1f} CPU s per call, each "
                   f"paying the start-up (interpreter, imports, model load); one call pays it once "
                   f"({one['wall'] - one['images_s']:.1f} s) and then {one['images_s'] / n:.2f} s per image. "
                   f"torchrun outputs equal the one-process outputs file for file: {r['same_outputs']}.",
