@@ -144,7 +144,7 @@ def format_report(results: list[dict], command: str) -> str:
     families: dict[str, list[dict]] = {}
     for r in results:
         families.setdefault(r["family"], []).append(r)
-    header = ["model (seeds)", "merge", "TTA", "AP", "AP75", "AP vs none", "AP75 vs none", "s / image"]
+    header = ["model (seeds)", "merge", "TTA", "AP", "AP75", "AP vs none", "AP75 vs none", "s / image", "time vs none"]
     lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
     for family, runs in families.items():
         seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
@@ -157,15 +157,19 @@ def format_report(results: list[dict], command: str) -> str:
                 d_ap = [r["rows"][key]["AP"] - r["rows"][f"none|{merge}"]["AP"] for r in runs]
                 d_ap75 = [r["rows"][key]["AP75"] - r["rows"][f"none|{merge}"]["AP75"] for r in runs]
                 secs = [r["rows"][key]["model_s"] + r["rows"][key]["merge_s"] for r in runs]
+                ratio = [(r["rows"][key]["model_s"] + r["rows"][key]["merge_s"])
+                         / (r["rows"]["none|nms"]["model_s"] + r["rows"]["none|nms"]["merge_s"]) for r in runs]
                 delta = ["", ""] if tta == "none" else ["+" * (statistics.mean(d_ap) >= 0) + _fmt(d_ap),
                                                         "+" * (statistics.mean(d_ap75) >= 0) + _fmt(d_ap75)]
                 lines.append(f"| {family} ({seeds}) | {merge} | {tta} | {_fmt(ap)} | {_fmt(ap75)} | {delta[0]} | "
-                             f"{delta[1]} | {_fmt(secs, 1.0, 2)} |")
+                             f"{delta[1]} | {_fmt(secs, 1.0, 2)} | {_fmt(ratio, 1.0, 1)}x |")
     first = results[0]
     meta = (f"{first['images']} val images of `{first['val_json']}`, 100 detections per image; "
             f"{first['cpu']}, {first['threads']} thread(s), torch {first['torch']}. Time per image: CPU seconds "
             f"(process time, one thread) of the passes plus the merge (post-processing or fusion), not the "
-            f"scoring. Checkpoints: "
+            f"scoring; on a shared machine the CPU seconds of one pass varied up to 2x between runs (cores shared "
+            f"with other processes), so read the time against no TTA with NMS in the same run (time vs none). "
+            f"Checkpoints: "
             + "; ".join(f"`{r['checkpoint']}`" for r in results) + ".")
     return f"Command: `{command}`\n\n" + "\n".join(lines) + "\n\n" + meta
 
