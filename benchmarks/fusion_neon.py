@@ -7,7 +7,8 @@
 Each checkpoint is rebuilt from the ``config.yaml`` beside it (``locconf.experiment.load_trained``)
 and run once over the val split of its data section (every checkpoint must name the same val
 split): one pass per model, plus, with ``--tta``, a horizontally and a vertically flipped pass of
-each image whose boxes (and variances) are mapped back. Each pass's candidates are post-processed
+each image whose boxes (and variances) are mapped back (``locconf.tta``; ``benchmarks/tta_neon.py``
+measures every symmetry and merge). Each pass's candidates are post-processed
 with ``--method`` (NMS by default) and scored alone (``locconf.engine.evaluate.evaluate_methods``);
 then the passes' detections of each image are fused with ``locconf.fusion.fuse`` under each
 weighting the passes support (``score`` always; ``quality`` when every pass predicts it;
@@ -30,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 try:
     from common import cpu_name  # benchmarks/common.py (the script's folder is on sys.path)
@@ -44,38 +44,9 @@ from locconf.postprocess import REQUIRED_SIGNALS
 from locconf.experiment import build_datasets, load_trained
 from locconf.fusion import WEIGHTS, fuse
 from locconf.postprocess import METHODS, postprocess
+from locconf.tta import TestTimeAugmentation
 
 COLUMNS = ("AP", "AP50", "AP75", "AP90")
-
-
-class Flipped(nn.Module):
-    """``candidates``: ``model``'s on flipped images, boxes (and variances) mapped back to the unflipped image.
-
-    ``axis``: ``"h"`` (left-right, x) or ``"v"`` (top-bottom, y). Other outputs pass unchanged.
-    """
-
-    def __init__(self, model: nn.Module, axis: str):
-        super().__init__()
-        if axis not in ("h", "v"):
-            raise ValueError(f"axis must be 'h' or 'v', got {axis!r}")
-        self.model, self.axis = model, axis
-
-    def candidates(self, images: list[torch.Tensor]) -> list[dict]:
-        dim, lo, hi = (-1, 0, 2) if self.axis == "h" else (-2, 1, 3)
-        outputs = self.model.candidates([im.flip(dim) for im in images])
-        mapped = []
-        for im, out in zip(images, outputs):
-            out = dict(out)
-            size = im.shape[dim]
-            b = out["boxes"].clone()
-            b[:, lo], b[:, hi] = size - out["boxes"][:, hi], size - out["boxes"][:, lo]
-            out["boxes"] = b
-            if out.get("variances") is not None:
-                v = out["variances"].clone()
-                v[:, lo], v[:, hi] = out["variances"][:, hi], out["variances"][:, lo]
-                out["variances"] = v
-            mapped.append(out)
-        return mapped
 
 
 def _records(detections: list[dict], label_to_cat_id: dict[int, int]) -> list[dict]:
@@ -122,7 +93,8 @@ def run(checkpoints: list[Path], tta: bool = False, method: str = "nms", iou_thr
         data = val_ds if max_images is None else torch.utils.data.Subset(val_ds, range(min(max_images, len(val_ds))))
         loader = torch.utils.data.DataLoader(data, batch_size=1, collate_fn=collate_fn)
         dev = next(model.parameters()).device
-        variants = [("", model)] + ([(" hflip", Flipped(model, "h")), (" vflip", Flipped(model, "v"))] if tta else [])
+        variants = [("", model)] + ([(f" {t}", TestTimeAugmentation(model, [t])) for t in ("hflip", "vflip")]
+                                    if tta else [])
         singles.append(f"model {k}")
         for suffix, m in variants:
             cands = collect_candidates(m, loader, dev, progress=progress)

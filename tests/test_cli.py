@@ -136,7 +136,7 @@ def test_eval_html_calibration_and_tiled_predict(tmp_path, capsys):
                  "--tile-size", "96", "--overlap", "32", "--batch-size", "3", "--method", "quality",
                  "--calibration", str(calibration), "--no-progress"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
-    assert rows and list(rows[0])[:7] == ["xmin", "ymin", "xmax", "ymax", "label", "score", "quality"]
+    assert rows and list(rows[0])[:8] == ["image_path", "xmin", "ymin", "xmax", "ymax", "label", "score", "quality"]
     assert max(float(r["xmax"]) for r in rows) > 96  # boxes beyond the first tile: image coordinates
     assert main(["postprocess", str(tmp_path / "p.json"), "--out", str(tmp_path / "pp.json"), "--method", "none",
                  "--calibration", str(calibration), "--no-progress"]) == 0

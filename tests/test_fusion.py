@@ -413,7 +413,8 @@ def test_bad_input_names_the_argument(mutate, match):
 
 
 # --------------------------------------------------------------------------------------------
-# benchmarks/fusion_neon.py: test-time flips mapped back, and a smoke run on tiny trained models
+# benchmarks/fusion_neon.py: a smoke run on tiny trained models (its flipped passes are locconf.tta's,
+# tested in tests/test_tta.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -428,43 +429,6 @@ def _fusion_neon():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-class _FixedDetector(torch.nn.Module):
-    """Always box [1, 2, 5, 7] with variances [1, 2, 3, 4]; remembers its input."""
-
-    def forward(self, images):
-        self.seen = images
-        return [{"boxes": torch.tensor([[1.0, 2.0, 5.0, 7.0]]), "scores": torch.tensor([0.9]),
-                 "labels": torch.tensor([1]), "variances": torch.tensor([[1.0, 2.0, 3.0, 4.0]])} for _ in images]
-
-
-class _BrightSpot(torch.nn.Module):
-    """Detects the bounding box of the non-zero pixels: a flip-equivariant detector."""
-
-    def forward(self, images):
-        out = []
-        for im in images:
-            ys, xs = torch.nonzero(im.sum(0), as_tuple=True)
-            box = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()[None]
-            out.append({"boxes": box, "scores": torch.tensor([1.0]), "labels": torch.tensor([1])})
-        return out
-
-
-def test_flipped_passes_map_boxes_and_variances_back():
-    fn = _fusion_neon()
-    image = torch.rand(3, 10, 20)  # H = 10, W = 20
-    det = _FixedDetector()
-    h = fn.Flipped(det, "h")([image])[0]
-    assert torch.equal(det.seen[0], image.flip(-1))
-    assert h["boxes"].tolist() == [[15.0, 2.0, 19.0, 7.0]] and h["variances"].tolist() == [[3.0, 2.0, 1.0, 4.0]]
-    v = fn.Flipped(det, "v")([image])[0]
-    assert torch.equal(det.seen[0], image.flip(-2))
-    assert v["boxes"].tolist() == [[1.0, 3.0, 5.0, 8.0]] and v["variances"].tolist() == [[1.0, 4.0, 3.0, 2.0]]
-    spot = torch.zeros(3, 10, 20)
-    spot[:, 2:5, 3:9] = 1.0
-    for axis in ("h", "v"):
-        assert fn.Flipped(_BrightSpot(), axis)([spot])[0]["boxes"].tolist() == [[3.0, 2.0, 9.0, 5.0]]
 
 
 def test_fusion_neon_runs_end_to_end_on_tiny_models(tmp_path, one_thread):

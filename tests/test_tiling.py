@@ -290,7 +290,7 @@ def test_merger_errors_are_named_and_empty_input_gives_empty_output():
 class BoxTheGreyLevels(torch.nn.Module):
     """A perfect detector: each grey level > 0 of a tile is one object, boxed tightly (score 0.9)."""
 
-    def forward(self, images):
+    def candidates(self, images):  # the detector protocol: locconf.candidates.candidates_of
         out = []
         for image in images:
             levels = torch.round(image[0] * 255).long()

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .boxes import check_boxes
 
-__all__ = ["Candidates", "SIGNALS", "signals", "check_fields"]
+__all__ = ["Candidates", "SIGNALS", "signals", "check_fields", "candidates_of"]
 
 
 class _RequiredFields(TypedDict):
@@ -73,6 +73,17 @@ SIGNALS: tuple[str, ...] = ("quality", "variances")
 def signals(candidates: Mapping[str, Any]) -> list[str]:
     """The confidence signals (of :data:`SIGNALS`, in that order) that one image's candidates carry as tensors."""
     return [k for k in SIGNALS if isinstance(candidates.get(k), Tensor)]
+
+
+def candidates_of(model: Any, images: list[Tensor]) -> list[dict]:
+    """One candidate dict per image from a detector in evaluation mode: the one place that asks a
+    detector for its candidates (tiled prediction and test-time augmentation call it): its
+    ``candidates(images)`` (every locconf detector, :func:`locconf.models.from_torchvision`'s
+    wrapper and :class:`locconf.tta.TestTimeAugmentation` have one)."""
+    if not callable(getattr(model, "candidates", None)):
+        raise ValueError(f"model ({type(model).__name__}) has no candidates(images) method: use a locconf detector, "
+                         "or wrap a torchvision one with locconf.models.from_torchvision")
+    return model.candidates(images)
 
 
 def _check_vector(x: Tensor, name: str, n: int, device: torch.device, floating: bool = True) -> None:

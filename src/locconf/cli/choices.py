@@ -20,3 +20,7 @@ ARCHS = ("rcnn", "one_stage", "torchvision_frcnn", "torchvision")
 FORMATS = ("json", "jsonl", "csv", "geojson", "gpkg", "shp")
 #: :data:`locconf.export.FORMATS`.
 EXPORT_FORMATS = ("pretrained", "onnx", "torch-export")
+#: :data:`locconf.tta.TTA_SETS` (test-time augmentation: the identity, three flips, or all eight symmetries).
+TTA = ("none", "flips", "all")
+#: :data:`locconf.tta.MERGES`.
+TTA_MERGES = ("concat", "fuse-score", "fuse-quality", "fuse-variance")

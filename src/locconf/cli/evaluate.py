@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ._common import add_parser as _sub_parser
 from ._common import add_progress_flag, add_set_flag, add_trust_flag, apply_trust_flag, print_report
+from .choices import TTA, TTA_MERGES
 
 
 def add_parser(sub, parents) -> None:
@@ -37,6 +38,12 @@ def add_parser(sub, parents) -> None:
                          "(refused otherwise)")
     ev.add_argument("--calibration-min-boxes", type=int, default=50,
                     help="fit no calibration on fewer matched boxes (candidates with IoU > 0.5)")
+    ev.add_argument("--tta", default="none", choices=TTA,
+                    help="test-time augmentation: none; flips (identity, left-right, top-bottom); all (the eight "
+                         "flips and 90-degree rotations)")
+    ev.add_argument("--tta-merge", default="concat", choices=TTA_MERGES,
+                    help="merging the passes: concat (pooled, merged by each method), or fuse-score / "
+                         "fuse-quality / fuse-variance (each pass post-processed by the method, then fused)")
     add_progress_flag(ev)
     ev.set_defaults(func=run)
 
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_eval(model, cfg, out_dir, methods=methods, device=args.device, html=args.html, gallery=args.gallery,
                       progress=not args.no_progress, checkpoint=args.checkpoint, inputs=inputs,
                       overwrite_calibration=args.overwrite_calibration,
-                      calibration_min_boxes=args.calibration_min_boxes)
+                      calibration_min_boxes=args.calibration_min_boxes, tta=args.tta, tta_merge=args.tta_merge)
     print_report(report)
     if report.get("calibration_file"):  # (why there is none, if any, was logged)
         print(f"quality calibration (isotonic, for predict/postprocess --calibration): {report['calibration_file']}")

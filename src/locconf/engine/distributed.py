@@ -40,7 +40,7 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int, int]:
     """Join the process group described by torchrun's environment; return ``(rank, world_size, local_rank)``.
 
     Idempotent: when the group already exists its rank and size are returned. Without
@@ -48,6 +48,8 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
 
     Args:
         backend: ``"nccl"``, ``"gloo"`` or ``None`` (NCCL when CUDA is available, else gloo).
+        timeout_s: how long a collective waits for the other processes (None: PyTorch's default,
+            30 minutes for gloo); longer where ranks may finish their work hours apart.
     """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0)
@@ -65,7 +67,12 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
         raise ValueError(f"backend must be 'nccl', 'gloo' or None, got {backend!r}")
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
+    extra = {}
+    if timeout_s is not None:
+        import datetime
+
+        extra["timeout"] = datetime.timedelta(seconds=float(timeout_s))
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **extra)
     return rank, world_size, local_rank
 
 

@@ -61,7 +61,7 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
              methods: Sequence[str] | None = None, device: str | None = None, progress: bool = True,
              html: str | os.PathLike | None = None, gallery: int = 8, checkpoint: str | os.PathLike | None = None,
              inputs: Mapping[str, Any] | None = None, overwrite_calibration: bool = False,
-             calibration_min_boxes: int = MIN_BOXES) -> dict:
+             calibration_min_boxes: int = MIN_BOXES, tta: str = "none", tta_merge: str = "concat") -> dict:
     """Candidates once, every method scored; writes results.json, table.md, the plots and the calibration.
 
     ``results.json`` holds ``methods`` (metrics per method, overall and per site: COCO's and
@@ -86,6 +86,11 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
     recorded in the calibration's ``info["fitted_on"]``). Every file is then written at the end, as
     one set (:class:`locconf.files.OutputSet`); a file of the set that this run does not produce
     (no calibration fitted, say) is removed, so the folder never mixes two evaluations.
+
+    ``tta`` (:mod:`locconf.tta`: ``none``, ``flips``, ``all``): the candidates are the pooled passes of
+    test-time augmentation; with ``tta_merge="concat"`` every method merges them, with ``fuse-*``
+    each method's row is that method on each pass, then the passes fused (the analyses and pictures
+    read the pooled candidates).
     """
     eval_cfg, methods = _eval_settings(cfg["eval"], methods, gallery)
     outputs = eval_outputs(out_dir, html)
@@ -105,15 +110,16 @@ def run_eval(model: nn.Module, cfg: dict[str, dict], out_dir: str | os.PathLike,
         if html is not None and out_dir.resolve() != Path(html).resolve().parent:
             locks.enter_context(output_lock(html, command="locconf eval", folder=False))
         return _evaluate(model, cfg, eval_cfg, methods, outputs, val_ds, val_json, device, progress, html, gallery,
-                         checkpoint, overwrite_calibration, calibration_min_boxes)
+                         checkpoint, overwrite_calibration, calibration_min_boxes, tta, tta_merge)
 
 
 def _evaluate(model, cfg, eval_cfg, methods, outputs, val_ds, val_json, device, progress, html, gallery, checkpoint,
-              overwrite_calibration, calibration_min_boxes) -> dict:
+              overwrite_calibration, calibration_min_boxes, tta, tta_merge) -> dict:
     """:func:`run_eval` once its outputs are checked and locked."""
     from ..data import collate_fn
     from ..evaluation import collect_candidates, confidence_correlation, evaluate_calibration
     from ..postprocess import REQUIRED_SIGNALS
+    from ..tta import MERGES, tta_model
 
     method_params = eval_cfg.get("method_params") or {}
     fitted_on = {"checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
@@ -121,8 +127,11 @@ def _evaluate(model, cfg, eval_cfg, methods, outputs, val_ds, val_json, device, 
     if not overwrite_calibration:
         _keep_calibration(outputs["calibration.json"], fitted_on)
     loader = torch.utils.data.DataLoader(val_ds, batch_size=1, collate_fn=collate_fn)
-    candidates = collect_candidates(model, loader, device_of(device), progress=progress)
-    results = _score(candidates, methods, eval_cfg, val_ds, val_json, progress)
+    if tta_merge not in MERGES:
+        raise ValueError(f"tta_merge must be one of {', '.join(MERGES)}, got {tta_merge!r}")
+    runner = tta_model(model, tta)  # test-time augmentation (locconf.tta): the passes pooled
+    candidates = collect_candidates(runner, loader, device_of(device), progress=progress)
+    results = _score(candidates, methods, eval_cfg, val_ds, val_json, progress, tta_merge)
     correlation = confidence_correlation(candidates, val_ds)
     targets = [val_ds.target(i) for i in range(len(val_ds))]
     correlation_sites = _correlation_per_site(candidates, targets)
@@ -219,10 +228,15 @@ def _eval_settings(section: dict, methods: Sequence[str] | None, gallery: int) -
 
 
 def _score(candidates: list[dict], methods: list[str], eval_cfg: dict, val_ds, val_json: Path,
-           progress: bool) -> dict:
-    """COCO metrics of each method on ``candidates`` (:func:`locconf.evaluation.evaluate_methods`)."""
+           progress: bool, tta_merge: str = "concat") -> dict:
+    """COCO metrics of each method on ``candidates`` (:func:`locconf.evaluation.evaluate_methods`; with a
+    ``fuse-*`` ``tta_merge``, of each method then the passes fused: :func:`locconf.tta.evaluate_fused`)."""
     from ..evaluation import evaluate_methods
+    from ..tta import evaluate_fused
 
+    if tta_merge != "concat":
+        return call(evaluate_fused, "eval", dict(eval_cfg, progress=progress), candidates, str(val_json), methods,
+                    val_ds.label_to_cat_id, tta_merge)
     return call(evaluate_methods, "eval", dict(eval_cfg, progress=progress, per_image=True), candidates, str(val_json),
                 methods, val_ds.label_to_cat_id)
 
