@@ -237,13 +237,3 @@ def test_draw_detections(tmp_path):
     assert _is_png(draw_detections((image * 255).to(torch.uint8), empty, tmp_path / "none.png"))
     with pytest.raises(ValueError, match="image"):
         draw_detections(torch.rand(120, 200), det, tmp_path / "x.png")
-
-
-def test_old_import_path_still_works():
-    """``locconf.analysis`` re-exports the analysis from its new home (README, tiling, benchmarks)."""
-    import locconf.analysis as old
-    import locconf.evaluation as new
-
-    for name in old.__all__:
-        assert getattr(old, name) is getattr(new, "CONFIDENCE_SIGNALS" if name == "SIGNALS" else name), name
-    assert old.SIGNALS == ("score", "quality", "combined")

@@ -84,11 +84,3 @@ def test_chromium_renders_the_report(tmp_path):
                    capture_output=True)
     im = np.asarray(Image.open(shot).convert("L")).astype(float)
     assert im.shape[1] == 1000 and im.std() > 5  # not a blank page
-
-
-def test_old_import_path_still_works():
-    import locconf.evaluation.report as new
-    import locconf.report as old
-
-    for name in old.__all__:
-        assert getattr(old, name) is getattr(new, name), name
