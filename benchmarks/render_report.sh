@@ -5,11 +5,12 @@
 #   benchmarks/render_report.sh REPORT.html OUT.png [WIDTHxHEIGHT]
 #   benchmarks/render_report.sh screenshots CONFIG CHECKPOINT IMAGE [OUT_DIR]
 #
-# The second form runs `locconf eval CONFIG --checkpoint CHECKPOINT --html` and `locconf predict IMAGE
-# --checkpoint CHECKPOINT`, then renders into OUT_DIR (default docs/screenshots): report.png (the top
-# of the report: tables), report_gallery.png (the report's gallery of detections, alone on a page
-# with the report's style) and predict.png (predict's drawing of IMAGE). The screenshots of
-# docs/screenshots/ were made with
+# The second form runs `locconf eval CONFIG --checkpoint CHECKPOINT --html --gallery 6` and `locconf
+# predict IMAGE --checkpoint CHECKPOINT`, then renders into OUT_DIR (default docs/screenshots):
+# report.png (the top of the report: tables), report_gallery.png (the report's gallery of detections,
+# alone on a page with the report's style) and predict.png (the bottom-left 900 x 650 px of predict's
+# drawing of IMAGE at full size, with its legend). With SCREENSHOTS_WORK=DIR the eval and predict
+# outputs are kept in DIR and reused by the next run. The screenshots of docs/screenshots/ were made with
 #
 #   benchmarks/render_report.sh screenshots CONFIG runs/accuracy_neon/baseline/it1500_seed0/checkpoint_0001500.pth \
 #       ~/.cache/locconf/deepforest-2.1.0/2019_YELL_2_528000_4978000_image_crop2.png
@@ -29,8 +30,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 if [ -x "$repo/.venv/bin/python" ]; then python=${PYTHON:-$repo/.venv/bin/python}; else python=${PYTHON:-python3}; fi
 usage="usage: render_report.sh REPORT.html OUT.png [WIDTHxHEIGHT] | render_report.sh screenshots CONFIG CHECKPOINT IMAGE [OUT_DIR]"
 
-render() {  # render PAGE OUT.png WIDTHxHEIGHT
-    local page=$1 out=$2 size=$3 browser profile shot
+render() {  # render PAGE OUT.png WIDTHxHEIGHT [COLOURS]
+    local page=$1 out=$2 size=$3 colours=${4:-256} browser profile shot
     browser=$(command -v chromium || command -v chromium-browser || true)
     if [ -z "$browser" ]; then
         echo "chromium not found: apt-get install -y chromium" >&2
@@ -47,14 +48,15 @@ render() {  # render PAGE OUT.png WIDTHxHEIGHT
         echo "chromium wrote no screenshot of $page" >&2
         exit 1
     fi
-    "$python" - "$shot" "$out" <<'PY'
+    "$python" - "$shot" "$out" "$colours" <<'PY'
+import os
 import sys
 from PIL import Image
 im = Image.open(sys.argv[1]).convert("RGB")
 if im.width > 1000:
     im = im.resize((1000, round(im.height * 1000 / im.width)), Image.LANCZOS)
-im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(sys.argv[2], optimize=True)
-print(f"{sys.argv[2]}: {im.width}x{im.height}")
+im.quantize(colors=int(sys.argv[3]), method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(sys.argv[2], optimize=True)
+print(f"{sys.argv[2]}: {im.width}x{im.height}, {os.path.getsize(sys.argv[2]) // 1024} KB")
 PY
     rm -rf "$profile"
 }
@@ -72,11 +74,18 @@ image=${4:?$usage}
 out_dir=${5:-$repo/docs/screenshots}
 locconf=$(dirname "$python")/locconf
 [ -x "$locconf" ] || locconf=locconf
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+if [ -n "${SCREENSHOTS_WORK:-}" ]; then
+    work=$SCREENSHOTS_WORK
+    mkdir -p "$work"
+else
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+fi
 mkdir -p "$out_dir"
-"$locconf" eval "$config" --checkpoint "$checkpoint" --out "$work/eval" --html "$work/report.html" --no-progress
-"$locconf" predict "$image" --checkpoint "$checkpoint" --config "$config" --out "$work/predict.png" --no-progress
+[ -s "$work/report.html" ] || "$locconf" eval "$config" --checkpoint "$checkpoint" --out "$work/eval" \
+    --html "$work/report.html" --gallery 6 --no-progress
+[ -s "$work/predict.png" ] || "$locconf" predict "$image" --checkpoint "$checkpoint" --config "$config" \
+    --out "$work/predict.png" --no-progress
 # the gallery alone, with the report's style: from <h2>Detections</h2> to the end of its grid
 "$python" - "$work/report.html" "$work/gallery.html" <<'PY'
 import re
@@ -87,7 +96,12 @@ start = text.index("<h2>Detections</h2>")
 end = text.index("</div>", start) + len("</div>")
 open(sys.argv[2], "w", encoding="utf-8").write(head + "\n" + text[start:end] + "\n</body></html>\n")
 PY
+# predict's drawing at full size: its bottom-left corner, legend row included
+cat > "$work/predict.html" <<'HTML'
+<!DOCTYPE html><html><body style="margin:0;overflow:hidden">
+<img src="predict.png" style="position:absolute;left:0;bottom:0" alt="predict"></body></html>
+HTML
 render "$work/report.html" "$out_dir/report.png" 1280x1700
-render "$work/gallery.html" "$out_dir/report_gallery.png" 1280x1500
-render "$work/predict.png" "$out_dir/predict.png" 1100x1200
+render "$work/gallery.html" "$out_dir/report_gallery.png" 960x1000 128
+render "$work/predict.html" "$out_dir/predict.png" 900x650 128
 ls -l "$out_dir"

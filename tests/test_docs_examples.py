@@ -10,7 +10,9 @@ How a page's blocks run (one test per page, blocks in page order, in a fresh wor
   ``.venv/bin/...`` (the work folder links ``.venv`` to the running virtualenv) or be one of a few
   harmless shell tools (:data:`SHELL_TOOLS`); anything else (``pip install``, ``torchrun``, ``git``)
   needs a ``no-test`` marker. In ```` ```console ```` blocks the lines starting with ``$ `` are the
-  commands and the rest is output (not compared).
+  commands and the rest is output (not compared). A block of nothing but ``locconf`` commands in
+  sequence runs them in the test's own process through :func:`locconf.cli.main` (the same
+  command line, without an interpreter start-up per command); a non-zero exit fails it.
 * ```` ```yaml ```` blocks are parsed (YAML 1.2 floats, as configs are read); a mapping whose keys
   are configuration sections (``model``, ``data``, ``train``, ``eval``) is checked with
   :func:`locconf.experiment.check_config`.
@@ -42,6 +44,7 @@ The work folder of a page starts with (made once per session by :func:`shared`):
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -149,21 +152,50 @@ def check_markers(block: Block) -> None:
         raise AssertionError(f"{block.where}: a no-test block takes no other test marker")
 
 
-def shell_commands(text: str) -> list[str]:
-    """The commands of a shell block: continuation lines joined, split at ``&&``, ``||``, ``;`` and ``|``."""
-    joined = re.sub(r"\\\n", " ", text)
-    commands = []
-    for line in joined.splitlines():
-        line = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
-        for part in re.split(r"&&|\|\||;|\|", line):
-            if part.strip():
-                commands.append(part.strip())
+def _strip_comments(text: str) -> str:
+    """``text`` without its shell comments: a ``#`` that starts a word outside quotes, to the line's end."""
+    out, quote, i = [], None, 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and quote != "'":  # an escaped character: kept as it is
+            out.append(text[i:i + 2])
+            i += 2
+            continue
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c == "#" and (i == 0 or text[i - 1] in " \t\n;&|("):
+            while i < len(text) and text[i] != "\n":
+                i += 1
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def shell_commands(text: str) -> list[list[str]]:
+    """The commands of a shell block as word lists: quotes respected, comments dropped, continuation
+    lines joined, split at newlines, ``&&``, ``||``, ``;``, ``|`` and ``&``."""
+    lex = shlex.shlex(_strip_comments(text.replace("\\\n", " ")), posix=True, punctuation_chars=";&|()<>\n")
+    lex.whitespace = " \t\r"
+    lex.whitespace_split = True
+    lex.commenters = ""
+    commands, words = [], []
+    for token in lex:
+        if token and set(token) <= set(";&|\n"):
+            if words:
+                commands.append(words)
+            words = []
+        else:
+            words.append(token)
+    if words:
+        commands.append(words)
     return commands
 
 
 def check_shell(block: Block, text: str) -> None:
-    for command in shell_commands(text):
-        words = shlex.split(command, comments=True)
+    for words in shell_commands(text):
         while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):  # VAR=value prefixes
             words = words[1:]
         if not words:
@@ -172,7 +204,7 @@ def check_shell(block: Block, text: str) -> None:
         allowed = (program in ("locconf", "python", "python3") or program.startswith(".venv/bin/")
                    or program in SHELL_TOOLS)
         if not allowed or "pip" in words[:3] or "install" in words[:4]:
-            raise AssertionError(f"{block.where}: the command {command!r} cannot run in the docs test; "
+            raise AssertionError(f"{block.where}: the command {' '.join(words)!r} cannot run in the docs test; "
                                  "mark the block <!-- no-test: why --> or use locconf/python commands")
 
 
@@ -245,6 +277,50 @@ def work_folder(shared: Path, tmp_path: Path) -> Path:
     return work
 
 
+def locconf_commands(script: str) -> list[list[str]] | None:
+    """The argument lists of a block that is only ``locconf`` commands run one after the other (newlines,
+    ``&&`` or ``;`` between them; no pipe, redirection, background job or variable), else None."""
+    lex = shlex.shlex(_strip_comments(script.replace("\\\n", " ")), posix=True, punctuation_chars=";&|()<>\n")
+    lex.whitespace, lex.whitespace_split, lex.commenters = " \t\r", True, ""
+    commands, words = [], []
+    for token in list(lex) + ["\n"]:
+        if token in ("\n", "&&", ";"):
+            if words:
+                if words[0] not in ("locconf", ".venv/bin/locconf") or any("$" in w or "*" in w for w in words):
+                    return None
+                commands.append(words[1:])
+            words = []
+        elif token and set(token) <= set(";&|()<>"):
+            return None
+        else:
+            words.append(token)
+    return commands
+
+
+def run_in_process(block: Block, commands: list[list[str]], work: Path) -> None:
+    """Run ``locconf`` commands through :func:`locconf.cli.main` in ``work``; a non-zero exit fails the block."""
+    import contextlib
+    import io
+
+    from locconf.cli import main
+
+    logger = logging.getLogger("locconf")  # main() configures it: put it back as it was afterwards
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        for argv in commands:
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(argv)
+            if code != 0:
+                raise AssertionError(f"{block.where}: `locconf {' '.join(argv)}` exited with {code}:\n"
+                                     f"--- stdout:\n{out.getvalue()[-3000:]}\n--- stderr:\n{err.getvalue()[-3000:]}")
+    finally:
+        os.chdir(cwd)
+        logger.handlers[:], logger.level, logger.propagate = saved
+
+
 def _environment() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", MPLBACKEND="Agg")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -273,6 +349,10 @@ def run_block(block: Block, work: Path, namespace: dict) -> None:
     elif block.lang in SHELL | CONSOLE:
         script = console_text(text) if block.lang in CONSOLE else text
         check_shell(block, script)
+        commands = locconf_commands(script)
+        if commands is not None:  # only `locconf ...` commands in sequence: run in this process (no start-up)
+            run_in_process(block, commands, work)
+            return
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=_environment(),
                               capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
@@ -304,14 +384,19 @@ def test_markers_are_well_formed():
 
 def test_shell_command_rule():
     """The rule the shell blocks follow, on hand-written cases."""
-    assert shell_commands("locconf train a.yaml \\\n  --resume && python -c 'x'  # note\n# comment\nls | head\n") == [
-        "locconf train a.yaml    --resume", "python -c 'x'", "ls", "head"]
+    assert shell_commands("locconf train a.yaml \\\n  --resume && python -c 'x; y | z'  # note\n# comment\nls | head\n") == [
+        ["locconf", "train", "a.yaml", "--resume"], ["python", "-c", "x; y | z"], ["ls"], ["head"]]
     ok = Block(ROOT / "README.md", 1, "bash", "")
-    check_shell(ok, "OMP_NUM_THREADS=1 .venv/bin/locconf demo\nmkdir -p x && cd x\n")
+    check_shell(ok, "OMP_NUM_THREADS=1 .venv/bin/locconf demo\nmkdir -p x && cd x\npython -c \"print('a;b')\"\n")
     for bad in ("pip install locconf\n", "python -m pip install x\n", "torchrun -m locconf.cli train a.yaml\n",
-                "locconf eval a.yaml; git status\n"):
+                "locconf eval a.yaml; git status\n", "python -c 'import os' | sh\n"):
         with pytest.raises(AssertionError, match="cannot run"):
             check_shell(ok, bad)
+    assert locconf_commands("locconf data synthetic --out d  # x\nlocconf train a.yaml && locconf eval a.yaml\n") == [
+        ["data", "synthetic", "--out", "d"], ["train", "a.yaml"], ["eval", "a.yaml"]]
+    for shell_only in ("locconf eval a.yaml > log.txt\n", "locconf train a.yaml | tail\n", "python -c 'x'\n",
+                       "locconf predict *.png --out x.png\n", "locconf train a.yaml || true\n"):
+        assert locconf_commands(shell_only) is None, shell_only
     assert console_text("$ locconf data synthetic \\\n    --out d\ntrain: 8 scenes\n$ ls\nd\n") == (
         "locconf data synthetic \\\n    --out d\nls\n")
 

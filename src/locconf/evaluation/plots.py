@@ -225,7 +225,8 @@ def draw_detections(
     img = image_array(image)
     h, w = img.shape[:2]
     scale = max(1.0, 640.0 / max(h, w))  # small images are enlarged so that the text stays legible
-    footer = 0.3  # inches under the image for the legend
+    text_scale = max(1.0, w * scale / 1200.0)  # large drawings (predict's overview) get larger text
+    footer = 0.3 * text_scale  # inches under the image for the legend
     fig = figure(w * scale / 100.0, h * scale / 100.0 + footer)
     frac = footer / (h * scale / 100.0 + footer)
     ax = fig.add_axes((0, frac, 1, 1 - frac))
@@ -242,9 +243,10 @@ def draw_detections(
 
     ax.add_collection(_box_outlines(boxes[drawn.flip(0)], [colours[c % 10] for c in labels[drawn.flip(0)].tolist()],
                                     lw=1.5))  # best drawn last, on top
-    labelled = _place_labels(boxes, scores, labels, quality, drawn, name_of, label_threshold, max_labels, scale)
+    labelled = _place_labels(boxes, scores, labels, quality, drawn, name_of, label_threshold, max_labels,
+                             scale / text_scale)
     for i, (x, y, text, inside) in labelled.items():
-        ax.text(x, y, text, fontsize=7, color="white", va="top" if inside else "bottom", ha="left", clip_on=True,
+        ax.text(x, y, text, fontsize=7 * text_scale, color="white", va="top" if inside else "bottom", ha="left", clip_on=True,
                 bbox={"facecolor": colours[int(labels[i]) % 10], "alpha": 0.8, "pad": 1, "lw": 0})
 
     handles = [Line2D([], [], color=colours[c % 10], lw=2, label=name_of(c))
@@ -256,9 +258,9 @@ def draw_detections(
     leg_ax = fig.add_axes((0, 0, 1, frac))
     leg_ax.set_axis_off()
     if handles:
-        leg_ax.legend(handles=handles, loc="center left", ncol=len(handles), fontsize=7, frameon=False,
+        leg_ax.legend(handles=handles, loc="center left", ncol=len(handles), fontsize=7 * text_scale, frameon=False,
                       handlelength=1.6, columnspacing=1.0, borderaxespad=0.2)
-    leg_ax.text(0.995, 0.5, note, fontsize=7, ha="right", va="center", transform=leg_ax.transAxes)
+    leg_ax.text(0.995, 0.5, note, fontsize=7 * text_scale, ha="right", va="center", transform=leg_ax.transAxes)
     return save_png(fig, out_path)
 
 
@@ -278,7 +280,7 @@ def _place_labels(boxes: Tensor, scores: Tensor, labels: Tensor, quality: Tensor
     ``label_threshold`` whose label does not overlap one already placed, at most ``max_labels``.
 
     Label sizes are estimated from a 7 pt font at 100 dpi (about 5.9 x 12 px per character and line),
-    in image pixels (the drawing enlarges the image ``scale`` times).
+    in image pixels: ``scale`` is drawing pixels per image pixel divided by the text's enlargement.
     """
     placed: dict[int, tuple] = {}
     rects: list[tuple[float, float, float, float]] = []

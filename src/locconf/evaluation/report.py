@@ -53,7 +53,7 @@ th, td { padding: 0.28em 0.7em; border-bottom: 1px solid #e4e4e4; text-align: ri
 th:first-child, td:first-child { text-align: left; } th { background: #f5f5f5; }
 td.best { font-weight: bold; } figure { margin: 0.8em 0; } figure img { max-width: 100%; }
 figcaption { color: #555; font-size: 0.9em; }
-.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(270px, 1fr)); gap: 12px; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 12px; }
 .gallery figure { margin: 0; border: 1px solid #ddd; padding: 4px; background: #fafafa; }
 .gallery img { width: 100%; display: block; }
 .note { color: #555; font-size: 0.92em; }
