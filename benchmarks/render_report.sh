@@ -8,7 +8,7 @@
 # The second form runs `locconf eval CONFIG --checkpoint CHECKPOINT --html --gallery 6` and `locconf
 # predict IMAGE --checkpoint CHECKPOINT`, then renders into OUT_DIR (default docs/screenshots):
 # report.png (the top of the report: tables), report_gallery.png (the report's gallery of detections,
-# alone on a page with the report's style) and predict.png (the bottom-left 900 x 650 px of predict's
+# alone on a page with the report's style) and predict.png (the bottom-left 800 x 600 px of predict's
 # drawing of IMAGE at full size, with its legend). With SCREENSHOTS_WORK=DIR the eval and predict
 # outputs are kept in DIR and reused by the next run. The screenshots of docs/screenshots/ were made with
 #
@@ -23,15 +23,16 @@
 # Needs Debian's chromium (apt-get install -y chromium). The report is self-contained (images are
 # base64 PNG, the style sheet inline), so Chromium is started with everything that could reach the
 # network switched off; a fresh profile is created and removed. Each screenshot is then shrunk to
-# at most 1000 px wide, 8-bit palette, so that it stays small (< 300 KB), with Pillow from $PYTHON
+# at most 1000 px wide (800 for the gallery), a palette of 256 colours (64 for the photographs), so that
+# it stays small (< 300 KB), with Pillow from $PYTHON
 # (default: the repository's .venv, else python3).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 if [ -x "$repo/.venv/bin/python" ]; then python=${PYTHON:-$repo/.venv/bin/python}; else python=${PYTHON:-python3}; fi
 usage="usage: render_report.sh REPORT.html OUT.png [WIDTHxHEIGHT] | render_report.sh screenshots CONFIG CHECKPOINT IMAGE [OUT_DIR]"
 
-render() {  # render PAGE OUT.png WIDTHxHEIGHT [COLOURS]
-    local page=$1 out=$2 size=$3 colours=${4:-256} browser profile shot
+render() {  # render PAGE OUT.png WIDTHxHEIGHT [COLOURS [MAX_WIDTH]]
+    local page=$1 out=$2 size=$3 colours=${4:-256} max_width=${5:-1000} browser profile shot
     browser=$(command -v chromium || command -v chromium-browser || true)
     if [ -z "$browser" ]; then
         echo "chromium not found: apt-get install -y chromium" >&2
@@ -48,14 +49,15 @@ render() {  # render PAGE OUT.png WIDTHxHEIGHT [COLOURS]
         echo "chromium wrote no screenshot of $page" >&2
         exit 1
     fi
-    "$python" - "$shot" "$out" "$colours" <<'PY'
+    "$python" - "$shot" "$out" "$colours" "$max_width" <<'PY'
 import os
 import sys
 from PIL import Image
 im = Image.open(sys.argv[1]).convert("RGB")
-if im.width > 1000:
-    im = im.resize((1000, round(im.height * 1000 / im.width)), Image.LANCZOS)
-im.quantize(colors=int(sys.argv[3]), method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(sys.argv[2], optimize=True)
+width = int(sys.argv[4])
+if im.width > width:
+    im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
+im.quantize(colors=int(sys.argv[3]), method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(sys.argv[2], optimize=True)
 print(f"{sys.argv[2]}: {im.width}x{im.height}, {os.path.getsize(sys.argv[2]) // 1024} KB")
 PY
     rm -rf "$profile"
@@ -102,6 +104,6 @@ cat > "$work/predict.html" <<'HTML'
 <img src="predict.png" style="position:absolute;left:0;bottom:0" alt="predict"></body></html>
 HTML
 render "$work/report.html" "$out_dir/report.png" 1280x1700
-render "$work/gallery.html" "$out_dir/report_gallery.png" 960x1000 128
-render "$work/predict.html" "$out_dir/predict.png" 900x650 128
+render "$work/gallery.html" "$out_dir/report_gallery.png" 960x1010 64 800
+render "$work/predict.html" "$out_dir/predict.png" 800x600 64
 ls -l "$out_dir"

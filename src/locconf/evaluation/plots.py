@@ -255,12 +255,11 @@ def draw_detections(
         handles.append(Line2D([], [], color="0.3", lw=1.2, ls="--", label="ground truth"))
     note = (f"{len(drawn)} boxes with score >= {score_threshold:g}; {len(labelled)} labelled "
             f"(score >= {label_threshold:g}{', q = predicted IoU' if quality is not None else ''})")
+    handles.append(Line2D([], [], lw=0, label=note))  # the counts, right after the colours
     leg_ax = fig.add_axes((0, 0, 1, frac))
     leg_ax.set_axis_off()
-    if handles:
-        leg_ax.legend(handles=handles, loc="center left", ncol=len(handles), fontsize=7 * text_scale, frameon=False,
-                      handlelength=1.6, columnspacing=1.0, borderaxespad=0.2)
-    leg_ax.text(0.995, 0.5, note, fontsize=7 * text_scale, ha="right", va="center", transform=leg_ax.transAxes)
+    leg_ax.legend(handles=handles, loc="center left", ncol=len(handles), fontsize=7 * text_scale, frameon=False,
+                  handlelength=1.6, columnspacing=1.0, borderaxespad=0.2)
     return save_png(fig, out_path)
 
 
