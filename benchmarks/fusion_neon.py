@@ -9,7 +9,7 @@ and run once over the val split of its data section (every checkpoint must name 
 split): one pass per model, plus, with ``--tta``, a horizontally and a vertically flipped pass of
 each image whose boxes (and variances) are mapped back (``locconf.tta``; ``benchmarks/tta_neon.py``
 measures every symmetry and merge). Each pass's candidates are post-processed
-with ``--method`` (NMS by default) and scored alone (``locconf.engine.evaluate.evaluate_methods``);
+with ``--method`` (NMS by default) and scored alone (``locconf.evaluation.evaluate_methods``);
 then the passes' detections of each image are fused with ``locconf.fusion.fuse`` under each
 weighting the passes support (``score`` always; ``quality`` when every pass predicts it;
 ``variance`` when every pass predicts variances), capped at 100 per image, and scored the same

@@ -34,7 +34,7 @@ import torch
 from torchvision.ops import box_iou
 
 from locconf.data import collate_fn
-from locconf.engine.evaluate import collect_candidates, evaluate_methods
+from locconf.evaluation import collect_candidates, evaluate_methods
 from locconf.evaluation.correlation import confidence_correlation
 from locconf.experiment import build_datasets, load_trained
 from locconf.postprocess import postprocess

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from locconf.data import collate_fn
-from locconf.engine.evaluate import collect_candidates, evaluate_methods
+from locconf.evaluation import collect_candidates, evaluate_methods
 from locconf.experiment import build_datasets, load_trained
 
 ROOT = Path(__file__).resolve().parents[1]

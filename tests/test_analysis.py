@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from locconf.evaluation import (
     confidence_correlation,
@@ -237,13 +238,67 @@ def test_draw_detections(tmp_path):
     assert _is_png(draw_detections((image * 255).to(torch.uint8), empty, tmp_path / "none.png"))
     with pytest.raises(ValueError, match="image"):
         draw_detections(torch.rand(120, 200), det, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="label_threshold"):
+        draw_detections(image, det, tmp_path / "x.png", label_threshold=float("nan"))
+    with pytest.raises(ValueError, match="max_labels"):
+        draw_detections(image, det, tmp_path / "x.png", max_labels=-1)
+    assert not (tmp_path / "x.png").exists()
+    # the drawing is the image enlarged to 640 px wide (text stays legible), plus a 30 px legend row
+    assert Image.open(out).size == (640, 384 + 30)
 
 
-def test_old_import_path_still_works():
-    """``locconf.analysis`` re-exports the analysis from its new home (README, tiling, benchmarks)."""
-    import locconf.analysis as old
-    import locconf.evaluation as new
+def _dense(n=2000, seed=0, extent=1900):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * extent
+    boxes = torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 30], 1).double()
+    return boxes, torch.rand(n, generator=g).double(), torch.randint(1, 4, (n,), generator=g), torch.rand(n).double()
 
-    for name in old.__all__:
-        assert getattr(old, name) is getattr(new, "CONFIDENCE_SIGNALS" if name == "SIGNALS" else name), name
-    assert old.SIGNALS == ("score", "quality", "combined")
+
+@pytest.mark.parametrize("label_threshold, max_labels", [(0.5, 50), (0.9, 1000), (0.0, 7), (1.5, 50), (0.5, 0)])
+def test_draw_detections_labels_never_overlap(label_threshold, max_labels):
+    """Whatever the density: labels only on boxes at or above the threshold, the best first, at most
+    max_labels, and no two label rectangles overlap (checked pair by pair)."""
+    from locconf.evaluation.plots import _place_labels
+
+    boxes, scores, labels, quality = _dense()
+    drawn = torch.argsort(scores, descending=True)
+    drawn = drawn[scores[drawn] >= 0.3]
+    placed = _place_labels(boxes, scores, labels, quality, drawn, str, label_threshold, max_labels, scale=1.0)
+    assert len(placed) <= max_labels
+    assert all(scores[i] >= label_threshold for i in placed)
+    rects = []
+    for i, (x, y, text, inside) in placed.items():
+        assert (x, y) == tuple(boxes[i, :2].tolist()) and text == f"{int(labels[i])} {scores[i]:.2f} q={quality[i]:.2f}"
+        rects.append((x, y - 12 * (not inside), x + len(text) * 5.9 + 2, y + 12 * inside))
+    for a in range(len(rects)):
+        for b in range(a):
+            ra, rb = rects[a], rects[b]
+            assert not (ra[0] < rb[2] and rb[0] < ra[2] and ra[1] < rb[3] and rb[1] < ra[3]), (a, b)
+    # greedy by score: a box above the threshold without a label has its label blocked by a better one
+    best_first = [int(i) for i in drawn if scores[i] >= label_threshold]
+    if max_labels and len(placed) < max_labels:
+        assert set(placed) <= set(best_first)
+        skipped = [i for i in best_first if i not in placed]
+        assert all(any(rects_overlap_label(boxes, scores, labels, quality, s, j, placed) for j in placed)
+                   for s in skipped)
+    if label_threshold < 1 and max_labels:
+        assert placed and max(scores[i] for i in best_first) == max(scores[i] for i in placed)
+
+
+def rects_overlap_label(boxes, scores, labels, quality, s, j, placed):
+    """Whether box s's label rectangle would overlap the placed label of box j (scale 1)."""
+    def rect(i):
+        text = f"{int(labels[i])} {scores[i]:.2f} q={quality[i]:.2f}"
+        x, y = boxes[i, :2].tolist()
+        inside = y < 14.0
+        return (x, y if inside else y - 12.0, x + len(text) * 5.9 + 2, y + 12.0 if inside else y)
+    a, b = rect(s), rect(j)
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_draw_detections_dense(tmp_path):
+    """1000 boxes on a 1000 px image are drawn (as one collection) with a legend row."""
+    boxes, scores, labels, quality = _dense(n=1000, extent=950)
+    dets = {"boxes": boxes, "scores": scores, "labels": labels, "quality": quality}
+    out = draw_detections(torch.zeros(3, 1000, 1000), dets, tmp_path / "dense.png", class_names=["bg", "a", "b", "c"])
+    assert Image.open(out).size == (1000, 1030)

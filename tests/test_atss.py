@@ -143,10 +143,3 @@ def test_centerness_targets_hand_computed():
     assert centerness_targets(points, boxes).tolist() == pytest.approx([math.sqrt(1 / 3), 1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="boxes"):
         centerness_targets(points, boxes[:2])
-
-
-def test_the_former_module_still_imports():
-    from locconf.models import atss
-
-    assert (atss.atss_assign, atss.centerness_targets) == (atss_assign, centerness_targets)
-

@@ -229,11 +229,3 @@ def test_postprocess_file_applies_a_calibration(tmp_path):
         postprocess_file(tmp_path / "plain.json", tmp_path / "o2.json", calibration=tmp_path / "cal.json",
                          progress=False)
     assert not (tmp_path / "o2.json").exists()
-
-
-def test_old_import_path_still_works():
-    import locconf.calibration as old
-    import locconf.evaluation.calibration as new
-
-    for name in old.__all__ + ["evaluate_calibration"]:
-        assert getattr(old, name) is getattr(new, name), name

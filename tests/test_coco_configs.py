@@ -17,7 +17,7 @@ import torch
 
 from locconf.data import SyntheticScenes, write_synthetic_coco
 from locconf.engine.checkpoint import checkpoint_path
-from locconf.engine.evaluate import REQUIRED_SIGNALS
+from locconf.postprocess import REQUIRED_SIGNALS
 from locconf.engine.train import lr_factor
 from locconf.experiment import build_datasets, load_config, load_trained, run_eval, run_train
 from locconf.postprocess import METHODS

@@ -306,16 +306,3 @@ def test_collect_candidates_bad_loader():
         collect_candidates(_RawDetector(), [([torch.zeros(3, 8, 8)], [{}])], "cpu", progress=False)
     with pytest.raises(ValueError, match="batches"):
         collect_candidates(_RawDetector(), [torch.zeros(3, 8, 8)], "cpu", progress=False)
-
-
-def test_old_import_paths_still_work():
-    """``locconf.engine`` / ``locconf.engine.evaluate`` re-export the evaluation (README, benchmarks)."""
-    import locconf.engine
-    import locconf.engine.evaluate as old
-    import locconf.evaluation as new
-    from locconf.postprocess import REQUIRED_SIGNALS
-
-    for name in ("collect_candidates", "evaluate_methods", "format_table", "METRICS"):
-        assert getattr(old, name) is getattr(new, name) is getattr(locconf.engine, name)
-    assert old.REQUIRED_SIGNALS is REQUIRED_SIGNALS
-    assert old._load_coco is new.load_coco and old._coco_metrics is new.coco_metrics

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from locconf.analysis import confidence_correlation, pearson
+from locconf.evaluation import confidence_correlation, pearson
 from locconf.data import SyntheticScenes, build_transforms
-from locconf.engine.evaluate import REQUIRED_SIGNALS
+from locconf.postprocess import REQUIRED_SIGNALS
 from locconf.engine.train import train
 from locconf.experiment import build_model, load_config
 from locconf.models import build_one_stage

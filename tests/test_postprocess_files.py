@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from locconf.analysis import confidence_correlation
+from locconf.evaluation import confidence_correlation
 from locconf.cli import run_command as main  # exceptions propagate
-from locconf.engine import evaluate_methods
+from locconf.evaluation import evaluate_methods
 from locconf.fusion import fuse
 from locconf.postprocess import postprocess
 from locconf.postprocess_files import fuse_files, postprocess_file, read_detections

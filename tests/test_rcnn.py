@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from locconf.analysis import confidence_correlation, match_to_ground_truth, pearson
+from locconf.evaluation import confidence_correlation, match_to_ground_truth, pearson
 from locconf.boxes import elementwise_box_iou, elementwise_integrity, elementwise_purity, iou_from_purity_integrity
 from locconf.data import SyntheticScenes
 from locconf.engine.train import train

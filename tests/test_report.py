@@ -9,9 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from locconf.evaluation.report import detections_png, render_report, write_report
+from locconf.evaluation.report import (
+    detections_figure,
+    detections_png,
+    gallery_indices,
+    gallery_item,
+    render_report,
+    write_report,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 RESULTS = {
@@ -86,9 +95,85 @@ def test_chromium_renders_the_report(tmp_path):
     assert im.shape[1] == 1000 and im.std() > 5  # not a blank page
 
 
-def test_old_import_path_still_works():
-    import locconf.evaluation.report as new
-    import locconf.report as old
+# --------------------------------------------------------------------------------------------
+# The gallery: sampled across sites, at most max_boxes per image, a legend and a labelled colour bar
+# --------------------------------------------------------------------------------------------
 
-    for name in old.__all__:
-        assert getattr(old, name) is getattr(new, name), name
+
+def test_gallery_indices_hand_computed():
+    # NEON val: 9 YELL images, then one OSBS and one SOAP: each small site gets its image, YELL the rest
+    assert gallery_indices(["YELL"] * 9 + ["OSBS", "SOAP"], 8) == [0, 2, 3, 5, 6, 8, 9, 10]
+    assert gallery_indices([None] * 10, 3) == [0, 4, 9]  # evenly through the images, first and last
+    assert gallery_indices(["a", "b", "a", "b"], 1) == [0]
+    assert gallery_indices(["a", "b"], 8) == [0, 1]
+    assert gallery_indices([], 5) == [] and gallery_indices(["a"], 0) == []
+    with pytest.raises(ValueError, match="count"):
+        gallery_indices(["a"], -1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "c", None]), max_size=30), st.integers(0, 35))
+def test_gallery_indices_share_fairly(sites, count):
+    picked = gallery_indices(sites, count)
+    assert len(picked) == len(set(picked)) == min(count, len(sites))
+    share = {s: sum(sites[i] == s for i in picked) for s in set(sites)}
+    available = {s: sites.count(s) for s in set(sites)}
+    for s in share:  # a site gets fewer than another's share minus one only when it has no more images
+        for t in share:
+            assert share[s] >= share[t] - 1 or share[s] == available[s], (s, t, share)
+
+
+def _scene(n=90, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 340
+    boxes = torch.cat([xy, xy + 20 + torch.rand(n, 2, generator=g) * 30], 1)
+    return {"boxes": boxes, "scores": torch.rand(n, generator=g), "labels": torch.ones(n, dtype=torch.long),
+            "quality": torch.rand(n, generator=g)}
+
+
+def test_detections_figure_legend_and_colour_bar():
+    dets = _scene()
+    above = int((dets["scores"] >= 0.3).sum())
+    fig = detections_figure(torch.zeros(3, 400, 400), dets, gt={"boxes": dets["boxes"][:5]})
+    image_ax, legend_ax, bar = fig.axes
+    assert [t.get_text() for t in bar.get_xticklabels()] == ["0", "0.25", "0.5", "0.75", "1"]
+    assert bar.get_xlabel() == "predicted IoU (quality)"
+    assert [t.get_text() for t in legend_ax.get_legend().get_texts()] == ["detection", "ground truth"]
+    assert [t.get_text() for t in legend_ax.texts] == [f"25 shown, {above - 25} more hidden"]
+    # without quality the colour is the score, and says so; without ground truth no such legend entry
+    bare = {k: dets[k] for k in ("boxes", "scores")}
+    fig = detections_figure(torch.zeros(3, 400, 400), bare, max_boxes=500)
+    assert fig.axes[2].get_xlabel() == "score (no quality predicted)"
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["detection"]
+    assert [t.get_text() for t in fig.axes[1].texts] == [f"{above} shown"]
+    with pytest.raises(ValueError, match="max_boxes"):
+        detections_figure(torch.zeros(3, 40, 40), dets, max_boxes=0)
+
+
+def test_gallery_item_draws_only_the_best_boxes():
+    """Two isolated boxes on a black image, 30 decoys between them: the best box's outline is drawn
+    (yellow: quality 1), the 27th-best box's is not, and the caption counts them."""
+    boxes = [[20.0, 20.0, 120.0, 120.0], [250.0, 250.0, 350.0, 350.0]] + [[200.0, 40.0 + i, 210.0, 50.0 + i]
+                                                                            for i in range(30)]
+    scores = [0.99, 0.31] + [0.5 + i / 100 for i in range(30)]
+    dets = {"boxes": torch.tensor(boxes), "scores": torch.tensor(scores), "quality": torch.ones(32)}
+    item = gallery_item(torch.zeros(3, 400, 400), dets, title="image 7 (SOAP)", max_boxes=25)
+    assert item["caption"] == "image 7 (SOAP): 32 detections with score >= 0.3 (25 best shown, 7 more hidden)"
+    import io
+
+    im = np.asarray(Image.open(io.BytesIO(item["png"])).convert("RGB")).astype(int)
+    assert im.shape[:2] == (462, 400)  # 400 px of image (scale 1, at the top) and the footer
+
+    def yellow(x1, y1, x2, y2):  # pixels of a box's left edge that are viridis(1)-like
+        col = im[int(y1) + 5:int(y2) - 5, int(x1) - 1:int(x1) + 2]
+        return int(((col[..., 0] > 180) & (col[..., 1] > 180) & (col[..., 2] < 100)).sum())
+
+    assert yellow(*boxes[0]) > 50
+    assert yellow(*boxes[1]) == 0
+    few = gallery_item(torch.zeros(3, 400, 400), dets, gt={"boxes": torch.zeros(3, 4)}, max_boxes=40)
+    assert few["caption"] == "32 detections with score >= 0.3, 3 objects"
+
+
+def test_report_gallery_has_a_legend():
+    text = render_report("t", RESULTS, gallery=[{"png": _png(), "caption": "c"}])
+    assert "Dashed white boxes: ground truth" in text and "at most 25 per image" in text

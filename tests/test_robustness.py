@@ -15,7 +15,7 @@ import yaml
 
 from locconf import boxes as B
 from locconf.cli import run_command as main  # exceptions propagate
-from locconf.engine.evaluate import evaluate_methods
+from locconf.evaluation import evaluate_methods
 from locconf.experiment import check_config, load_config, run_train
 
 

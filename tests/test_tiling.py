@@ -461,9 +461,9 @@ def test_neon_bands_are_whole_images_with_their_crowns(tmp_path):
     assert boxes[small["id"]] == [[5.0, 5.0, 20.0, 25.0]]
     assert Image.open(out / big["file_name"]).size == (500, 200)
     # perfect detections score AP 1 with the benchmark's evaluation
-    from locconf.engine.evaluate import _load_coco
+    from locconf.evaluation import load_coco
 
-    coco = _load_coco(out / "bands.json")
+    coco = load_coco(out / "bands.json")
     records = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]]
     assert bench.coco_scores(coco, records, [big["id"], small["id"]])["AP75"] == pytest.approx(1.0)
 

@@ -1,6 +1,4 @@
-"""Training and checkpoints; the evaluation names re-exported from their home, :mod:`locconf.evaluation`."""
+"""Training and checkpoints: :func:`locconf.engine.train.train` and its steps (see :mod:`locconf.engine.train`).
 
-from ..evaluation import METRICS, collect_candidates, evaluate_methods, format_table
-from ..postprocess import REQUIRED_SIGNALS
-
-__all__ = ["METRICS", "REQUIRED_SIGNALS", "collect_candidates", "evaluate_methods", "format_table"]
+The evaluation lives in :mod:`locconf.evaluation`.
+"""

@@ -16,9 +16,6 @@ model and data set:
   ECE) and the isotonic maps that make them (:class:`Calibration`);
 * :mod:`.plots`: confidence scatter, reliability diagrams, detections on an image;
 * :mod:`.report`: the self-contained HTML page of ``locconf eval --html``.
-
-The old paths :mod:`locconf.engine.evaluate`, :mod:`locconf.analysis`, :mod:`locconf.calibration`
-and :mod:`locconf.report` re-export these.
 """
 
 from . import calibration

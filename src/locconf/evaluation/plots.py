@@ -177,17 +177,28 @@ def draw_detections(
     gt: Mapping | None = None,
     score_threshold: float = 0.3,
     class_names: Sequence[str] | None = None,
+    label_threshold: float = 0.5,
+    max_labels: int = 50,
 ) -> Path:
     """Draw detections (and optionally ground truth) on an image and save it as a PNG.
+
+    Readable at any density: every box scoring at least ``score_threshold`` is drawn (in its class's
+    colour), but a text label ``name score q=quality`` is written only on boxes scoring at least
+    ``label_threshold``, best first, at most ``max_labels`` of them, and never over a label already
+    written (labels that would overlap are left out). A legend under the image says what the
+    colours and line styles mean and how many boxes are drawn and labelled.
 
     Args:
         image: (3, H, W) float in [0, 1] or uint8 (a (1, H, W) image is shown in grey).
         detections: one image's detections or candidates (:class:`locconf.candidates.Candidates`;
-            ``labels`` and ``quality`` optional); each box is labelled ``name score`` and ``q=quality``.
+            ``labels`` and ``quality`` optional).
         out_path: PNG path (parent folders are created).
         gt: optional target with ``boxes`` (M, 4) (drawn dashed white).
         score_threshold: only detections with a score at least this are drawn.
         class_names: ``class_names[label]`` names the classes (default: the label number).
+        label_threshold: only detections with a score at least this get a text label (1.0 or
+            more: no labels, the legend alone).
+        max_labels: the most text labels written (the highest scores first); 0: none.
 
     Returns:
         ``out_path`` as a ``Path``.
@@ -197,34 +208,97 @@ def draw_detections(
         raise ValueError(f"image must be a (3, H, W) or (1, H, W) tensor, got {shape}")
     if not isinstance(detections, Mapping) or "boxes" not in detections or "scores" not in detections:
         raise ValueError("detections must be a dict with 'boxes' and 'scores'")
-    boxes = check_boxes(detections["boxes"], "detections['boxes']").detach().cpu()
-    scores = detections["scores"].detach().cpu()
+    for name, value in (("score_threshold", score_threshold), ("label_threshold", label_threshold)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(max_labels, bool) or not isinstance(max_labels, int) or max_labels < 0:
+        raise ValueError(f"max_labels must be a non-negative int, got {max_labels!r}")
+    boxes = check_boxes(detections["boxes"], "detections['boxes']").detach().cpu().double()
+    scores = detections["scores"].detach().cpu().double()
     if scores.shape != boxes.shape[:1]:
         raise ValueError(f"detections['scores'] must have shape ({boxes.shape[0]},), got {tuple(scores.shape)}")
     labels = detections.get("labels")
+    labels = labels.detach().cpu().long() if labels is not None else torch.zeros(len(boxes), dtype=torch.long)
     quality = detections.get("quality")
-    keep = scores >= score_threshold
+    quality = quality.detach().cpu().double() if quality is not None else None
 
     img = image_array(image)
     h, w = img.shape[:2]
     scale = max(1.0, 640.0 / max(h, w))  # small images are enlarged so that the text stays legible
-    fig = figure(w * scale / 100.0, h * scale / 100.0)
-    ax = fig.add_axes((0, 0, 1, 1))
+    text_scale = max(1.0, w * scale / 1200.0)  # large drawings (predict's overview) get larger text
+    footer = 0.3 * text_scale  # inches under the image for the legend
+    fig = figure(w * scale / 100.0, h * scale / 100.0 + footer)
+    frac = footer / (h * scale / 100.0 + footer)
+    ax = fig.add_axes((0, frac, 1, 1 - frac))
     show_image(ax, img, gt, interpolation="nearest", gt_width=1.2)
 
-    from matplotlib.patches import Rectangle
+    from matplotlib.lines import Line2D
 
-    cmap = [f"C{i}" for i in range(10)]
-    for i in torch.nonzero(keep).flatten().tolist():
-        x1, y1, x2, y2 = boxes[i].tolist()
-        label = int(labels[i]) if labels is not None else 0
-        color = cmap[label % 10]
-        name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
-        text = f"{name} {float(scores[i]):.2f}"
+    order = torch.argsort(scores, descending=True, stable=True)
+    drawn = order[scores[order] >= score_threshold]
+    colours = [f"C{i}" for i in range(10)]
+
+    def name_of(label: int) -> str:
+        return str(class_names[label]) if class_names is not None and 0 <= label < len(class_names) else str(label)
+
+    ax.add_collection(_box_outlines(boxes[drawn.flip(0)], [colours[c % 10] for c in labels[drawn.flip(0)].tolist()],
+                                    lw=1.5))  # best drawn last, on top
+    labelled = _place_labels(boxes, scores, labels, quality, drawn, name_of, label_threshold, max_labels,
+                             scale / text_scale)
+    for i, (x, y, text, inside) in labelled.items():
+        ax.text(x, y, text, fontsize=7 * text_scale, color="white", va="top" if inside else "bottom", ha="left", clip_on=True,
+                bbox={"facecolor": colours[int(labels[i]) % 10], "alpha": 0.8, "pad": 1, "lw": 0})
+
+    handles = [Line2D([], [], color=colours[c % 10], lw=2, label=name_of(c))
+               for c in sorted(set(labels[drawn].tolist()))[:10]]
+    if gt is not None:
+        handles.append(Line2D([], [], color="0.3", lw=1.2, ls="--", label="ground truth"))
+    note = (f"{len(drawn)} boxes with score >= {score_threshold:g}; {len(labelled)} labelled "
+            f"(score >= {label_threshold:g}{', q = predicted IoU' if quality is not None else ''})")
+    handles.append(Line2D([], [], lw=0, label=note))  # the counts, right after the colours
+    leg_ax = fig.add_axes((0, 0, 1, frac))
+    leg_ax.set_axis_off()
+    leg_ax.legend(handles=handles, loc="center left", ncol=len(handles), fontsize=7 * text_scale, frameon=False,
+                  handlelength=1.6, columnspacing=1.0, borderaxespad=0.2)
+    return save_png(fig, out_path)
+
+
+def _box_outlines(boxes: Tensor, colours, lw: float):
+    """The outlines of ``boxes`` (N, 4) as one matplotlib ``PolyCollection`` (one artist for any N)."""
+    from matplotlib.collections import PolyCollection
+
+    x1, y1, x2, y2 = boxes.double().unbind(1)
+    corners = torch.stack([torch.stack([x1, y1], 1), torch.stack([x2, y1], 1), torch.stack([x2, y2], 1),
+                           torch.stack([x1, y2], 1)], 1)
+    return PolyCollection(corners.numpy(), closed=True, facecolors="none", edgecolors=colours, linewidths=lw)
+
+
+def _place_labels(boxes: Tensor, scores: Tensor, labels: Tensor, quality: Tensor | None, drawn: Tensor,
+                  name_of, label_threshold: float, max_labels: int, scale: float) -> dict[int, tuple]:
+    """``{index: (x, y, text, inside)}`` of the labels to write: the best-scoring boxes at or above
+    ``label_threshold`` whose label does not overlap one already placed, at most ``max_labels``.
+
+    Label sizes are estimated from a 7 pt font at 100 dpi (about 5.9 x 12 px per character and line),
+    in image pixels: ``scale`` is drawing pixels per image pixel divided by the text's enlargement.
+    """
+    placed: dict[int, tuple] = {}
+    rects: list[tuple[float, float, float, float]] = []
+    if max_labels == 0:
+        return placed
+    char_w, line_h = 5.9 / scale, 12.0 / scale
+    candidates = drawn[scores[drawn] >= label_threshold].tolist()
+    for i in candidates:
+        text = f"{name_of(int(labels[i]))} {float(scores[i]):.2f}"
         if quality is not None:
             text += f" q={float(quality[i]):.2f}"
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=color, lw=1.5))
+        x1, y1 = float(boxes[i, 0]), float(boxes[i, 1])
         inside = y1 < 14.0 / scale  # no room above the box: write the label inside it
-        ax.text(x1, y1, text, fontsize=7, color="white", va="top" if inside else "bottom", ha="left", clip_on=True,
-                bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "lw": 0})
-    return save_png(fig, out_path)
+        rect = (x1, y1 if inside else y1 - line_h, x1 + len(text) * char_w + 2 / scale,
+                (y1 + line_h) if inside else y1)
+        if any(rect[0] < r[2] and r[0] < rect[2] and rect[1] < r[3] and r[1] < rect[3] for r in rects):
+            continue
+        rects.append(rect)
+        placed[i] = (x1, y1, text, inside)
+        if len(placed) == max_labels:
+            break
+    return placed

@@ -322,16 +322,16 @@ def _write_html(path: str | os.PathLike, report: dict, figures: dict[str, Path],
 
 
 def _gallery(val_ds, candidates: list[dict], method: str, params: dict, count: int) -> list[dict]:
-    """PNG thumbnails of the first ``count`` images' detections, coloured by predicted quality."""
-    from ..evaluation.report import detections_png
+    """PNG thumbnails of ``count`` images' detections, coloured by predicted quality, sampled across sites
+    (:func:`locconf.evaluation.report.gallery_indices`), at most 25 boxes each (:func:`~locconf.evaluation.report.gallery_item`)."""
+    from ..evaluation.report import gallery_indices, gallery_item
     from ..postprocess import postprocess
 
+    sites = [val_ds.target(i).get("site") for i in range(len(val_ds))]
     items = []
-    for i in range(min(count, len(val_ds))):
+    for i in gallery_indices(sites, count):
         image, target = val_ds[i]
         dets = postprocess(candidates[i], method, **params)
-        caption = f"image {target.get('image_id')}" + (f" ({target['site']})" if "site" in target else "")
-        items.append({"png": detections_png(image, dets, gt=target),
-                      "caption": f"{caption}: {int((dets['scores'] >= 0.3).sum())} detections (score >= 0.3), "
-                                 f"{len(target['boxes'])} objects"})
+        title = f"image {target.get('image_id')}" + (f" ({target['site']})" if "site" in target else "")
+        items.append(gallery_item(image, dets, gt=target, title=title))
     return items

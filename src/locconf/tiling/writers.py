@@ -212,8 +212,15 @@ def write_together(writers: Mapping[str | os.PathLike, Callable[[Path], object]]
 
 
 def draw_overview(raster: Any, dets: Mapping[str, Tensor], path: str | os.PathLike, max_side: int = 2000,
-                  score_threshold: float = 0.3, class_names: Optional[Sequence[str]] = None) -> Path:
-    """Draw the detections on the image, downscaled so that its longer side is at most ``max_side``."""
+                  score_threshold: float = 0.3, class_names: Optional[Sequence[str]] = None,
+                  label_threshold: float = 0.5, max_labels: int = 50) -> Path:
+    """Draw the detections on the image, downscaled so that its longer side is at most ``max_side``.
+
+    Readable at any density (:func:`locconf.evaluation.plots.draw_detections`): every box scoring at
+    least ``score_threshold`` is outlined in its class's colour, text labels go only on boxes scoring
+    at least ``label_threshold`` (at most ``max_labels``, never over one another), and a legend
+    under the image names the colours and counts the boxes drawn and labelled.
+    """
     from ..evaluation.plots import draw_detections
 
     _check_int(max_side, "max_side", 16)
@@ -221,4 +228,5 @@ def draw_overview(raster: Any, dets: Mapping[str, Tensor], path: str | os.PathLi
     shown = {k: v for k, v in dets.items() if k in ("scores", "labels", "quality")}
     shown["boxes"] = dets["boxes"] * scale
     return atomic_write(path, lambda tmp: draw_detections(image, shown, tmp, score_threshold=score_threshold,
-                                                     class_names=class_names))
+                                                     class_names=class_names, label_threshold=label_threshold,
+                                                     max_labels=max_labels))
