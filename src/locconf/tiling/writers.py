@@ -179,36 +179,17 @@ def write_coco_images(images: Sequence[Mapping[str, Any]], records: Sequence[Map
 
 def write_together(writers: Mapping[str | os.PathLike, Callable[[Path], object]]) -> list[Path]:
     """Write several files as one set: each ``writers[path](staged)`` writes a staged file beside its
-    path, and only when every one succeeded are they renamed over their paths, one after the other
-    with SIGINT and SIGTERM held back (delivered right after), so an interruption leaves either the
-    old set or the new one, never a mix. On an error every staged file is removed. Returns the paths.
+    path, and only when every one succeeded are they renamed over their paths with SIGINT and
+    SIGTERM held back (:class:`locconf.files.OutputSet`), so an interruption leaves either the old
+    set or the new one, never a mix. On an error every staged file is removed. Returns the paths.
     """
-    import signal
+    from ..files import OutputSet
 
-    staged: dict[Path, Path] = {}
-    try:
-        for path, write in writers.items():
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.staged.{os.getpid()}")
-            staged[path] = tmp
-            write(tmp)
-        blocked = {signal.SIGINT, signal.SIGTERM}
-        try:
-            previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-        except (AttributeError, ValueError, OSError):  # no sigmask on this platform
-            previous = None
-        try:
-            for path, tmp in staged.items():
-                os.replace(tmp, path)
-        finally:
-            if previous is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    except BaseException:
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    return list(staged)
+    paths = {str(i): Path(path) for i, path in enumerate(writers)}
+    with OutputSet(paths) as files:
+        for name, write in zip(paths, writers.values()):
+            write(files.temp(name))
+    return list(paths.values())
 
 
 def draw_overview(raster: Any, dets: Mapping[str, Tensor], path: str | os.PathLike, max_side: int = 2000,
