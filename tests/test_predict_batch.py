@@ -17,10 +17,12 @@ import torch
 from PIL import Image
 
 from locconf.experiment.batch import RECORDS_DIR, expand_inputs, output_names, predict_images
+from test_tiling import BoxTheGreyLevels  # the perfect detector of the tiling tests (tests/ is on the path)
 
 
-class GreyLevels(torch.nn.Module):
-    """Each grey level > 0 of a tile is one object, boxed tightly (score 0.9, quality 0.8); counts its calls."""
+class GreyLevels(BoxTheGreyLevels):
+    """test_tiling's perfect detector (each grey level > 0 of a tile is one object, boxed tightly,
+    score 0.9, quality 0.8) that counts its calls and can fail or be interrupted at one of them."""
 
     def __init__(self, fail_on_call=None, interrupt_on_call=None):
         super().__init__()
@@ -32,20 +34,7 @@ class GreyLevels(torch.nn.Module):
             raise KeyboardInterrupt
         if self.calls == self.fail_on_call:
             raise RuntimeError("the model broke")
-        out = []
-        for image in images:
-            levels = torch.round(image[0] * 255).long()
-            boxes = []
-            for v in torch.unique(levels).tolist():
-                if v == 0:
-                    continue
-                ys, xs = torch.nonzero(levels == v, as_tuple=True)
-                boxes.append([xs.min().item(), ys.min().item(), xs.max().item() + 1.0, ys.max().item() + 1.0])
-            n = len(boxes)
-            out.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
-                        "scores": torch.full((n,), 0.9), "labels": torch.ones(n, dtype=torch.int64),
-                        "quality": torch.full((n,), 0.8)})
-        return out
+        return super().candidates(images)
 
 
 def _scene(path: Path, seed: int, height: int = 90, width: int = 120, count: int = 3) -> list[list[float]]:
