@@ -35,7 +35,7 @@ def write_image_outputs(raster: Any, dets: Mapping[str, Tensor], *, image_path: 
     * ``csv`` (optional): the CSV (``image_path`` = ``image_path``, pixel boxes; map columns for
       a georeferenced raster);
     * ``vector`` (optional): GeoJSON polygons in the raster's map coordinates and CRS
-      (:func:`locconf.tiling.write_vector_boxes`), written only when the raster is georeferenced and
+      (:func:`locconf.io.write_detections`), written only when the raster is georeferenced and
       the geo extra is installed (else logged once).
 
     Each file is staged beside its path and the set is renamed into place only when all are
@@ -43,7 +43,8 @@ def write_image_outputs(raster: Any, dets: Mapping[str, Tensor], *, image_path: 
     that writes an image's outputs: a new per-image output (e.g. a vector file in the raster's
     CRS) belongs here. Returns ``{kind: path}`` of the files written.
     """
-    from ..tiling import draw_overview, write_coco_results, write_csv, write_together, write_vector_boxes
+    from ..io import write_detections
+    from ..tiling import draw_overview, write_coco_results, write_csv, write_together
 
     outputs: dict[str, Path] = {"drawing": Path(drawing), "detections": Path(detections)}
     writers = {
@@ -58,8 +59,9 @@ def write_image_outputs(raster: Any, dets: Mapping[str, Tensor], *, image_path: 
                                                         image_path=image_path)
     if vector is not None and raster.transform is not None and _geo_available():
         outputs["vector"] = Path(vector)
-        writers[outputs["vector"]] = lambda tmp: write_vector_boxes(dets, tmp, raster.transform, raster.crs,
-                                                                    class_names)
+        writers[outputs["vector"]] = lambda tmp: write_detections(tmp, dets, image_path=image_path, format="geojson",
+                                                                  transform=raster.transform, crs=raster.crs,
+                                                                  class_names=class_names)
     if len(writers) < len(outputs):
         raise ValueError(f"the outputs of {image_path} must be distinct files, got {sorted(map(str, outputs.values()))}")
     write_together(writers)

@@ -21,8 +21,7 @@ The modules, in the order of the flow (each docstring holds the details):
   (:class:`TileMerger`);
 * :mod:`.writers`: CSV with DeepForest's columns and ``image_path`` (:func:`write_csv`,
   :func:`write_csv_images`), COCO results (:func:`write_coco_results`, :func:`coco_records`) and a
-  COCO file of several images (:func:`write_coco_images`), polygons in map coordinates
-  (:func:`write_vector_boxes`: GeoJSON, GeoPackage, shapefile), an overview image
+  COCO file of several images (:func:`write_coco_images`), an overview image
   (:func:`draw_overview`), boxes in map units (:func:`map_boxes`) and a set of files written as one
   (:func:`write_together`);
 * :mod:`.checks`: the argument checks they share.
@@ -43,7 +42,6 @@ from .writers import (
     write_coco_results,
     write_csv,
     write_csv_images,
-    write_vector_boxes,
     write_together,
 )
 
@@ -65,7 +63,6 @@ __all__ = [
     "CSV_COLUMNS",
     "write_csv",
     "write_csv_images",
-    "write_vector_boxes",
     "coco_records",
     "records_to_dets",
     "write_coco_results",

@@ -59,34 +59,6 @@ def write_csv(dets: Mapping[str, Tensor], path: str | os.PathLike, class_names: 
                             class_names, image_column=image_path is not None)
 
 
-def write_vector_boxes(dets: Mapping[str, Tensor], path: str | os.PathLike, transform: Sequence[float],
-                       crs: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
-                       fmt: str = "geojson") -> Path:
-    """Write one image's detections as polygons in map coordinates (``fmt``: ``geojson``, ``gpkg`` or ``shp``).
-
-    Each box's four corners go through ``transform`` (GDAL's six geotransform numbers of the
-    raster) into the raster's ``crs``; the fields are ``label`` (the class name), ``score``, and
-    ``quality`` and ``var_x1 .. var_y2`` (pixels squared) where predicted. Needs the geo extra
-    (``pip install "locconf[geo]"``); written through a temporary folder (:func:`locconf.io.geo.write_vector`).
-    """
-    import numpy as np
-
-    from ..io.geo import box_polygons, write_vector
-
-    dets = _check_candidates(dets, "dets")
-    fields: dict[str, np.ndarray] = {
-        "label": np.array([_label_name(int(v), class_names) for v in dets["labels"].tolist()], dtype=object),
-        "score": dets["scores"].detach().double().cpu().numpy(),
-    }
-    if "quality" in dets:
-        fields["quality"] = dets["quality"].detach().double().cpu().numpy()
-    if "variances" in dets:
-        for i, name in enumerate(_VAR_COLUMNS):
-            fields[name] = dets["variances"][:, i].detach().double().cpu().numpy()
-    polygons = box_polygons(dets["boxes"].detach().double().cpu().numpy(), transform)
-    return write_vector(path, fmt, polygons, fields, crs)
-
-
 def write_csv_images(images: Sequence[Mapping[str, Any]], path: str | os.PathLike,
                      class_names: Optional[Sequence[str]] = None, image_column: bool = True) -> Path:
     """Write the detections of several images as one CSV: :data:`CSV_COLUMNS` and the optional columns.
