@@ -111,7 +111,15 @@ def test_output_set_commits_all_or_nothing(tmp_path):
         OutputSet({"a": tmp_path / "sub"})
 
 
-def test_signals_wait_until_the_renames_are_done(tmp_path):
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test, whatever earlier tests left installed."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def test_signals_wait_until_the_renames_are_done(tmp_path, python_sigint):
     """A SIGINT that arrives in the middle of the commit is raised after the last rename."""
     from locconf.files import OutputSet, deferred_signals
 
