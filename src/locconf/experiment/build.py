@@ -14,7 +14,7 @@ from torch import nn
 
 from .keywords import call
 
-ARCHS = ("rcnn", "one_stage", "torchvision_frcnn", "torchvision")
+ARCHS = ("rcnn", "one_stage", "torchvision_frcnn", "torchvision", "posthoc")
 
 #: ``data.synthetic`` keys and their defaults.
 SYNTHETIC_DEFAULTS = dict(num_train=200, num_val=50, image_size=256, num_classes=3, seed=0)
@@ -38,7 +38,63 @@ def model_builder(arch: Any):
         from ..models import build_torchvision
 
         return build_torchvision
+    if arch == "posthoc":
+        return build_posthoc
     return None
+
+
+def build_posthoc(num_classes: int, detector: dict | None = None, detector_weights: str | None = None,
+                  head: str = "dir", pool: str | None = None, featmap_names: list[str] | None = None,
+                  pool_size: int = 7, representation_size: int = 1024, positive_iou: float = 0.5,
+                  max_boxes_per_image: int = 512, head_options: dict | None = None, refine_steps: int = 0,
+                  refine_step_size: float = 0.5, refine_top_k: int = 100,
+                  candidates_per_image: int | None = None) -> nn.Module:
+    """``model.arch: posthoc``: a trained detector, frozen, plus a quality head
+    (:class:`locconf.models.posthoc.PosthocQuality`, whose arguments the other keys are).
+
+    Args:
+        num_classes: object classes, the detector's.
+        detector: the detector's own ``model`` section (any other ``arch``, e.g. ``{arch: rcnn}`` or
+            ``{arch: torchvision, name: retinanet_resnet50_fpn, weights: FILE}``).
+        detector_weights: the detector's trained weights: a checkpoint of ``locconf train`` or a
+            state dict file (None: the detector section's own weights, e.g. ``weights`` of ``arch:
+            torchvision``; ``locconf eval`` / ``predict`` read the whole model from the post-hoc run's
+            checkpoint and skip it).
+        candidates_per_image: passed to the detector's section.
+    """
+    from ..models.posthoc import PosthocQuality
+
+    if not isinstance(detector, dict) or not detector:
+        raise ValueError("model.detector is required with model.arch 'posthoc': the trained detector's model "
+                         "section, e.g. {arch: rcnn, backbone: resnet18}")
+    if detector.get("arch", "rcnn") == "posthoc":
+        raise ValueError("model.detector.arch cannot be 'posthoc' itself")
+    section = dict(detector)
+    own = section.pop("num_classes", None)
+    if own is not None and own != num_classes:
+        raise ValueError(f"model.detector.num_classes {own!r} differs from the data's {num_classes} classes")
+    if candidates_per_image is not None:
+        section["candidates_per_image"] = candidates_per_image
+    det = call(build_model, "model.detector", dict(section, num_classes=num_classes))
+    if detector_weights is not None:
+        _load_detector_weights(det, detector_weights, section)
+    return PosthocQuality(det, head, pool, featmap_names=featmap_names, pool_size=pool_size,
+                          representation_size=representation_size, positive_iou=positive_iou,
+                          max_boxes_per_image=max_boxes_per_image, head_options=head_options,
+                          refine_steps=refine_steps, refine_step_size=refine_step_size, refine_top_k=refine_top_k)
+
+
+def _load_detector_weights(detector: nn.Module, path: str, section: dict) -> None:
+    """``model.detector_weights`` into the detector: a ``locconf train`` checkpoint (its ``model``) or a
+    bare state dict; weights of another detector are a ``ValueError`` naming the file."""
+    from ..engine.checkpoint import load_checkpoint
+    from ..files import require_file
+    from .training import checkpoint_meta, load_weights
+
+    path = require_file(path, "model.detector_weights", "give the detector's checkpoint (locconf train) or weights")
+    state = load_checkpoint(path)
+    weights = state["model"] if isinstance(state.get("model"), dict) else state
+    load_weights(detector, weights, path, checkpoint_meta(state), section)
 
 
 def build_model(arch: str = "rcnn", num_classes: int = 1, candidates_per_image: int | None = None,
@@ -58,6 +114,8 @@ def build_model(arch: str = "rcnn", num_classes: int = 1, candidates_per_image: 
         candidates_per_image: the most candidates an image may return (None: the architecture's
             default: 1000 for locconf's detectors and ``torchvision_frcnn``, all of them for
             ``torchvision``, as its NMS sees them).
+            ``"posthoc"`` (:func:`build_posthoc`): a trained detector (``detector``: its own model
+            section), frozen, plus a localization-quality head (DIR, IoU-Net) trained on its features.
         **kwargs: the builder's own keyword arguments.
     """
     builder = model_builder(arch)
@@ -71,6 +129,7 @@ def build_model(arch: str = "rcnn", num_classes: int = 1, candidates_per_image: 
     if candidates_per_image is not None:
         kwargs = dict(kwargs, candidates_per_image=candidates_per_image)
     return call(builder, "model", kwargs, num_classes)
+
 
 
 def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/neon", fetch: bool = True,
