@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .keywords import call
+from .keywords import ConfigKeyError, call
 
 ARCHS = ("rcnn", "one_stage", "torchvision_frcnn", "torchvision", "posthoc")
 
@@ -75,7 +75,11 @@ def build_posthoc(num_classes: int, detector: dict | None = None, detector_weigh
         raise ValueError(f"model.detector.num_classes {own!r} differs from the data's {num_classes} classes")
     if candidates_per_image is not None:
         section["candidates_per_image"] = candidates_per_image
-    det = call(build_model, "model.detector", dict(section, num_classes=num_classes))
+    try:
+        det = call(build_model, "model.detector", dict(section, num_classes=num_classes))
+    except ConfigKeyError as e:  # the detector's builder names its section 'model'
+        raise ConfigKeyError(f"model.detector: {e}", [k.replace("model.", "model.detector.", 1) for k in e.keys]) \
+            from None
     if detector_weights is not None:
         _load_detector_weights(det, detector_weights, section)
     return PosthocQuality(det, head, pool, featmap_names=featmap_names, pool_size=pool_size,
