@@ -361,8 +361,8 @@ def train(
             locconf version, the resolved configuration and the categories; see
             :func:`locconf.experiment.checkpoint_meta`). Tensors are not allowed; it is not compared
             on resume.
-        freeze: ``"detector"``: train only the quality head of a detector with a post-hoc head
-            (``model.arch: posthoc``, :class:`locconf.models.posthoc.PosthocQuality`): the detector's
+        freeze: ``"detector"``: train only the quality head added to a trained detector (the
+            ``posthoc`` architecture, :class:`~locconf.models.posthoc.PosthocQuality`): the detector's
             parameters get ``requires_grad=False`` (the optimizer never sees them) and it stays in
             evaluation mode, its BatchNorm statistics included. None: every parameter that requires
             a gradient trains (a ``PosthocQuality`` freezes its detector itself in any case).

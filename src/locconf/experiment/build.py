@@ -60,6 +60,22 @@ def build_posthoc(num_classes: int, detector: dict | None = None, detector_weigh
             state dict file (None: the detector section's own weights, e.g. ``weights`` of ``arch:
             torchvision``; ``locconf eval`` / ``predict`` read the whole model from the post-hoc run's
             checkpoint and skip it).
+        head: the quality head: ``"dir"`` (DIR's Purity and Integrity, hindsight rows), ``"iou_net"``
+            (IoU-Net's predictor, jittered ground truth, PrRoIPool) or ``"iou_direct"``.
+        pool: the head's pooling, ``"roi_align"`` or ``"prroi"`` (None: the head paper's: RoIAlign for
+            DIR and IoU-direct, PrRoIPool for IoU-Net).
+        featmap_names: the detector's FPN levels to pool from (None: all but torchvision's ``"pool"``).
+        pool_size: the head's pooled size S.
+        representation_size: width of the head's hidden layers (1024 in the papers).
+        positive_iou: DIR / IoU-direct training rows: the detector's candidates whose IoU with a
+            ground-truth box of their class is at least this.
+        max_boxes_per_image: the most DIR / IoU-direct training rows per image (a random subset).
+        head_options: more keywords of the head's class (e.g. DIR's ``confidence``, IoU-Net's
+            ``boxes_per_gt``, ``max_boxes_per_image``, ``iou_loss``).
+        refine_steps: IoU-Net's refinement steps after IoU-guided NMS at inference (0: off; ``head:
+            iou_net`` only).
+        refine_step_size: the refinement's step size (Algorithm 2's lambda).
+        refine_top_k: the detections per image the refinement moves (the highest-scoring).
         candidates_per_image: passed to the detector's section.
     """
     from ..models.posthoc import PosthocQuality
