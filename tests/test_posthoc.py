@@ -191,3 +191,36 @@ def test_train_eval_predict_from_the_cli(tmp_path, one_thread):
     image = tmp_path / "data" / "val" / "000000.png"
     assert main(["predict", str(image), "--checkpoint", str(ckpt), "--out", str(tmp_path / "vis.png")]) == 0
     assert (tmp_path / "vis.png").stat().st_size > 0
+
+
+def test_empty_input_gives_empty_output(one_thread):
+    torch.manual_seed(0)
+    detector = build_rcnn(1, backbone="resnet18", fpn_channels=16, min_size=64, max_size=64)
+    detector.roi_heads.score_thresh = 1.0  # no candidate passes
+    empty = dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64))
+    for head in ("dir", "iou_net"):
+        model = PosthocQuality(detector, head, representation_size=16)
+        cands = model.eval().candidates([torch.rand(3, 64, 64)])[0]
+        assert cands["boxes"].shape == (0, 4) and cands["quality"].shape == (0,)
+        assert model.score_boxes([torch.rand(3, 64, 64)], [torch.zeros(0, 4)])[0].shape == (0,)
+        losses = model.train()([torch.rand(3, 64, 64)], [empty])
+        assert losses and all(float(v) == 0 for v in losses.values())
+
+
+def test_dir_training_rows_by_hand():
+    """DIR's hindsight rows: candidates whose IoU with a ground truth *of their class* is >= positive_iou,
+    each with its best such ground truth (hand-computed IoUs)."""
+    model = PosthocQuality(build_rcnn(2, backbone="resnet18", fpn_channels=16, min_size=64, max_size=64), "dir",
+                           representation_size=16, positive_iou=0.5)
+    gts = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]])
+    gt_labels = torch.tensor([1, 2])
+    boxes = torch.tensor([[0.0, 0, 10, 8],     # IoU 0.8 with gt 0, class 1: kept, gt 0
+                          [0.0, 0, 10, 8],     # the same box as class 2: gt 0 is another class: dropped
+                          [20.0, 20, 30, 24],  # IoU 0.4 with gt 1: dropped
+                          [21.0, 20, 30, 30]])  # IoU 0.9 with gt 1, class 2: kept, gt 1
+    labels = torch.tensor([1, 2, 2, 2])
+    rows, matched = model._positives(boxes, labels, gts, gt_labels)
+    assert torch.equal(rows, boxes[[0, 3]]) and torch.equal(matched, gts[[0, 1]])
+    model.max_boxes_per_image = 1
+    rows, _ = model._positives(boxes, labels, gts, gt_labels)
+    assert len(rows) == 1
