@@ -204,7 +204,7 @@ def test_empty_input_gives_empty_output(one_thread):
         assert cands["boxes"].shape == (0, 4) and cands["quality"].shape == (0,)
         assert model.score_boxes([torch.rand(3, 64, 64)], [torch.zeros(0, 4)])[0].shape == (0,)
         losses = model.train()([torch.rand(3, 64, 64)], [empty])
-        assert losses and all(float(v) == 0 for v in losses.values())
+        assert losses and all(float(v.detach()) == 0 for v in losses.values())
 
 
 def test_dir_training_rows_by_hand():
