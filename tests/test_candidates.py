@@ -65,4 +65,4 @@ def test_postprocess_validates_unused_signals_through_the_contract():
 
 
 def test_one_module_states_the_contract():
-    assert cmod.__all__ == ["Candidates", "SIGNALS", "signals", "check_fields"]
+    assert cmod.__all__ == ["Candidates", "SIGNALS", "signals", "check_fields", "candidates_of"]

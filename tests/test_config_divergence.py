@@ -32,10 +32,12 @@ def dataset(n: int = 4):
     return [(torch.full((1, 4, 4), 0.5), dict(target, image_id=i)) for i in range(n)]
 
 
-def hand_weights(lr: float, steps: int, w: float = 0.5, m: float = 0.5) -> list[float]:
+def hand_weights(lr: float | list[float], steps: int, w: float = 0.5, m: float = 0.5) -> list[float]:
+    """SGD by hand: ``lr`` a constant or one learning rate per step."""
+    lrs = lr if isinstance(lr, list) else [lr] * steps
     out = []
-    for _ in range(steps):
-        w -= lr * 2 * (w * m - 1.0) * m
+    for step in range(steps):
+        w -= lrs[step] * 2 * (w * m - 1.0) * m
         out.append(w)
     return out
 
@@ -76,4 +78,5 @@ def test_the_default_recipe_clips(tmp_path):
     assert summary["step"] == 200 and abs(float(model.w) - 2.0) <= 200.0
     # a step size that converges is not changed by the default clipping: the gradients stay below 10
     model, _ = run(tmp_path / "small", iterations=10, lr=1.0)
-    assert float(model.w) == pytest.approx(hand_weights(1.0, 10)[-1], rel=1e-5)
+    lrs = [1.0] * 7 + [0.1] * 2 + [0.01]  # the default step decay, x0.1 at 70 % and 90 % of the iterations
+    assert float(model.w) == pytest.approx(hand_weights(lrs, 10)[-1], rel=1e-5)

@@ -103,7 +103,7 @@ def test_a_new_head_is_one_class_and_one_registry_entry(monkeypatch):
     losses = model.train()([torch.rand(3, 64, 64)], [target])
     assert set(losses) == {"loss_cls", "loss_box"} and all(torch.isfinite(v) for v in losses.values())
     with torch.no_grad():
-        cand = model.eval()([torch.rand(3, 64, 64)])[0]
+        cand = model.eval().candidates([torch.rand(3, 64, 64)])[0]
     assert set(cand) == {"boxes", "scores", "labels", "cls_scores"} and cand["boxes"].shape == (20, 4)
     torch.testing.assert_close(cand["scores"], cand["cls_scores"])
     samples = model.positive_samples([torch.rand(3, 64, 64)], [target])[0]

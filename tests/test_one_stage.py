@@ -129,7 +129,7 @@ def test_candidates_fields_shapes_and_image_coordinates(head):
     # per-level top-k: at most topk_candidates pairs per level survive before the image-wide cap
     few = tiny(head, score_thresh=0.0, candidates_per_image=10**6, topk_candidates=7).eval()
     with torch.no_grad():
-        assert few([images[1]])[0]["boxes"].shape[0] == 7 * len(few.head.scales)
+        assert few.candidates([images[1]])[0]["boxes"].shape[0] == 7 * len(few.head.scales)
 
 
 @pytest.mark.parametrize("head", HEADS)

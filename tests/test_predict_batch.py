@@ -17,10 +17,12 @@ import torch
 from PIL import Image
 
 from locconf.experiment.batch import RECORDS_DIR, expand_inputs, output_names, predict_images
+from test_tiling import BoxTheGreyLevels  # the perfect detector of the tiling tests (tests/ is on the path)
 
 
-class GreyLevels(torch.nn.Module):
-    """Each grey level > 0 of a tile is one object, boxed tightly (score 0.9, quality 0.8); counts its calls."""
+class GreyLevels(BoxTheGreyLevels):
+    """test_tiling's perfect detector (each grey level > 0 of a tile is one object, boxed tightly,
+    score 0.9, quality 0.8) that counts its calls and can fail or be interrupted at one of them."""
 
     def __init__(self, fail_on_call=None, interrupt_on_call=None):
         super().__init__()
@@ -32,20 +34,7 @@ class GreyLevels(torch.nn.Module):
             raise KeyboardInterrupt
         if self.calls == self.fail_on_call:
             raise RuntimeError("the model broke")
-        out = []
-        for image in images:
-            levels = torch.round(image[0] * 255).long()
-            boxes = []
-            for v in torch.unique(levels).tolist():
-                if v == 0:
-                    continue
-                ys, xs = torch.nonzero(levels == v, as_tuple=True)
-                boxes.append([xs.min().item(), ys.min().item(), xs.max().item() + 1.0, ys.max().item() + 1.0])
-            n = len(boxes)
-            out.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
-                        "scores": torch.full((n,), 0.9), "labels": torch.ones(n, dtype=torch.int64),
-                        "quality": torch.full((n,), 0.8)})
-        return out
+        return super().candidates(images)
 
 
 def _scene(path: Path, seed: int, height: int = 90, width: int = 120, count: int = 3) -> list[list[float]]:
@@ -364,3 +353,34 @@ def test_the_command_line_default_pixel_limit_is_the_library_s():
     from locconf.tiling import DEFAULT_MAX_PIXELS
 
     assert CLI_DEFAULT == DEFAULT_MAX_PIXELS
+
+
+def test_a_folder_of_geotiffs_gets_one_geojson_per_image_in_map_coordinates(tmp_path):
+    """Georeferenced images: each image's boxes also as GeoJSON polygons in its CRS; PNGs get none."""
+    rasterio = pytest.importorskip("rasterio")
+    pyogrio = pytest.importorskip("pyogrio")
+    shapely = pytest.importorskip("shapely")
+    from rasterio.transform import from_origin
+
+    truth = {}
+    for i, origin in enumerate(((300000.0, 5000000.0), (300500.0, 5000000.0))):
+        png = tmp_path / "src" / f"{i}.png"
+        truth[i] = _scene(png, seed=i)
+        pixels = np.asarray(Image.open(png))
+        (tmp_path / "tifs").mkdir(exist_ok=True)
+        with rasterio.open(tmp_path / "tifs" / f"t{i}.tif", "w", driver="GTiff", height=pixels.shape[0],
+                           width=pixels.shape[1], count=3, dtype="uint8", crs="EPSG:32618",
+                           transform=from_origin(*origin, 0.5, 0.5)) as ds:
+            ds.write(np.stack([pixels] * 3))
+    summary = predict_images(GreyLevels(), [tmp_path / "tifs", tmp_path / "src" / "0.png"], tmp_path / "out", **OPTS)
+    assert summary["predicted"] == 3 and not summary["failed"]
+    out = tmp_path / "out" / "tifs"  # the outputs keep the folders that tell the inputs apart
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.geojson")) == [
+        "tifs/t0.geojson", "tifs/t1.geojson"]
+    for i, origin in enumerate(((300000.0, 5000000.0), (300500.0, 5000000.0))):
+        assert "32618" in pyogrio.read_info(out / f"t{i}.geojson")["crs"]
+        _, _, geoms, _ = pyogrio.raw.read(out / f"t{i}.geojson")
+        got = sorted(shapely.from_wkb(g).bounds for g in geoms)
+        want = sorted((origin[0] + 0.5 * x1, origin[1] - 0.5 * y2, origin[0] + 0.5 * x2, origin[1] - 0.5 * y1)
+                      for x1, y1, x2, y2 in truth[i])
+        assert np.allclose(np.array(got), np.array(want), rtol=0, atol=1e-6)

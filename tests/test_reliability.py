@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -114,10 +115,13 @@ def test_signals_wait_until_the_renames_are_done(tmp_path):
     """A SIGINT that arrives in the middle of the commit is raised after the last rename."""
     from locconf.files import OutputSet, deferred_signals
 
+    def _ctrl_c():  # to this (the main) thread: delivered before the call returns, not to another thread later
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
     done = []
     with pytest.raises(KeyboardInterrupt):
         with deferred_signals():
-            os.kill(os.getpid(), signal.SIGINT)
+            _ctrl_c()
             done.append("after the signal")
     assert done == ["after the signal"]
     paths = {name: tmp_path / name for name in ("x", "y", "z")}
@@ -127,7 +131,7 @@ def test_signals_wait_until_the_renames_are_done(tmp_path):
         real_replace(src, dst)
         calls.append(dst)
         if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the first rename
+            _ctrl_c()  # Ctrl-C right after the first rename
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "replace", replace_and_interrupt)

@@ -392,6 +392,19 @@ def test_geotiff_is_read_window_by_window_and_written_in_map_coordinates(tmp_pat
         assert r["crs"] == "EPSG:32612" and r["label"] == "crown"
     assert (tmp_path / "ortho_det.png").read_bytes()[:4] == b"\x89PNG"
     assert len(json.loads((tmp_path / "ortho_det.json").read_text())) == len(truth)
+    # the GeoJSON beside them: each box's corners in map coordinates, the raster's CRS, the same fields
+    pyogrio = pytest.importorskip("pyogrio")
+    shapely = pytest.importorskip("shapely")
+    info, fields = pyogrio.read_info(tmp_path / "ortho_det.geojson"), None
+    assert "32612" in info["crs"]
+    meta, _, geoms, fields = pyogrio.raw.read(tmp_path / "ortho_det.geojson")
+    names = list(meta["fields"])
+    assert len(geoms) == len(rows)
+    for r, g, label, score in zip(rows, geoms, fields[names.index("label")], fields[names.index("score")]):
+        x1, y1, x2, y2 = shapely.from_wkb(g).bounds
+        assert (x1, y1, x2, y2) == pytest.approx(tuple(float(r[k]) for k in ("map_xmin", "map_ymin", "map_xmax",
+                                                                                "map_ymax")), abs=1e-6)
+        assert label == "crown" and score == pytest.approx(float(r["score"]), abs=1e-5)
 
 
 def test_predict_checks_before_writing(tmp_path):

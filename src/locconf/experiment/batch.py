@@ -9,8 +9,10 @@ Outputs, for an image whose *name* is its path relative to the folder the inputs
 the suffix (``ortho/a.tif`` and ``ortho/b.tif`` give ``a`` and ``b``; ``x/a.tif`` and ``y/a.tif``
 give ``x/a`` and ``y/a``; ``a.png`` beside ``a.tif`` gives ``a_png`` and ``a_tif``):
 
-* ``DIR/<name>.png``: the drawing; ``DIR/<name>.json``: its detections as COCO results (written
-  as one set by :func:`locconf.experiment.inference.write_image_outputs`);
+* ``DIR/<name>.png``: the drawing; ``DIR/<name>.json``: its detections as COCO results; for a
+  georeferenced image (GeoTIFF) with the geo extra, ``DIR/<name>.geojson``: the boxes as polygons in
+  its map coordinates and CRS (written as one set by
+  :func:`locconf.experiment.inference.write_image_outputs`);
 * ``DIR/.locconf-predict/<name>.json``: the image's completion record, written last (below);
 * ``DIR/predictions.csv`` (``--csv``): every image's detections, ``image_path, xmin, ymin, xmax,
   ymax, label, score`` [+ ``quality``, ``var_x1 .. var_y2``, map columns]; ``image_path`` is the
@@ -218,8 +220,8 @@ def _plan(images: list[Path], out_dir: Path, csv_path: Path, json_path: Path) ->
     for index, (path, name) in enumerate(zip(images, names)):
         job = {"index": index, "id": index + 1, "path": path, "file_name": path.as_posix(), "name": name,
                "drawing": out_dir / f"{name}.png", "detections": out_dir / f"{name}.json",
-               "record": out_dir / RECORDS_DIR / f"{name}.json"}
-        for kind in ("drawing", "detections"):
+               "vector": out_dir / f"{name}.geojson", "record": out_dir / RECORDS_DIR / f"{name}.json"}
+        for kind in ("drawing", "detections", "vector"):
             resolved = job[kind].resolve()
             if resolved in owners:
                 raise ValueError(f"the {kind} of {path} would be {job[kind]}, which is {owners[resolved]}: "
@@ -240,7 +242,7 @@ def _check_files(jobs: list[dict], out_dir: Path, csv_path: Path, json_path: Pat
     taken = {Path(p).resolve(): name for name, p in protected.items() if p is not None}
     taken.update({job["path"].resolve(): f"input image {job['path']}" for job in jobs})
     for job in jobs:
-        for kind in ("drawing", "detections"):
+        for kind in ("drawing", "detections", "vector"):
             what = taken.get(job[kind].resolve())
             if what is not None:
                 raise ValueError(f"the {kind} of {job['path']} would be {job[kind]}, which is the {what}: "
@@ -406,7 +408,7 @@ def _predict_one(runner: nn.Module, job: dict, out_dir: Path, key: str, *, metho
         outputs = write_image_outputs(raster, dets, image_path=job["file_name"], image_id=job["id"],
                                       drawing=job["drawing"], detections=job["detections"], class_names=class_names,
                                       label_to_cat_id=label_to_cat_id, score_threshold=score_threshold,
-                                      max_side=max_side)
+                                      max_side=max_side, vector=job["vector"])
         record = _record(job, key, out_dir, outputs, raster, int(dets["boxes"].shape[0]))
     atomic_write_text(job["record"], json.dumps(record, indent=1))
     detections = json.loads(job["detections"].read_text(encoding="utf-8"))

@@ -25,7 +25,7 @@ def write_image_outputs(raster: Any, dets: Mapping[str, Tensor], *, image_path: 
                         drawing: str | os.PathLike, detections: str | os.PathLike,
                         csv: str | os.PathLike | None = None, class_names: Sequence[str] | None = None,
                         label_to_cat_id: dict[int, int] | None = None, score_threshold: float = 0.3,
-                        max_side: int = 2000) -> dict[str, Path]:
+                        max_side: int = 2000, vector: str | os.PathLike | None = None) -> dict[str, Path]:
     """Write one image's outputs as one set (:func:`locconf.tiling.write_together`).
 
     * ``drawing``: the image with its detections (PNG, longer side at most ``max_side``; boxes
@@ -33,13 +33,17 @@ def write_image_outputs(raster: Any, dets: Mapping[str, Tensor], *, image_path: 
     * ``detections``: COCO results of the image (a JSON array, ``image_id`` on every record,
       ``quality`` / ``variance`` where predicted: an input of ``locconf postprocess``);
     * ``csv`` (optional): the CSV (``image_path`` = ``image_path``, pixel boxes; map columns for
-      a georeferenced raster).
+      a georeferenced raster);
+    * ``vector`` (optional): GeoJSON polygons in the raster's map coordinates and CRS
+      (:func:`locconf.io.write_detections`), written only when the raster is georeferenced and
+      the geo extra is installed (else logged once).
 
     Each file is staged beside its path and the set is renamed into place only when all are
     written, so an interruption leaves the previous set or the new one. This is the one function
     that writes an image's outputs: a new per-image output (e.g. a vector file in the raster's
     CRS) belongs here. Returns ``{kind: path}`` of the files written.
     """
+    from ..io import write_detections
     from ..tiling import draw_overview, write_coco_results, write_csv, write_together
 
     outputs: dict[str, Path] = {"drawing": Path(drawing), "detections": Path(detections)}
@@ -53,10 +57,32 @@ def write_image_outputs(raster: Any, dets: Mapping[str, Tensor], *, image_path: 
         outputs["csv"] = Path(csv)
         writers[outputs["csv"]] = lambda tmp: write_csv(dets, tmp, class_names, raster.transform, raster.crs,
                                                         image_path=image_path)
+    if vector is not None and raster.transform is not None and _geo_available():
+        outputs["vector"] = Path(vector)
+        writers[outputs["vector"]] = lambda tmp: write_detections(tmp, dets, image_path=image_path, format="geojson",
+                                                                  transform=raster.transform, crs=raster.crs,
+                                                                  class_names=class_names)
     if len(writers) < len(outputs):
         raise ValueError(f"the outputs of {image_path} must be distinct files, got {sorted(map(str, outputs.values()))}")
     write_together(writers)
     return outputs
+
+
+def _geo_available() -> bool:
+    """Whether shapely and pyogrio import (the geo extra); says once what to install when they do not."""
+    global _GEO_NOTED
+    try:
+        import pyogrio  # noqa: F401
+        import shapely  # noqa: F401
+        return True
+    except ImportError:
+        if not _GEO_NOTED:
+            logger.info('GeoJSON outputs of georeferenced images need the geo extra: pip install "locconf[geo]"')
+            _GEO_NOTED = True
+        return False
+
+
+_GEO_NOTED = False
 
 
 def check_settings(tile_size: int = 400, overlap: int = 100, method: str = "nms", params: dict | None = None,
@@ -117,7 +143,8 @@ def predict(model: nn.Module, image_path: str | os.PathLike, out_path: str | os.
     image_path, out_path = Path(image_path), Path(out_path)
     csv_path = Path(csv_path) if csv_path is not None else out_path.with_suffix(".csv")
     json_path = Path(json_path) if json_path is not None else out_path.with_suffix(".json")
-    check_outputs({"the drawing": out_path, "the CSV": csv_path, "the JSON": json_path}, {"input image": image_path})
+    check_outputs({"the drawing": out_path, "the CSV": csv_path, "the JSON": json_path,
+                   "the GeoJSON": out_path.with_suffix(".geojson")}, {"input image": image_path})
     check_settings(tile_size, overlap, method, params, border, tta, tta_merge, model, **merge_args)
     if isinstance(calibration, (str, os.PathLike)):
         calibration = Calibration.load(calibration)
@@ -127,7 +154,8 @@ def predict(model: nn.Module, image_path: str | os.PathLike, out_path: str | os.
                              device=device_of(device), progress=progress, calibration=calibration, **merge_args)
         write_image_outputs(raster, dets, image_path=image_name if image_name is not None else str(image_path),
                             image_id=1, drawing=out_path, detections=json_path, csv=csv_path, class_names=class_names,
-                            label_to_cat_id=label_to_cat_id, score_threshold=score_threshold, max_side=max_side)
+                            label_to_cat_id=label_to_cat_id, score_threshold=score_threshold, max_side=max_side,
+                            vector=out_path.with_suffix(".geojson"))
     return dets
 
 
