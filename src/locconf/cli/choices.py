@@ -15,7 +15,7 @@ CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
 #: :data:`locconf.experiment.SECTIONS`.
 SECTIONS = ("model", "data", "train", "eval")
 #: :data:`locconf.experiment.ARCHS`.
-ARCHS = ("rcnn", "one_stage", "torchvision_frcnn", "torchvision")
+ARCHS = ("rcnn", "one_stage", "torchvision_frcnn", "torchvision", "posthoc")
 #: :data:`locconf.io.FORMATS` (the file formats of ``--format``, ``--gt-format``, ``--out-format``).
 FORMATS = ("json", "jsonl", "csv", "geojson", "gpkg", "shp")
 #: :data:`locconf.export.FORMATS`.

@@ -94,6 +94,18 @@ def _check_train_arguments(
         raise ValueError(f"eval_every must be >= 1 and needs an eval_fn, got eval_every={eval_every}, eval_fn={eval_fn}")
 
 
+def _freeze(model: nn.Module, freeze: Any) -> None:
+    """``train.freeze``: freeze the part it names (see :func:`train`), or a ``ValueError`` saying what fits."""
+    from locconf.models.posthoc import PosthocQuality, freeze_detector
+
+    if freeze != "detector":
+        raise ValueError(f"freeze must be None or 'detector', got {freeze!r}")
+    if not isinstance(model, PosthocQuality):
+        raise ValueError(f"freeze 'detector' trains a quality head on a frozen detector: it needs model.arch "
+                         f"'posthoc' (locconf.models.posthoc.PosthocQuality), got a {type(model).__name__}")
+    freeze_detector(model.detector)
+
+
 def check_device(device: str | torch.device, name: str = "device") -> torch.device:
     """``device`` as a ``torch.device`` this machine has; else a ``ValueError`` naming ``name`` and the choices."""
     if isinstance(device, torch.device):
@@ -297,6 +309,7 @@ def train(
     progress: bool = True,
     on_start: Callable[[], None] | None = None,
     meta: dict[str, Any] | None = None,
+    freeze: str | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` for ``iterations`` SGD updates; return a summary dict.
 
@@ -348,6 +361,11 @@ def train(
             locconf version, the resolved configuration and the categories; see
             :func:`locconf.experiment.checkpoint_meta`). Tensors are not allowed; it is not compared
             on resume.
+        freeze: ``"detector"``: train only the quality head added to a trained detector (the
+            ``posthoc`` architecture, :class:`~locconf.models.posthoc.PosthocQuality`): the detector's
+            parameters get ``requires_grad=False`` (the optimizer never sees them) and it stays in
+            evaluation mode, its BatchNorm statistics included. None: every parameter that requires
+            a gradient trains (a ``PosthocQuality`` freezes its detector itself in any case).
 
     Nothing is written before the checks pass. At the start, temporary files that a kill during a
     save left in ``out_dir`` are removed.
@@ -373,6 +391,8 @@ def train(
     )
     if not resume and list_checkpoints(out_dir):
         raise ValueError(f"out_dir {out_dir} already holds checkpoints; pass resume=True or use another out_dir")
+    if freeze is not None:
+        _freeze(model, freeze)
 
     created_group = not du.is_distributed()
     rank, world_size, local_rank = du.init_distributed()

@@ -12,9 +12,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .keywords import call
+from .keywords import ConfigKeyError, call
 
-ARCHS = ("rcnn", "one_stage", "torchvision_frcnn", "torchvision")
+ARCHS = ("rcnn", "one_stage", "torchvision_frcnn", "torchvision", "posthoc")
 
 #: ``data.synthetic`` keys and their defaults.
 SYNTHETIC_DEFAULTS = dict(num_train=200, num_val=50, image_size=256, num_classes=3, seed=0)
@@ -38,7 +38,83 @@ def model_builder(arch: Any):
         from ..models import build_torchvision
 
         return build_torchvision
+    if arch == "posthoc":
+        return build_posthoc
     return None
+
+
+def build_posthoc(num_classes: int, detector: dict | None = None, detector_weights: str | None = None,
+                  head: str = "dir", pool: str | None = None, featmap_names: list[str] | None = None,
+                  pool_size: int = 7, representation_size: int = 1024, positive_iou: float = 0.5,
+                  max_boxes_per_image: int = 512, head_options: dict | None = None, refine_steps: int = 0,
+                  refine_step_size: float = 0.5, refine_top_k: int = 100,
+                  candidates_per_image: int | None = None) -> nn.Module:
+    """``model.arch: posthoc``: a trained detector, frozen, plus a quality head
+    (:class:`locconf.models.posthoc.PosthocQuality`, whose arguments the other keys are).
+
+    Args:
+        num_classes: object classes, the detector's.
+        detector: the detector's own ``model`` section (any other ``arch``, e.g. ``{arch: rcnn}`` or
+            ``{arch: torchvision, name: retinanet_resnet50_fpn, weights: FILE}``).
+        detector_weights: the detector's trained weights: a checkpoint of ``locconf train`` or a
+            state dict file (None: the detector section's own weights, e.g. ``weights`` of ``arch:
+            torchvision``; ``locconf eval`` / ``predict`` read the whole model from the post-hoc run's
+            checkpoint and skip it).
+        head: the quality head: ``"dir"`` (DIR's Purity and Integrity, hindsight rows), ``"iou_net"``
+            (IoU-Net's predictor, jittered ground truth, PrRoIPool) or ``"iou_direct"``.
+        pool: the head's pooling, ``"roi_align"`` or ``"prroi"`` (None: the head paper's: RoIAlign for
+            DIR and IoU-direct, PrRoIPool for IoU-Net).
+        featmap_names: the detector's FPN levels to pool from (None: all but torchvision's ``"pool"``).
+        pool_size: the head's pooled size S.
+        representation_size: width of the head's hidden layers (1024 in the papers).
+        positive_iou: DIR / IoU-direct training rows: the detector's candidates whose IoU with a
+            ground-truth box of their class is at least this.
+        max_boxes_per_image: the most DIR / IoU-direct training rows per image (a random subset).
+        head_options: more keywords of the head's class (e.g. DIR's ``confidence``, IoU-Net's
+            ``boxes_per_gt``, ``max_boxes_per_image``, ``iou_loss``).
+        refine_steps: IoU-Net's refinement steps after IoU-guided NMS at inference (0: off; ``head:
+            iou_net`` only).
+        refine_step_size: the refinement's step size (Algorithm 2's lambda).
+        refine_top_k: the detections per image the refinement moves (the highest-scoring).
+        candidates_per_image: passed to the detector's section.
+    """
+    from ..models.posthoc import PosthocQuality
+
+    if not isinstance(detector, dict) or not detector:
+        raise ValueError("model.detector is required with model.arch 'posthoc': the trained detector's model "
+                         "section, e.g. {arch: rcnn, backbone: resnet18}")
+    if detector.get("arch", "rcnn") == "posthoc":
+        raise ValueError("model.detector.arch cannot be 'posthoc' itself")
+    section = dict(detector)
+    own = section.pop("num_classes", None)
+    if own is not None and own != num_classes:
+        raise ValueError(f"model.detector.num_classes {own!r} differs from the data's {num_classes} classes")
+    if candidates_per_image is not None:
+        section["candidates_per_image"] = candidates_per_image
+    try:
+        det = call(build_model, "model.detector", dict(section, num_classes=num_classes))
+    except ConfigKeyError as e:  # the detector's builder names its section 'model'
+        raise ConfigKeyError(f"model.detector: {e}", [k.replace("model.", "model.detector.", 1) for k in e.keys]) \
+            from None
+    if detector_weights is not None:
+        _load_detector_weights(det, detector_weights, section)
+    return PosthocQuality(det, head, pool, featmap_names=featmap_names, pool_size=pool_size,
+                          representation_size=representation_size, positive_iou=positive_iou,
+                          max_boxes_per_image=max_boxes_per_image, head_options=head_options,
+                          refine_steps=refine_steps, refine_step_size=refine_step_size, refine_top_k=refine_top_k)
+
+
+def _load_detector_weights(detector: nn.Module, path: str, section: dict) -> None:
+    """``model.detector_weights`` into the detector: a ``locconf train`` checkpoint (its ``model``) or a
+    bare state dict; weights of another detector are a ``ValueError`` naming the file."""
+    from ..engine.checkpoint import load_checkpoint
+    from ..files import require_file
+    from .training import checkpoint_meta, load_weights
+
+    path = require_file(path, "model.detector_weights", "give the detector's checkpoint (locconf train) or weights")
+    state = load_checkpoint(path)
+    weights = state["model"] if isinstance(state.get("model"), dict) else state
+    load_weights(detector, weights, path, checkpoint_meta(state), section)
 
 
 def build_model(arch: str = "rcnn", num_classes: int = 1, candidates_per_image: int | None = None,
@@ -58,6 +134,8 @@ def build_model(arch: str = "rcnn", num_classes: int = 1, candidates_per_image: 
         candidates_per_image: the most candidates an image may return (None: the architecture's
             default: 1000 for locconf's detectors and ``torchvision_frcnn``, all of them for
             ``torchvision``, as its NMS sees them).
+            ``"posthoc"`` (:func:`build_posthoc`): a trained detector (``detector``: its own model
+            section), frozen, plus a localization-quality head (DIR, IoU-Net) trained on its features.
         **kwargs: the builder's own keyword arguments.
     """
     builder = model_builder(arch)
@@ -71,6 +149,7 @@ def build_model(arch: str = "rcnn", num_classes: int = 1, candidates_per_image: 
     if candidates_per_image is not None:
         kwargs = dict(kwargs, candidates_per_image=candidates_per_image)
     return call(builder, "model", kwargs, num_classes)
+
 
 
 def build_datasets(source: str = "neon-trees", root: str | os.PathLike = "data/neon", fetch: bool = True,

@@ -211,6 +211,8 @@ def load_trained(checkpoint: str | os.PathLike, cfg: dict[str, dict] | None = No
     model_cfg = {k: v for k, v in cfg["model"].items() if k != "num_classes"}
     if model_cfg.get("arch") == "torchvision":  # the checkpoint holds the weights, not model.weights' file
         model_cfg.update(weights=str(checkpoint), trust_weights=False)
+    if model_cfg.get("arch") == "posthoc":  # the checkpoint holds the frozen detector's weights too
+        model_cfg["detector_weights"] = None
     model = build_model(num_classes=num_classes, **model_cfg)
     load_weights(model, state["model"], checkpoint, meta, dict(cfg["model"], num_classes=num_classes))
     model.categories = meta.get("categories")
