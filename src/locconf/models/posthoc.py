@@ -61,6 +61,7 @@ from ..heads.dir import DIRHead
 from ..heads.iou_direct import DirectIoUHead
 from ..heads.iou_net import IoUNetHead
 from ..postprocess import check_method, postprocess
+from .from_torchvision import _eval_mode  # one context manager for "run in eval mode, restore"
 
 __all__ = ["PosthocQuality", "POSTHOC_HEADS", "POSTHOC_POOLS", "detector_parts", "freeze_detector"]
 
@@ -349,13 +350,3 @@ def _pyramid(transform: nn.Module, backbone: nn.Module,
     if len(channels) != 1:
         raise ValueError(f"featmap_names: the levels {names} have different channel counts {sorted(channels)}")
     return names, channels.pop()
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
