@@ -2,15 +2,20 @@
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/posthoc.py --setting synthetic --seeds 0 [--heads dir] \\
           [--head-iterations 400] [--runs runs/posthoc_synthetic] [--out benchmarks/results/posthoc_synthetic.md]
+      OMP_NUM_THREADS=1 python benchmarks/posthoc.py --setting neon --seeds 0 1 2 --head-iterations 600 \\
+          --runs runs/accuracy_neon --out benchmarks/results/posthoc_neon.md
+      OMP_NUM_THREADS=1 python benchmarks/posthoc.py --setting neon --detector tv_retinanet ...   # item 5 (b)
 
 Per seed, on the accuracy harness's setting (``locconf.bench.settings``, the recipe of
 ``benchmarks/results/accuracy_<setting>/results.json``):
 
-1. the harness's baseline Faster R-CNN is trained (or reused) with the harness's own configuration
-   (``make_config``), as ``benchmarks/accuracy.py`` trains it;
+1. the harness's baseline Faster R-CNN (or the variant ``--detector`` names, e.g. ``tv_retinanet``:
+   torchvision's RetinaNet, DeepForest's family, on the setting's pretrained trunk) is trained (or
+   reused from ``--runs``) with the harness's own configuration (``make_config``), as
+   ``benchmarks/accuracy.py`` trains it;
 2. it is frozen and a post-hoc head (``model.arch: posthoc``, ``train.freeze: detector``) is trained
-   on the same training split for ``--head-iterations`` (batch and learning rate of the setting,
-   warm-up 50) through ``locconf train`` (:func:`locconf.experiment.run_train`); its training time
+   on the same training split for ``--head-iterations`` (batch and two-stage learning rate of the
+   setting, whatever the detector's family, warm-up 50) through ``locconf train`` (:func:`locconf.experiment.run_train`); its training time
    is the run's wall time;
 3. both are evaluated by the harness's evaluation (``evaluate_once``: every method the candidates
    support, and the Pearson correlation of each signal with the true IoU over the candidates
@@ -38,15 +43,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 JOINT = {"dir": "dir", "iou_net": "iou_net", "iou_direct": "iou_direct"}
+#: ``--detector``: harness variants (locconf.bench.settings) a post-hoc head is put on.
+DETECTORS = ("baseline", "tv_retinanet", "tv_fasterrcnn", "tv_fcos")
 
 
-def posthoc_config(base: dict, checkpoint: str, head: str, iterations: int, out_dir: Path) -> dict:
-    """The post-hoc run's configuration: the baseline's model as the frozen detector, the setting's data."""
+def posthoc_config(base: dict, checkpoint: str, head: str, iterations: int, out_dir: Path,
+                   lr: float | None = None) -> dict:
+    """The post-hoc run's configuration: the trained detector's model as the frozen detector, the setting's
+    data, ``lr`` (default: the detector's own)."""
     detector = {k: v for k, v in base["model"].items() if k != "num_classes"}
     width = detector.get("quality_representation_size") or detector.get("representation_size", 1024)
     train = {k: v for k, v in base["train"].items() if k not in ("iterations", "checkpoint_every", "out_dir")}
     train.update(iterations=iterations, warmup_iters=min(50, iterations // 4), checkpoint_every=iterations,
                  out_dir=str(out_dir), freeze="detector")
+    if lr is not None:
+        train["lr"] = float(lr)
     model = {"arch": "posthoc", "detector": detector, "detector_weights": checkpoint, "head": head,
              "representation_size": width, "num_classes": base["model"].get("num_classes")}
     if head == "iou_net":  # the harness's CPU setting of the jointly trained IoU-Net (IOU_NET_CPU)
@@ -90,6 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--setting", default="synthetic")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--heads", nargs="+", default=["dir"], choices=sorted(JOINT))
+    p.add_argument("--detector", default="baseline", choices=sorted(DETECTORS),
+                   help="the harness variant trained, then frozen (default: the two-stage baseline)")
     p.add_argument("--head-iterations", type=int, default=400)
     p.add_argument("--timing-images", type=int, default=20)
     p.add_argument("--runs", default="runs/posthoc_synthetic")
@@ -116,18 +129,21 @@ def main(argv=None) -> int:
     committed = json.loads((ROOT / f"benchmarks/results/accuracy_{args.setting}/results.json").read_text())
     rows = []
     for seed in args.seeds:
-        base_dir = runs / BASELINE / f"it{iterations}_seed{seed}"
-        base_cfg = make_config(setting, ALL_VARIANTS[BASELINE], seed, base_dir, train_ds.num_classes)
+        base_dir = runs / args.detector / f"it{iterations}_seed{seed}"
+        base_cfg = make_config(setting, ALL_VARIANTS[args.detector], seed, base_dir, train_ds.num_classes)
         base = train_once(base_cfg)
         base_eval = evaluate_once(base["checkpoint"], base_cfg, base_dir / "eval")
         for head in args.heads:
-            head_dir = runs / f"posthoc_{head}" / f"it{args.head_iterations}_seed{seed}"
-            cfg = posthoc_config(base_cfg, base["checkpoint"], head, args.head_iterations, head_dir)
+            prefix = "" if args.detector == BASELINE else f"{args.detector}_"
+            head_dir = runs / f"{prefix}posthoc_{head}" / f"it{args.head_iterations}_seed{seed}"
+            cfg = posthoc_config(base_cfg, base["checkpoint"], head, args.head_iterations, head_dir,
+                                 lr=setting.train["lr"])
             trained = train_once(cfg)
             ev = evaluate_once(trained["checkpoint"], cfg, head_dir / "eval")
             model, _ = load_trained(trained["checkpoint"], cfg, device="cpu")
-            joint = (committed["variants"].get(JOINT[head]) or {}).get("runs", {}).get(str(seed))
-            rows.append({"seed": seed, "head": head, "baseline": _summary(base_eval), "posthoc": _summary(ev),
+            joint = ((committed["variants"].get(JOINT[head]) or {}).get("runs", {}).get(str(seed))
+                     if args.detector == BASELINE else None)
+            rows.append({"seed": seed, "head": head, "detector": args.detector, "baseline": _summary(base_eval), "posthoc": _summary(ev),
                          "joint": _summary(joint) if joint else None, "head_train_s": trained["train_s"],
                          "baseline_train_s": base["train_s"], "overhead": overhead(model, val_ds, args.timing_images),
                          "committed_baseline_nms_AP": _committed_nms(committed, seed)})
@@ -155,6 +171,54 @@ def _summary(ev: dict) -> dict:
             "pearson": {s: (c or {}).get("pearson") for s, c in corr.items()}}
 
 
+DETECTOR_LABELS = {"baseline": "baseline Faster R-CNN", "tv_retinanet": "torchvision RetinaNet",
+                   "tv_fasterrcnn": "torchvision Faster R-CNN", "tv_fcos": "torchvision FCOS"}
+
+
+def _mean_sd(values: list[float], scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
+    vals = [scale * v for v in values if v is not None]
+    if not vals:
+        return "–"
+    fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
+    if len(vals) == 1:
+        return fmt.format(vals[0])
+    return f"{fmt.format(statistics.mean(vals))} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def _delta(s: dict | None, method: str, metric: str) -> float | None:
+    m = (s or {}).get("methods", {})
+    return m[method][metric] - m["nms"][metric] if method in m and "nms" in m else None
+
+
+def summary_table(rows: list[dict]) -> list[str]:
+    """Mean ± sample sd over the seeds of each (detector, head, model): Pearson, AP, the deltas over own NMS."""
+    lines = ["| model (seeds) | Pearson quality | NMS AP / AP75 | quality AP / AP75 | quality - own NMS: AP / AP75 | "
+             "IoU-guided - own NMS: AP / AP75 |", "|---|---:|---:|---:|---:|---:|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r.get("detector", "baseline"), r["head"]), []).append(r)
+    for (detector, head), runs in groups.items():
+        label = DETECTOR_LABELS.get(detector, detector)
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        for name, key in ((f"{label} + post-hoc {head}", "posthoc"), (f"jointly trained {head}", "joint")):
+            summaries = [r[key] for r in runs if r.get(key)]
+            if not summaries:
+                continue
+            seeds_here = seeds if len(summaries) == len(runs) else ",".join(str(r["seed"]) for r in runs if r.get(key))
+
+            def pair(method):
+                return " / ".join(_mean_sd([(x["methods"].get(method) or {}).get(m) for x in summaries])
+                                  for m in ("AP", "AP75"))
+
+            def dpair(method):
+                return " / ".join(_mean_sd([_delta(x, method, m) for x in summaries], sign=True) for m in ("AP", "AP75"))
+
+            lines.append(f"| {name} ({seeds_here}) | "
+                         f"{_mean_sd([x['pearson'].get('quality') for x in summaries], 1.0, 2)} | {pair('nms')} | "
+                         f"{pair('quality')} | {dpair('quality')} | {dpair('iou-guided')} |")
+    return lines
+
+
 def report(rows: list[dict], command: str, setting, args) -> str:
     def pct(x):
         return "–" if x is None else f"{100 * x:.1f}"
@@ -162,21 +226,27 @@ def report(rows: list[dict], command: str, setting, args) -> str:
     def r2(x):
         return "–" if x is None else f"{x:.2f}"
 
-    lines = [f"# Post-hoc quality head on a frozen detector ({args.setting})", "",
+    detector = getattr(args, "detector", "baseline")
+    label = DETECTOR_LABELS.get(detector, detector)
+    lines = [f"# Post-hoc quality head on a frozen detector ({args.setting}, {label})", "",
              f"Command: `{command}`", "",
-             f"Setting: {setting.description}; the baseline Faster R-CNN trained with the accuracy harness's recipe "
+             f"Setting: {setting.description}; the {label} trained with the accuracy harness's recipe "
              f"({setting.train['iterations']} iterations), frozen (`train.freeze: detector`), then the head trained "
              f"for {args.head_iterations} iterations on the same training split. 'Joint' is the head trained with "
              f"the detector, the same seed, from the committed `benchmarks/results/accuracy_{args.setting}/results.json`. "
              "AP and AP75 on the validation split (x 100); Pearson of the predicted quality (or the score) with "
              "the true IoU over the raw candidates whose IoU with a ground truth exceeds 0.5. CPU, one thread.", "",
+             "Over the seeds (mean ± sample sd):", ""] + summary_table(rows) + [
+             "", "Each seed:", "",
              "| seed | model | Pearson quality | Pearson score | NMS AP / AP75 | quality AP / AP75 | "
              "IoU-guided AP / AP75 | quality - own NMS: AP / AP75 |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        for name, s in (("baseline (NMS)", r["baseline"]), (f"baseline + post-hoc {r['head']}", r["posthoc"]),
+        name_of = DETECTOR_LABELS.get(r.get("detector", "baseline"), "baseline")
+        for name, s in ((f"{name_of} (NMS)", r["baseline"]), (f"{name_of} + post-hoc {r['head']}", r["posthoc"]),
                         (f"jointly trained {r['head']}", r["joint"])):
             if s is None:
-                lines.append(f"| {r['seed']} | {name} | not in the committed results | | | | | |")
+                if r.get("detector", "baseline") == "baseline":
+                    lines.append(f"| {r['seed']} | {name} | not in the committed results | | | | | |")
                 continue
             m = s["methods"]
             cell = [f"{pct(m[k]['AP'])} / {pct(m[k]['AP75'])}" if k in m else "–"
@@ -185,7 +255,7 @@ def report(rows: list[dict], command: str, setting, args) -> str:
                      f"{100 * (m['quality']['AP75'] - m['nms']['AP75']):+.1f}" if "quality" in m else "–")
             lines.append(f"| {r['seed']} | {name} | {r2(s['pearson'].get('quality'))} | "
                          f"{r2(s['pearson'].get('score'))} | {' | '.join(cell)} | {delta} |")
-    lines += ["", "| seed | head | head training (s) | baseline training (s) | detector candidates (ms/image) | "
+    lines += ["", "| seed | head | head training (s) | detector training (s) | detector candidates (ms/image) | "
               "head on 100 boxes (ms) | head on 1,000 boxes (ms) |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         o = r["overhead"]
@@ -197,11 +267,11 @@ def report(rows: list[dict], command: str, setting, args) -> str:
               f"{rows[0]['overhead']['images'] if rows else 0} validation images; the head reuses the FPN maps of "
               "the detector's own pass (no second backbone pass), so its cost is the pooling and the MLP on the "
               "given boxes (random boxes, 100 and 1,000 per image).", "",
-              "Reading the table: the post-hoc rows share the frozen baseline's boxes and scores, so their NMS "
-              "row is the baseline's and 'quality - own NMS' is what the head alone adds. A jointly trained "
+              "Reading the table: the post-hoc rows share the frozen detector's boxes and scores, so their NMS "
+              "row is the detector's and 'quality - own NMS' is what the head alone adds. A jointly trained "
               "head also changes the detector it trains with (its NMS row differs from the baseline's), so its "
-              "own-NMS delta and the absolute AP are both shown. The baseline here was trained by this script "
-              "on this machine; the committed harness results come from another run (another CPU and locconf "
+              "own-NMS delta and the absolute AP are both shown. The detector here was trained by this script "
+              "on this machine; the committed harness results come from another run (another machine and locconf "
               "revision), whose seed-0 baseline reached "
               + (f"{100 * rows[0]['committed_baseline_nms_AP']:.1f}" if rows and rows[0].get("committed_baseline_nms_AP")
                  else "–") + " NMS AP.", ""]

@@ -2,6 +2,8 @@
 head's localization-aware method, or by fusion; AP, AP75 and time, over seeds.
 
     python benchmarks/tta_neon.py --checkpoint /work/bench/runs/accuracy_neon/{baseline,dir,kl}/it1500_seed{0,1,2}/checkpoint_0001500.pth
+    python benchmarks/tta_neon.py --checkpoint \
+        /work/bench/runs/accuracy_neon/posthoc_dir/it600_seed{0,1,2}/checkpoint_0000600.pth   # frozen baseline + head
 
 Each checkpoint is rebuilt with ``locconf.experiment.load_trained`` (its recorded configuration) and
 run over the val split of its data section once per symmetry of ``locconf.tta.TRANSFORMS`` (one
@@ -54,6 +56,8 @@ SETS = ("none", "flips", "all")
 
 def _family(cfg: dict) -> str:
     m = cfg["model"]
+    if m.get("arch") == "posthoc":  # a frozen detector + a post-hoc head (benchmarks/posthoc.py)
+        return f"post-hoc {m.get('head', 'dir')} on frozen " + _family({"model": m["detector"]})
     return str(m.get("quality") or m.get("head") or ("baseline" if m.get("arch", "rcnn") == "rcnn" else m["arch"]))
 
 

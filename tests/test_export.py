@@ -243,6 +243,14 @@ def test_what_cannot_be_exported_says_why(tmp_path, capsys):
         export_network(refine, (SIZE, SIZE))
     with pytest.raises(ValueError, match="torchvision's own Faster R-CNN"):
         check_exportable(build_torchvision_frcnn(2, fpn_channels=16, min_size=SIZE, max_size=SIZE))
+    from locconf.models import build_torchvision
+    from locconf.models.posthoc import PosthocQuality
+
+    retina = build_torchvision(2, name="retinanet_resnet50_fpn", backbone="resnet18", min_size=SIZE, max_size=SIZE)
+    with pytest.raises(ValueError, match=r"wrapped by from_torchvision \(RetinaNet\).*own ONNX path"):
+        export_network(retina, (SIZE, SIZE))
+    with pytest.raises(ValueError, match=r"post-hoc quality model \(arch posthoc\)"):
+        check_exportable(PosthocQuality(_build("rcnn"), head="dir", representation_size=32))
     with pytest.raises(ValueError, match="image_size must be"):
         export_network(_build("atss"), (SIZE,))
     save_pretrained(refine, tmp_path / "m")

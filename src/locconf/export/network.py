@@ -47,6 +47,9 @@ What cannot be exported, and why (``ValueError`` from :func:`export_network`):
 * torchvision's own Faster R-CNN (``arch: torchvision_frcnn``): its evaluation output comes from
   torchvision's ``postprocess_detections``, whose per-image filtering has data-dependent shapes
   that locconf does not re-express; torchvision's model has its own ONNX path.
+* A torchvision detector wrapped by ``from_torchvision`` (``arch: torchvision``), for the same
+  reason (torchvision's per-image filtering before its NMS), and a post-hoc quality model
+  (``arch: posthoc``), whose head pools the boxes through a hook on the frozen detector's pyramid.
 """
 
 from __future__ import annotations
@@ -85,6 +88,21 @@ def check_exportable(model: nn.Module) -> None:
         return
     if isinstance(model, OneStageDetector):
         return
+    from ..models.from_torchvision import TorchvisionDetector
+    from ..models.posthoc import PosthocQuality
+
+    if isinstance(model, PosthocQuality):
+        raise ValueError(
+            "a post-hoc quality model (arch posthoc) is not exported by locconf: it runs its frozen detector's "
+            "candidates, then pools their boxes with a hook on the detector's feature pyramid, which locconf's "
+            "exported graphs do not re-express; run it in PyTorch (locconf predict / eval take its checkpoint)")
+    if isinstance(model, TorchvisionDetector):
+        raise ValueError(
+            f"a torchvision detector wrapped by from_torchvision ({type(model.torchvision_model).__name__}) is not "
+            "exported by locconf: its candidates come out of torchvision's own per-image filtering (score "
+            "threshold, per-level top-k), whose shapes depend on the data and which locconf does not re-express; "
+            "torchvision's model has its own ONNX path (torch.onnx.export(model.torchvision_model, ...)), which "
+            "returns its final detections")
     try:
         from torchvision.models.detection import FasterRCNN
     except ImportError:  # pragma: no cover
