@@ -224,3 +224,29 @@ def test_dir_training_rows_by_hand():
     model.max_boxes_per_image = 1
     rows, _ = model._positives(boxes, labels, gts, gt_labels)
     assert len(rows) == 1
+
+
+def test_pretrained_folder_round_trip(tmp_path, one_thread):
+    """save_pretrained / from_pretrained of a post-hoc model: the frozen detector's weights travel in
+    the folder (no detector weight file is read back), bitwise, and the candidates are equal."""
+    from locconf.experiment import build_model
+    from locconf.models import from_pretrained, save_pretrained
+
+    detector_file = tmp_path / "detector.pth"
+    torch.manual_seed(0)
+    torch.save(build_rcnn(2, **TINY).state_dict(), detector_file)
+    config = dict(arch="posthoc", num_classes=2, detector=dict(TINY, arch="rcnn"), head="dir",
+                  detector_weights=str(detector_file), representation_size=16)
+    model = build_model(**config).eval()
+    save_pretrained(model, tmp_path / "folder", config=config)
+    detector_file.unlink()  # the folder must not need it
+    loaded = from_pretrained(tmp_path / "folder").eval()
+    assert isinstance(loaded, PosthocQuality)
+    saved = json.loads((tmp_path / "folder" / "config.json").read_text())["model"]
+    assert saved["detector_weights"] is None and saved["detector"]["weights"] is None
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    images = [torch.rand(3, 64, 64)]
+    for a, b in zip(model.candidates(images), loaded.candidates(images)):
+        for key in ("boxes", "scores", "labels", "quality"):
+            assert torch.equal(a[key], b[key])

@@ -130,12 +130,12 @@ def build_model(arch: str = "rcnn", num_classes: int = 1, candidates_per_image: 
             builder by ``name``, e.g. ``retinanet_resnet50_fpn``, with an optional ``weights`` file:
             torchvision, DeepForest). The torchvision ones are wrapped by
             :func:`locconf.models.from_torchvision`, so every detector has ``candidates`` and ``detect``.
+            ``"posthoc"`` (:func:`build_posthoc`): a trained detector (``detector``: its own model
+            section), frozen, plus a localization-quality head (DIR, IoU-Net) trained on its features.
         num_classes: object classes without the background.
         candidates_per_image: the most candidates an image may return (None: the architecture's
             default: 1000 for locconf's detectors and ``torchvision_frcnn``, all of them for
             ``torchvision``, as its NMS sees them).
-            ``"posthoc"`` (:func:`build_posthoc`): a trained detector (``detector``: its own model
-            section), frozen, plus a localization-quality head (DIR, IoU-Net) trained on its features.
         **kwargs: the builder's own keyword arguments.
     """
     builder = model_builder(arch)

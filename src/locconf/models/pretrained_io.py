@@ -91,7 +91,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, config: O
         raise ValueError(f"save_pretrained needs the model's configuration: pass config={{'arch': ..., "
                          f"'num_classes': ..., ...}} (a {type(model).__name__} records none; the models of "
                          f"build_rcnn and build_one_stage record it as model_config)")
-    section = _plain(dict(section, weights=None), "config")
+    section = _plain(_no_weight_files(section), "config")
     num_classes = section.get("num_classes")
     if categories is None:
         categories = getattr(model, "categories", None)
@@ -142,6 +142,15 @@ def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
+def _no_weight_files(section: dict) -> dict:
+    """A model section that reads no weight file when built (the folder's safetensors hold them all):
+    ``weights`` off, and for a post-hoc model its frozen detector's ``detector_weights`` and ``weights``."""
+    if section.get("arch") == "posthoc":
+        detector = dict(section.get("detector") or {}, weights=None)
+        return dict(section, detector=detector, detector_weights=None)
+    return dict(section, weights=None)
+
+
 def from_pretrained(directory: str | os.PathLike, device: Optional[str | torch.device] = None) -> nn.Module:
     """Rebuild the detector of a pretrained folder (:func:`save_pretrained`) with its weights.
 
@@ -167,7 +176,7 @@ def from_pretrained(directory: str | os.PathLike, device: Optional[str | torch.d
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: {directory} is not a pretrained folder")
-    section = dict(record["model"], weights=None)
+    section = _no_weight_files(record["model"])
     written_by = record.get("locconf_version", "an unknown version")
     try:
         model = build_model(**section)
