@@ -2,8 +2,10 @@
 fixed-shape network up to the candidates, its ONNX / torch.export files and the post-processing of
 their outputs."""
 
+import functools
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +46,25 @@ def _build(family, **extra):
     return builder(2, **dict(kwargs, **extra)).eval()
 
 
+@functools.lru_cache(maxsize=1)
+def _neon_val_tile() -> Path:
+    """The first NEON val tile: from ``data/neon`` (written by ``locconf demo``) or, without it,
+    converted once into a temporary folder from the cached deepforest wheel."""
+    found = sorted((NEON / "val").glob("*.png"))
+    if not found:
+        from locconf.data.neon import neon_trees
+
+        out = Path(tempfile.mkdtemp(prefix="locconf-neon-"))
+        neon_trees(out, progress=False)
+        found = sorted((out / "val").glob("*.png"))
+    return found[0]
+
+
 def _neon_tile(size=None):
     """A real NEON tile (RGB in [0, 1]), resized to ``size`` (h, w) if given."""
     from PIL import Image
 
-    path = sorted((NEON / "val").glob("*.png"))[0]
+    path = _neon_val_tile()
     img = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
     if size is not None:
         img = torch.nn.functional.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
