@@ -1,8 +1,5 @@
 """MkDocs hooks of the locconf site (``hooks:`` in mkdocs.yml). Nothing here reaches the network.
 
-* :func:`on_config`: nav entries of :data:`PENDING_PAGES` whose file does not exist yet are left
-  out of the navigation (with an INFO line), so ``mkdocs build --strict`` passes before and after
-  the branches that write those pages are merged. Any other missing nav target still fails.
 * :func:`on_files`: the committed benchmark results (``benchmarks/results/**``: tables, plots,
   JSON) become files of the site at the same paths, so pages link to them as
   ``benchmarks/results/...`` relative to the site root and ``--strict`` checks those links.
@@ -16,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 import sys
@@ -24,52 +20,13 @@ from pathlib import Path
 
 from mkdocs.structure.files import File
 
-log = logging.getLogger("mkdocs.hooks.locconf")
 
 ROOT = Path(__file__).resolve().parents[1]
-
-#: Guide pages that other branches are writing: in the nav, shown once they exist.
-PENDING_PAGES = {
-    "guide/formats.md",
-    "guide/posthoc.md",
-    "guide/predict.md",
-    "guide/byod.md",
-    "guide/reliability.md",
-    "guide/export.md",
-}
 
 #: Repository folders published in the site at the same relative path, and the suffixes taken.
 PUBLISHED = {"benchmarks/results": {".md", ".png", ".json"}}
 
 CLI_MARKER = "<!-- cli-reference -->"
-
-
-def _prune(nav, docs_dir: Path, missing: list[str]):
-    out = []
-    for item in nav:
-        if isinstance(item, dict):
-            (title, value), = item.items()
-            if isinstance(value, list):
-                value = _prune(value, docs_dir, missing)
-                if value:
-                    out.append({title: value})
-                continue
-            if isinstance(value, str) and value in PENDING_PAGES and not (docs_dir / value).is_file():
-                missing.append(value)
-                continue
-        elif isinstance(item, str) and item in PENDING_PAGES and not (docs_dir / item).is_file():
-            missing.append(item)
-            continue
-        out.append(item)
-    return out
-
-
-def on_config(config, **kwargs):
-    missing: list[str] = []
-    config["nav"] = _prune(config["nav"] or [], Path(config["docs_dir"]), missing)
-    if missing:
-        log.info("pages not written yet, left out of the navigation: %s", ", ".join(sorted(missing)))
-    return config
 
 
 def on_files(files, config, **kwargs):
