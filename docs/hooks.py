@@ -20,7 +20,6 @@ from pathlib import Path
 
 from mkdocs.structure.files import File
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Repository folders published in the site at the same relative path, and the suffixes taken.
