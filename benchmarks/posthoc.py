@@ -114,6 +114,8 @@ def main(argv=None) -> int:
         from locconf.bench.settings import SETTINGS
 
         saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        args.head_iterations = saved.get("head_iterations", args.head_iterations)
+        args.detector = saved.get("detector", args.detector)
         Path(args.out).write_text(report(saved["rows"], saved["command"], SETTINGS[args.setting](), args))
         print(Path(args.out).read_text())
         return 0
@@ -150,7 +152,8 @@ def main(argv=None) -> int:
     command = "OMP_NUM_THREADS=1 python benchmarks/posthoc.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "head_iterations": args.head_iterations,
+                                                      "detector": args.detector, "rows": rows}, indent=1))
     out.write_text(report(rows, command, setting, args))
     print(out.read_text())
     return 0
