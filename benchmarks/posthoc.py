@@ -15,8 +15,8 @@ Per seed, on the accuracy harness's setting (``locconf.bench.settings``, the rec
    ``benchmarks/accuracy.py`` trains it;
 2. it is frozen and a post-hoc head (``model.arch: posthoc``, ``train.freeze: detector``) is trained
    on the same training split for ``--head-iterations`` (batch and two-stage learning rate of the
-   setting, whatever the detector's family, warm-up 50) through ``locconf train`` (:func:`locconf.experiment.run_train`); its training time
-   is the run's wall time;
+   setting, whatever the detector's family, warm-up 50) through ``locconf train``
+   (:func:`locconf.experiment.run_train`); its training time is the run's wall time;
 3. both are evaluated by the harness's evaluation (``evaluate_once``: every method the candidates
    support, and the Pearson correlation of each signal with the true IoU over the candidates
    whose IoU with a ground truth exceeds 0.5);
@@ -145,8 +145,8 @@ def main(argv=None) -> int:
             model, _ = load_trained(trained["checkpoint"], cfg, device="cpu")
             joint = ((committed["variants"].get(JOINT[head]) or {}).get("runs", {}).get(str(seed))
                      if args.detector == BASELINE else None)
-            rows.append({"seed": seed, "head": head, "detector": args.detector, "baseline": _summary(base_eval), "posthoc": _summary(ev),
-                         "joint": _summary(joint) if joint else None, "head_train_s": trained["train_s"],
+            rows.append({"seed": seed, "head": head, "detector": args.detector, "baseline": _summary(base_eval),
+                         "posthoc": _summary(ev), "joint": _summary(joint) if joint else None, "head_train_s": trained["train_s"],
                          "baseline_train_s": base["train_s"], "overhead": overhead(model, val_ds, args.timing_images),
                          "committed_baseline_nms_AP": _committed_nms(committed, seed)})
     command = "OMP_NUM_THREADS=1 python benchmarks/posthoc.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -178,14 +178,12 @@ DETECTOR_LABELS = {"baseline": "baseline Faster R-CNN", "tv_retinanet": "torchvi
                    "tv_fasterrcnn": "torchvision Faster R-CNN", "tv_fcos": "torchvision FCOS"}
 
 
-def _mean_sd(values: list[float], scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
-    vals = [scale * v for v in values if v is not None]
-    if not vals:
-        return "–"
-    fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
-    if len(vals) == 1:
-        return fmt.format(vals[0])
-    return f"{fmt.format(statistics.mean(vals))} ± {statistics.stdev(vals):.{digits}f}"
+def _mean_sd(values: list[float | None], scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
+    """The harness's ``mean ± sd`` cell (:func:`locconf.bench.stats.spread`, :func:`locconf.bench.report.fmt`)."""
+    from locconf.bench.report import fmt
+    from locconf.bench.stats import spread
+
+    return fmt(spread(values), scale, digits, signed=sign)
 
 
 def _delta(s: dict | None, method: str, metric: str) -> float | None:
@@ -202,12 +200,11 @@ def summary_table(rows: list[dict]) -> list[str]:
         groups.setdefault((r.get("detector", "baseline"), r["head"]), []).append(r)
     for (detector, head), runs in groups.items():
         label = DETECTOR_LABELS.get(detector, detector)
-        seeds = ",".join(str(r["seed"]) for r in runs)
         for name, key in ((f"{label} + post-hoc {head}", "posthoc"), (f"jointly trained {head}", "joint")):
             summaries = [r[key] for r in runs if r.get(key)]
             if not summaries:
                 continue
-            seeds_here = seeds if len(summaries) == len(runs) else ",".join(str(r["seed"]) for r in runs if r.get(key))
+            seeds_here = ",".join(str(r["seed"]) for r in runs if r.get(key))
 
             def pair(method):
                 return " / ".join(_mean_sd([(x["methods"].get(method) or {}).get(m) for x in summaries])
